@@ -1,0 +1,194 @@
+"""The ``task2vec`` command line: embed a dataset, compare embeddings.
+
+Problems the user can fix (bad data, missing weights, contradictory options) end with one
+``error: ...`` line on stderr and exit status 2, never a traceback; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from app.task2vec import distances
+from app.task2vec.datasets import load_dataset
+from app.task2vec.embedding import (
+    BatchNormMode,
+    Device,
+    EmbedConfig,
+    Embedding,
+    Estimator,
+    HeadFit,
+    Method,
+    difficulty,
+    embed,
+)
+from app.task2vec.errors import Task2VecError
+from app.task2vec.probes import IMAGENET, PROBES, load_probe
+
+app = typer.Typer(
+    help="Task2Vec task embeddings: embed labelled image datasets and compare them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+_DEFAULTS = EmbedConfig()
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+@app.command("embed")
+def embed_command(
+    dataset: Annotated[
+        Path, typer.Argument(help="zip/tar of <label>/<image> folders or with labels.csv; or .npz")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where to write the embedding (.npz)")],
+    probe: Annotated[
+        str, typer.Option(help=f"probe network: {', '.join(PROBES)}")
+    ] = _DEFAULTS.probe,
+    probe_weights: Annotated[
+        str,
+        typer.Option(help="'imagenet' (cache or download), a state-dict FILE, or 'random[:SEED]'"),
+    ] = IMAGENET,
+    method: Annotated[Method, typer.Option(help="Fisher approximation")] = _DEFAULTS.method,
+    fisher_estimator: Annotated[
+        Estimator, typer.Option(help="Monte Carlo estimator: per-sample (default) or batch")
+    ] = _DEFAULTS.fisher_estimator,
+    batchnorm: Annotated[
+        BatchNormMode,
+        typer.Option(help="BatchNorm statistics: eval (running) or train (batch; reference)"),
+    ] = _DEFAULTS.batchnorm,
+    head_fit: Annotated[
+        HeadFit, typer.Option(help="head fitting: full-batch (deterministic) or sampled")
+    ] = _DEFAULTS.head_fit,
+    image_size: Annotated[int, typer.Option(help="probe input size (px)")] = _DEFAULTS.image_size,
+    max_samples: Annotated[
+        int, typer.Option(help="seeded class-stratified subset of at most this many images")
+    ] = _DEFAULTS.max_samples,
+    fisher_samples: Annotated[
+        int, typer.Option(help="class-balanced draws for the Fisher")
+    ] = _DEFAULTS.fisher_samples,
+    batch_size: Annotated[int, typer.Option()] = _DEFAULTS.batch_size,
+    skip_layers: Annotated[
+        int, typer.Option(help="start the Fisher at probe layer N (6 = ResNet layer3)")
+    ] = _DEFAULTS.skip_layers,
+    seed: Annotated[int, typer.Option()] = _DEFAULTS.seed,
+    device: Annotated[Device, typer.Option(help="cpu, cuda or auto")] = _DEFAULTS.device,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Embed DATASET with Task2Vec and write hessian, scale and metadata to --out."""
+    config = EmbedConfig(
+        probe=probe,
+        probe_weights=probe_weights,
+        method=method,
+        fisher_estimator=fisher_estimator,
+        batchnorm=batchnorm,
+        head_fit=head_fit,
+        image_size=image_size,
+        max_samples=max_samples,
+        fisher_samples=fisher_samples,
+        batch_size=batch_size,
+        skip_layers=skip_layers,
+        seed=seed,
+        device=device,
+    )
+    try:
+        config.validate()
+        # Weights first: a missing checkpoint is reported before a long dataset decode.
+        probe_net = load_probe(probe, weights=probe_weights, image_size=image_size, seed=seed)
+        data = load_dataset(dataset, image_size=image_size)
+        with Progress(
+            TextColumn("{task.description:>9}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=quiet,
+        ) as bars:
+            tasks: dict[str, TaskID] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bars.add_task(stage, total=total)
+                bars.update(tasks[stage], completed=done)
+
+            embedding = embed(data, config, probe=probe_net, progress=progress)
+        embedding.meta["dataset"] = dataset.name
+        embedding.save(out)
+    except Task2VecError as exc:
+        raise _fail(exc) from None
+    meta = embedding.meta
+    print(
+        f"wrote {out}: {embedding.dim} dims, probe {meta['probe']} ({meta['probe_weights']}), "
+        f"{meta['method']}/{meta['fisher_estimator'] or '-'}, {meta['samples']} images, "
+        f"{meta['num_classes']} classes, difficulty {difficulty(embedding):.4g}, "
+        f"{meta['wall_time_s']:.1f} s on {meta['device']}"
+    )
+
+
+@app.command("distance")
+def distance_command(
+    embeddings: Annotated[list[Path], typer.Argument(help="two or more embedding files (.npz)")],
+    metric: Annotated[
+        str, typer.Option(help=f"one of: {', '.join(distances.METRICS)}")
+    ] = "symmetric",
+    alpha: Annotated[
+        float, typer.Option(help="weight of the trivial embedding in 'asymmetric'")
+    ] = distances.DEFAULT_ALPHA,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Distance between embeddings: one number for two files, a matrix for more.
+
+    Row i, column j is the distance from file i to file j ('asymmetric': i is the source).
+    """
+    if len(embeddings) < 2:
+        raise _fail(ValueError("give at least two embedding files"))
+    try:
+        loaded = [Embedding.load(p) for p in embeddings]
+        matrix = distances.distance_matrix(loaded, metric, alpha)
+    except Task2VecError as exc:
+        raise _fail(exc) from None
+    names = [p.name for p in embeddings]
+    norms = [difficulty(e) for e in loaded]
+    if as_json:
+        json.dump(
+            {
+                "metric": metric,
+                "alpha": alpha,
+                "files": names,
+                "distance": matrix.tolist() if len(loaded) > 2 else float(matrix[0, 1]),
+                "difficulty": norms,
+            },
+            sys.stdout,
+        )
+        print()
+        return
+    if len(loaded) == 2:
+        print(f"{matrix[0, 1]:.6f}")
+        return
+    table = Table(title=f"{metric} distance (row → column)")
+    table.add_column("")
+    for name in names:
+        table.add_column(name, justify="right")
+    for name, row in zip(names, matrix, strict=True):
+        table.add_row(name, *(f"{v:.4f}" for v in row))
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Labelled image datasets: decoding, validation and batching for the probe.
+
+Accepted inputs (the formats users upload):
+
+* a zip or tar(.gz) archive of class folders, ``<label>/<image file>`` (one common top-level
+  folder around them is allowed and ignored);
+* a zip or tar(.gz) archive with a ``labels.csv`` manifest (header ``path,label``; paths are
+  relative to the manifest's folder);
+* an ``.npz`` file with ``x`` (N,H,W or N,H,W,C uint8, C = 1 or 3) and ``y`` (N labels).
+
+Archives are read member by member in memory: nothing is extracted and no member name is ever
+used as a filesystem path. Member count, total size and compression ratio are capped, and every
+image must decode. Images are kept at their stored resolution (grey stays one channel) and are
+resized and normalised batch by batch, so a 10,000-image task costs its decoded size, not
+10,000 x 3 x 224 x 224 floats; archive images larger than the probe's input are shrunk as they
+are decoded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+import tarfile
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.task2vec.errors import DatasetError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
+MANIFEST_NAME = "labels.csv"
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """Caps that keep a hostile archive from exhausting memory or time."""
+
+    max_members: int = 200_000
+    max_total_bytes: int = 4 * 1024**3
+    max_member_bytes: int = 64 * 1024**2
+    max_compression_ratio: float = 200.0
+    max_image_pixels: int = 32 * 1024 * 1024
+
+
+DEFAULT_LIMITS = ArchiveLimits()
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """A decoded classification task.
+
+    ``images`` is (N, H, W, C) uint8 with C = 1 (grey) or 3 (RGB); ``labels`` holds class
+    indices into ``classes``, which are sorted so that the same data always maps to the same
+    indices.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+    def subset(self, indices: np.ndarray) -> LabelledImages:
+        return LabelledImages(self.images[indices], self.labels[indices], self.classes)
+
+
+def from_arrays(images: np.ndarray, labels: np.ndarray) -> LabelledImages:
+    """Validate in-memory arrays (N,H,W[,C] uint8, N labels) and map labels to class indices."""
+    if images.dtype != np.uint8:
+        raise DatasetError(f"images must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DatasetError(
+            f"images must have shape (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}"
+        )
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DatasetError(
+            f"expected one label per image: {images.shape[0]} images, labels of shape "
+            f"{labels.shape}"
+        )
+    if images.shape[0] == 0:
+        raise DatasetError("the dataset holds no images")
+    if labels.dtype.kind not in "iuU":
+        raise DatasetError(f"labels must be integers or strings, got {labels.dtype}")
+    values, index = np.unique(labels, return_inverse=True)
+    if len(values) < 2:
+        raise DatasetError(
+            f"a classification task needs at least 2 classes; found only {values[0]!r}"
+        )
+    classes = tuple(str(v) for v in values)
+    return LabelledImages(np.ascontiguousarray(images), index.astype(np.int64), classes)
+
+
+def load_npz(path: Path) -> LabelledImages:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"x", "y"} - set(data.files)
+            if missing:
+                raise DatasetError(
+                    f"{path.name}: an .npz dataset needs arrays 'x' and 'y'; missing "
+                    f"{', '.join(sorted(missing))} (found: {', '.join(data.files) or 'none'})"
+                )
+            x, y = data["x"], data["y"]
+    except DatasetError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{path.name}: not a readable .npz file ({exc})") from exc
+    return from_arrays(x, y)
+
+
+# --------------------------------------------------------------------------------------------
+# Archives
+
+
+@dataclass(frozen=True)
+class _Member:
+    name: str  # normalised posix path inside the archive
+    size: int
+    compressed: int
+
+
+def _check_name(raw: str) -> str:
+    """Normalise a member name; refuse absolute paths and any climb out of the archive root."""
+    name = raw.replace("\\", "/")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
+        raise DatasetError(f"archive member {raw!r} has an unsafe path (absolute or '..')")
+    return "/".join(parts)
+
+
+class _Archive:
+    """Read-only view over a zip or tar file: member listing and bounded reads."""
+
+    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
+        self.path = path
+        self.limits = limits
+        self._zip: zipfile.ZipFile | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._tar_members: dict[str, tarfile.TarInfo] = {}
+        self._zip_names: dict[str, str] = {}
+        try:
+            if zipfile.is_zipfile(path):
+                self._zip = zipfile.ZipFile(path)  # closed in close()
+            elif tarfile.is_tarfile(path):
+                self._tar = tarfile.open(path, mode="r:*")  # noqa: SIM115
+            else:
+                raise DatasetError(f"{path.name}: not a zip or tar archive, nor an .npz file")
+        except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
+            raise DatasetError(f"{path.name}: unreadable archive ({exc})") from exc
+        self.members = self._list()
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        if self._tar is not None:
+            self._tar.close()
+
+    def __enter__(self) -> _Archive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _list(self) -> list[_Member]:
+        members: list[_Member] = []
+        entries: list[tuple[str, int, int, bool, str | None]] = []
+        total = 0
+        try:
+            if self._zip is not None:
+                for zinfo in self._zip.infolist():
+                    entries.append(
+                        (zinfo.filename, zinfo.file_size, zinfo.compress_size, zinfo.is_dir(), None)
+                    )
+                    self._zip_names[_check_name(zinfo.filename)] = zinfo.filename
+            else:
+                assert self._tar is not None
+                for info in self._tar:
+                    kind = None if info.isfile() or info.isdir() else "a link or special file"
+                    entries.append((info.name, info.size, info.size, info.isdir(), kind))
+                    if info.isfile():
+                        self._tar_members[_check_name(info.name)] = info
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            raise DatasetError(f"{self.path.name}: corrupt archive ({exc})") from exc
+        if len(entries) > self.limits.max_members:
+            raise DatasetError(
+                f"{self.path.name}: {len(entries)} members, more than the limit of "
+                f"{self.limits.max_members}"
+            )
+        for raw, size, compressed, is_dir, kind in entries:
+            name = _check_name(raw)
+            if kind is not None:
+                raise DatasetError(f"archive member {raw!r} is {kind}; only regular files count")
+            if is_dir or not name:
+                continue
+            if size > self.limits.max_member_bytes:
+                raise DatasetError(
+                    f"archive member {raw!r} is {size} bytes, over the per-file limit of "
+                    f"{self.limits.max_member_bytes}"
+                )
+            if compressed > 0 and size / compressed > self.limits.max_compression_ratio:
+                raise DatasetError(
+                    f"archive member {raw!r} expands {size / compressed:.0f}x, over the "
+                    f"compression-ratio limit of {self.limits.max_compression_ratio:.0f}x"
+                )
+            total += size
+            if total > self.limits.max_total_bytes:
+                raise DatasetError(
+                    f"{self.path.name}: more than {self.limits.max_total_bytes} bytes "
+                    "uncompressed, over the limit"
+                )
+            members.append(_Member(name, size, compressed))
+        return members
+
+    def read(self, member: _Member) -> bytes:
+        """Read one member, never more than its declared (and capped) size."""
+        try:
+            if self._zip is not None:
+                with self._zip.open(self._zip_names[member.name]) as fh:
+                    data = fh.read(member.size + 1)
+            else:
+                assert self._tar is not None
+                handle = self._tar.extractfile(self._tar_members[member.name])
+                if handle is None:
+                    raise DatasetError(f"archive member {member.name!r} cannot be read")
+                with handle:
+                    data = handle.read(member.size + 1)
+        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+            raise DatasetError(f"archive member {member.name!r} is corrupt ({exc})") from exc
+        if len(data) > member.size:
+            raise DatasetError(f"archive member {member.name!r} is larger than it declares")
+        return data
+
+
+def _is_ignorable(name: str) -> bool:
+    base = posixpath.basename(name)
+    return name.startswith("__MACOSX/") or base.startswith(".") or base in {"Thumbs.db"}
+
+
+def _is_image(name: str) -> bool:
+    return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _decode(name: str, data: bytes, limits: ArchiveLimits) -> np.ndarray:
+    """Decode one image to (H, W, 1) or (H, W, 3) uint8, refusing bombs and broken files."""
+    Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                if image.mode in ("1", "L", "I;16", "I", "F"):
+                    array = np.asarray(image.convert("L"))[..., None]
+                else:
+                    array = np.asarray(image.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DatasetError(f"image {name!r} is too large to decode safely ({exc})") from exc
+    except Exception as exc:  # PIL raises many types for broken files
+        raise DatasetError(f"image {name!r} cannot be decoded ({exc})") from exc
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise DatasetError(f"image {name!r} is empty")
+    return array
+
+
+def _strip_common_root(names: list[str]) -> str:
+    """The single top-level folder shared by every member, if any ('' otherwise)."""
+    heads = {n.split("/", 1)[0] for n in names}
+    if len(heads) == 1 and all("/" in n for n in names):
+        return heads.pop() + "/"
+    return ""
+
+
+def _manifest_rows(archive: _Archive, manifest: _Member) -> list[tuple[str, str]]:
+    text = archive.read(manifest).decode("utf-8-sig", errors="strict")
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip().lower() for h in header[:2]] != ["path", "label"]:
+        raise DatasetError(f"{manifest.name}: the first row must be the header 'path,label'")
+    rows: list[tuple[str, str]] = []
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise DatasetError(f"{manifest.name} line {line}: expected 'path,label', got {row!r}")
+        rows.append((row[0].strip(), row[1].strip()))
+    return rows
+
+
+def load_archive(
+    path: Path, image_size: int, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> LabelledImages:
+    with _Archive(path, limits) as archive:
+        members = [m for m in archive.members if not _is_ignorable(m.name)]
+        if not members:
+            raise DatasetError(f"{path.name}: the archive is empty")
+        by_name = {m.name: m for m in members}
+        manifests = sorted(
+            (m for m in members if posixpath.basename(m.name) == MANIFEST_NAME),
+            key=lambda m: m.name.count("/"),
+        )
+        pairs: list[tuple[_Member, str]] = []
+        if manifests:
+            manifest = manifests[0]
+            base = posixpath.dirname(manifest.name)
+            for rel, label in _manifest_rows(archive, manifest):
+                name = _check_name(posixpath.join(base, rel.replace("\\", "/")))
+                member = by_name.get(name)
+                if member is None:
+                    raise DatasetError(
+                        f"{MANIFEST_NAME} labels {rel!r} as {label!r}, but the archive has no "
+                        "such image"
+                    )
+                pairs.append((member, label))
+        else:
+            images = [m for m in members if _is_image(m.name)]
+            if not images:
+                raise DatasetError(
+                    f"{path.name}: no image files (and no {MANIFEST_NAME}) in the archive"
+                )
+            root = _strip_common_root([m.name for m in images])
+            for member in images:
+                rel = member.name[len(root) :]
+                if "/" not in rel:
+                    raise DatasetError(
+                        f"image {member.name!r} is not inside a class folder; use "
+                        f"<label>/<image> or a {MANIFEST_NAME} manifest"
+                    )
+                pairs.append((member, rel.split("/", 1)[0]))
+        if not pairs:
+            raise DatasetError(f"{path.name}: {MANIFEST_NAME} lists no images")
+        decoded = [_bound(_decode(m.name, archive.read(m), limits), image_size) for m, _ in pairs]
+    labels = np.array([label for _, label in pairs])
+    return from_arrays(_stack(decoded, image_size), labels)
+
+
+def _stack(images: list[np.ndarray], image_size: int) -> np.ndarray:
+    """Stack decoded images: mixed modes go to RGB, mixed sizes to ``image_size`` squared."""
+    channels = max(i.shape[2] for i in images)
+    if channels == 3:
+        images = [np.repeat(i, 3, axis=2) if i.shape[2] == 1 else i for i in images]
+    if len({i.shape for i in images}) > 1:
+        images = [_resize_uint8(i, image_size) for i in images]
+    return np.stack(images)
+
+
+def _bound(image: np.ndarray, image_size: int) -> np.ndarray:
+    """Shrink an image larger than the probe's input right away, so memory stays bounded."""
+    if image.shape[0] * image.shape[1] > image_size * image_size:
+        return _resize_uint8(image, image_size)
+    return image
+
+
+def _resize_uint8(image: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize with the same antialiased bilinear filter the batches use, back to uint8."""
+    if image.shape[:2] == (image_size, image_size):
+        return image
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(torch.float32)
+    x = torch.nn.functional.interpolate(
+        x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def load_dataset(
+    path: str | Path, image_size: int = 224, limits: ArchiveLimits = DEFAULT_LIMITS
+) -> LabelledImages:
+    """Read and validate a dataset file in any of the accepted formats.
+
+    ``image_size`` is the probe's input size: archive images larger than it, or of mixed
+    sizes, are resized to it while decoding; the rest keep their size until batching.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise DatasetError(f"{path.name}: the file is empty")
+    if path.suffix.lower() == ".npz":
+        return load_npz(path)
+    return load_archive(path, image_size, limits)
+
+
+# --------------------------------------------------------------------------------------------
+# Batching for the probe
+
+
+def to_probe_input(batch: np.ndarray | torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 (B,H,W,C) → float (B,3,S,S) in [0, 1]: grey expanded to 3 channels, resized.
+
+    Resizing is bilinear with antialiasing, done on whole batches in torch so it costs nothing
+    next to the probe.
+    """
+    x = torch.as_tensor(batch)
+    x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (image_size, image_size):
+        x = torch.nn.functional.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
+        )
+    return x.contiguous()
+
+
+def iter_batches(indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(indices), batch_size):
+        yield indices[start : start + batch_size]

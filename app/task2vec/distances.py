@@ -1,0 +1,157 @@
+"""Distances between task embeddings.
+
+* ``symmetric`` — the paper's task distance: cosine distance between h_a/(h_a+h_b) and
+  h_b/(h_a+h_b) (named 'cosine' in the reference code). The element-wise normalisation makes
+  it depend on both vectors, so FAISS cannot index it directly, and it is not invariant to
+  rescaling one side: compare only embeddings made with the same estimator and budget.
+* ``asymmetric`` — for model selection, from a source (expert) task a to a target task b:
+  d_sym(a, b) − α·d_sym(a, t0), with t0 the trivial embedding (α = 0.15 for ResNet-34). It
+  favours source tasks that are more complex than the target, which transfer better.
+* ``cosine`` — plain cosine distance of the scale-normalised hessians.
+* ``kl``, ``asymmetric_kl``, ``jsd`` — divergences between the Gaussian weight posteriors
+  N(0, 1/h) the embeddings describe (useful with the variational method).
+
+Scale normalisation (h/scale) is a no-op for Monte Carlo embeddings (scale = 1) and divides out
+the per-layer prior of variational ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from app.task2vec.embedding import Embedding
+from app.task2vec.errors import EmbeddingFileError
+
+DEFAULT_ALPHA = 0.15
+
+
+def check_comparable(a: Embedding, b: Embedding) -> None:
+    """Refuse to compare embeddings of different probes, methods or estimators."""
+    if a.hessian.shape != b.hessian.shape:
+        raise EmbeddingFileError(
+            f"embeddings of different sizes ({a.dim} vs {b.dim}): different probes or "
+            "skip-layers cannot be compared"
+        )
+    for key in ("probe", "method", "fisher_estimator", "skip_layers"):
+        if key in a.meta and key in b.meta and a.meta[key] != b.meta[key]:
+            raise EmbeddingFileError(
+                f"embeddings differ in {key} ({a.meta[key]!r} vs {b.meta[key]!r}); distances "
+                "are only meaningful between embeddings made the same way"
+            )
+
+
+def _normalised(e: Embedding) -> np.ndarray:
+    return e.hessian.astype(np.float64) / e.scale.astype(np.float64)
+
+
+def _cosine(u: np.ndarray, v: np.ndarray) -> float:
+    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+    if nu == 0.0 or nv == 0.0:
+        return 0.0 if nu == nv else 1.0
+    return float(1.0 - np.dot(u, v) / (nu * nv))
+
+
+def _relative(ha: np.ndarray, hb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """h_a/(h_a+h_b), h_b/(h_a+h_b); a filter that is zero in both counts as 1/2 each."""
+    total = ha + hb
+    safe = np.where(total > 0, total, 1.0)
+    ra = np.where(total > 0, ha / safe, 0.5)
+    rb = np.where(total > 0, hb / safe, 0.5)
+    return ra, rb
+
+
+def symmetric_hessians(ha: np.ndarray, hb: np.ndarray) -> float:
+    return _cosine(*_relative(ha, hb))
+
+
+def symmetric(a: Embedding, b: Embedding) -> float:
+    """The paper's symmetric Task2Vec distance (in [0, 1])."""
+    return symmetric_hessians(a.hessian.astype(np.float64), b.hessian.astype(np.float64))
+
+
+def trivial_embedding(e: Embedding) -> Embedding:
+    """t0: the embedding of a task with no information, i.e. the prior ``scale`` itself.
+
+    For variational embeddings this is where the estimate collapses with too little data; for
+    Monte Carlo ones (scale = 1) it is the flat embedding.
+    """
+    return Embedding(e.scale.copy(), e.scale.copy(), {**e.meta, "trivial": True})
+
+
+def asymmetric(source: Embedding, target: Embedding, alpha: float = DEFAULT_ALPHA) -> float:
+    """d_sym(source, target) − α·d_sym(source, t0): smaller = better source for target."""
+    return symmetric(source, target) - alpha * symmetric(source, trivial_embedding(source))
+
+
+def cosine(a: Embedding, b: Embedding) -> float:
+    return _cosine(_normalised(a), _normalised(b))
+
+
+def _variances(a: Embedding, b: Embedding) -> tuple[np.ndarray, np.ndarray]:
+    tiny = np.finfo(np.float64).tiny
+    var_a: np.ndarray = 1.0 / np.maximum(_normalised(a), tiny)
+    var_b: np.ndarray = 1.0 / np.maximum(_normalised(b), tiny)
+    return var_a, var_b
+
+
+def _kl_terms(var0: np.ndarray, var1: np.ndarray) -> np.ndarray:
+    """KL(N(0, var0) || N(0, var1)) per coordinate."""
+    terms: np.ndarray = 0.5 * (var0 / var1 - 1.0 + np.log(var1) - np.log(var0))
+    return terms
+
+
+def asymmetric_kl(a: Embedding, b: Embedding) -> float:
+    var_a, var_b = _variances(a, b)
+    return float(_kl_terms(var_a, var_b).sum())
+
+
+def kl(a: Embedding, b: Embedding) -> float:
+    var_a, var_b = _variances(a, b)
+    return float(np.maximum(_kl_terms(var_a, var_b), _kl_terms(var_b, var_a)).sum())
+
+
+def jsd(a: Embedding, b: Embedding) -> float:
+    var_a, var_b = _variances(a, b)
+    mid = 0.5 * (var_a + var_b)
+    return float((0.5 * (_kl_terms(var_a, mid) + _kl_terms(var_b, mid))).mean())
+
+
+METRICS: dict[str, Callable[[Embedding, Embedding], float]] = {
+    "symmetric": symmetric,
+    "asymmetric": asymmetric,
+    "cosine": cosine,
+    "kl": kl,
+    "asymmetric_kl": asymmetric_kl,
+    "jsd": jsd,
+}
+
+
+def distance(
+    a: Embedding, b: Embedding, metric: str = "symmetric", alpha: float = DEFAULT_ALPHA
+) -> float:
+    """Distance from ``a`` to ``b`` by name, after checking that they are comparable."""
+    check_comparable(a, b)
+    if metric == "asymmetric":
+        return asymmetric(a, b, alpha)
+    try:
+        fn = METRICS[metric]
+    except KeyError:
+        raise EmbeddingFileError(
+            f"unknown metric {metric!r}; choose one of: {', '.join(METRICS)}"
+        ) from None
+    return fn(a, b)
+
+
+def distance_matrix(
+    embeddings: list[Embedding], metric: str = "symmetric", alpha: float = DEFAULT_ALPHA
+) -> np.ndarray:
+    """Row i, column j: distance from embedding i to embedding j."""
+    n = len(embeddings)
+    out = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                out[i, j] = distance(embeddings[i], embeddings[j], metric, alpha)
+    return out

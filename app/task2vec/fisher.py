@@ -1,0 +1,339 @@
+"""Fisher information of the probe's weights on a task: the three estimators.
+
+All three see the task through ``batches``: an iterable of (input of layer ``start``, true
+labels) pairs in the order of the seeded balanced draws, and return one value per filter
+(conv) or channel (BatchNorm) in the probe's module order.
+
+* ``batch_fisher`` reproduces the reference: square of the gradient of the batch-mean loss,
+  with labels sampled from the model, averaged over batches. In expectation that is diag(F)/B
+  plus the squared mean gradient, so it is noisy and scales with the batch size.
+* ``per_sample_fisher`` averages per-sample squared gradients, which converges to diag(F)
+  itself. Per-sample gradients are never materialised for the whole network: hooks read each
+  layer's input and output gradient during an ordinary backward pass and form the per-sample
+  squared row norms directly (the per-example-gradient-norm trick), so the backward pass does
+  not even compute weight gradients.
+* ``variational_fisher`` is the paper's robust Fisher: it learns, per filter, the largest weight
+  noise the task tolerates; its inverse is the curvature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.task2vec.errors import ConfigError
+from app.task2vec.probes import ProbeNetwork
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Progress = Callable[[int], None]
+
+#: Elements of the unfolded input (or per-sample gradient) one chunk may hold: bounds the
+#: memory the per-sample hooks add on top of the backward pass (256 MB in float32).
+_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LayerFisher:
+    """Per-filter values for one module: ``hessian`` and the matching ``scale``."""
+
+    name: str
+    hessian: np.ndarray
+    scale: np.ndarray
+
+
+def sample_model_labels(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """ŷ ~ p_w(y|x): the Fisher needs labels from the model, never the dataset's labels."""
+    probs = torch.softmax(logits.detach().float(), dim=-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).view(-1).to(logits.device)
+
+
+def batch_fisher(
+    probe: ProbeNetwork,
+    start: int,
+    batches: Batches,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+) -> list[LayerFisher]:
+    """The reference's Monte Carlo estimator: mean over batches of (batch-mean gradient)²."""
+    modules = list(probe.embedded_modules(start))
+    params = [m.weight for _, m in modules]
+    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    count = 0
+    try:
+        for x, _ in batches:
+            logits = probe(x, start=start)
+            loss = F.cross_entropy(logits, sample_model_labels(logits, generator))
+            grads = torch.autograd.grad(loss, params)
+            for total, grad in zip(sums, grads, strict=True):
+                total += grad.double().square()
+            count += 1
+            if progress is not None:
+                progress(x.shape[0])
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    if count == 0:
+        raise ConfigError("the batch Fisher estimator needs at least one full batch")
+    return [
+        _filterwise(name, (total / count).reshape(total.shape[0], -1).mean(dim=1))
+        for (name, _), total in zip(modules, sums, strict=True)
+    ]
+
+
+def per_sample_fisher(
+    probe: ProbeNetwork,
+    start: int,
+    batches: Batches,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+) -> list[LayerFisher]:
+    """Mean over samples of the per-sample squared gradient, averaged per filter.
+
+    Needs BatchNorm in eval mode: with batch statistics a sample's gradient depends on the
+    rest of its batch, and per-sample gradients are undefined.
+    """
+    if probe.training:
+        raise ConfigError("the per-sample Fisher estimator needs BatchNorm in eval mode")
+    modules = list(probe.embedded_modules(start))
+    hooks = _SquaredNormHooks([m for _, m in modules])
+    seen = 0
+    try:
+        for x, _ in batches:
+            x = x.detach().requires_grad_(True)
+            logits = probe(x, start=start)
+            # Summed, not averaged: each sample's output gradient is then its own gradient.
+            loss = F.cross_entropy(logits, sample_model_labels(logits, generator), reduction="sum")
+            torch.autograd.grad(loss, [x])
+            seen += x.shape[0]
+            if progress is not None:
+                progress(x.shape[0])
+    finally:
+        hooks.remove()
+    if seen == 0:
+        raise ConfigError("the per-sample Fisher estimator needs at least one sample")
+    return [
+        _filterwise(name, total / seen / _filter_size(module))
+        for (name, module), total in zip(modules, hooks.sums, strict=True)
+    ]
+
+
+def _filter_size(module: nn.Conv2d | nn.BatchNorm2d) -> int:
+    return math.prod(module.weight.shape[1:])
+
+
+def _filterwise(name: str, values: torch.Tensor) -> LayerFisher:
+    hessian = values.detach().cpu().numpy().astype(np.float32)
+    return LayerFisher(name, hessian, np.ones_like(hessian))
+
+
+class _SquaredNormHooks:
+    """Accumulates Σ_n ‖∂ℓ_n/∂w[o]‖² per filter o from forward inputs and output gradients."""
+
+    def __init__(self, modules: list[nn.Conv2d | nn.BatchNorm2d]) -> None:
+        self.sums: list[torch.Tensor] = []
+        self._handles = []
+        for index, module in enumerate(modules):
+            if isinstance(module, nn.Conv2d):
+                _conv_geometry(module)  # refuse unsupported convolutions before any work
+            weight = module.weight
+            self.sums.append(
+                torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+            )
+            self._handles.append(module.register_forward_hook(self._on_forward(index)))
+
+    def _on_forward(
+        self, index: int
+    ) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(grad: torch.Tensor) -> None:
+                self.sums[index] += _per_sample_sq_norms(module, x, grad.detach()).sum(0).double()
+
+            output.register_hook(on_grad)  # type: ignore[no-untyped-call]
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _per_sample_sq_norms(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.BatchNorm2d):
+        return _bn_sq_norms(module, x, delta)
+    assert isinstance(module, nn.Conv2d)
+    return _conv_sq_norms(module, x, delta)
+
+
+def _bn_sq_norms(bn: nn.BatchNorm2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(B, C): per-sample ∂ℓ/∂γ[c] = Σ_p δ[c,p]·x̂[c,p], squared (eval-mode statistics)."""
+    assert bn.running_mean is not None
+    assert bn.running_var is not None
+    mean = bn.running_mean.view(1, -1, 1, 1)
+    inv_std = torch.rsqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+    return ((x - mean) * inv_std * delta).sum(dim=(2, 3)).square()
+
+
+def _conv_geometry(conv: nn.Conv2d) -> tuple[nn.Module | None, tuple[int, int]]:
+    """(explicit padding module or None, padding passed to the convolution)."""
+    pad_module = getattr(conv, "static_padding", None)
+    if pad_module is None and type(conv).forward is not nn.Conv2d.forward:
+        raise ConfigError(f"per-sample Fisher: unsupported convolution type {type(conv).__name__}")
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ConfigError("per-sample Fisher supports zero padding given as numbers only")
+    padding = (int(conv.padding[0]), int(conv.padding[1]))
+    return pad_module, padding
+
+
+def _conv_sq_norms(conv: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(B, C_out): ‖g_n[o]‖² with g_n = δ_n X_nᵀ, X_n the unfolded input of sample n.
+
+    With P output positions, K = C_in/groups·k² and C = C_out/groups, the direct product costs
+    P·C·K per sample and the Gram form δ (XᵀX) δᵀ costs P²·(K + C); the cheaper one is used
+    (deep layers have few positions and wide filters, so the Gram form wins there).
+    """
+    pad_module, padding = _conv_geometry(conv)
+    if pad_module is not None:
+        x = pad_module(x)
+    batch = x.shape[0]
+    groups = conv.groups
+    per_group_out = conv.out_channels // groups
+    k = (conv.in_channels // groups) * conv.kernel_size[0] * conv.kernel_size[1]
+    positions = delta.shape[2] * delta.shape[3]
+    use_gram = positions * (k + per_group_out) < per_group_out * k
+    per_sample = groups * positions * (positions if use_gram else k) + groups * k * positions
+    chunk = max(1, _CHUNK_ELEMENTS // per_sample)
+    results = []
+    for lo in range(0, batch, chunk):
+        xs, ds = x[lo : lo + chunk], delta[lo : lo + chunk]
+        n = xs.shape[0]
+        unfolded = F.unfold(
+            xs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+        ).view(n, groups, k, positions)
+        d = ds.reshape(n, groups, per_group_out, positions)
+        if use_gram:
+            gram = unfolded.transpose(2, 3) @ unfolded
+            sq = ((d @ gram) * d).sum(dim=-1)
+        else:
+            sq = (d @ unfolded.transpose(2, 3)).square().sum(dim=-1)
+        results.append(sq.reshape(n, conv.out_channels))
+    return torch.cat(results)
+
+
+# --------------------------------------------------------------------------------------------
+# Variational ("robust") Fisher
+
+
+class _VariationalConv:
+    """Per-filter weight noise on one frozen conv, by the local reparameterisation trick.
+
+    out = conv(x, w) + sqrt(conv(x² + 1e-2, σ²)) · ε, with σ² = exp(logvar) per filter and a
+    per-layer prior variance λ² = exp(loglambda2).
+    """
+
+    def __init__(self, conv: nn.Conv2d, generator: torch.Generator) -> None:
+        self.conv = conv
+        self.generator = generator
+        self.pad_module, self.padding = _conv_geometry(conv)
+        w = conv.weight.detach()
+        self.logvar = nn.Parameter(
+            torch.full(
+                (w.shape[0], 1, 1, 1), math.log(0.05 * w.var().item() + 1e-8), device=w.device
+            )
+        )
+        self.loglambda2 = nn.Parameter(
+            torch.tensor(math.log(w.square().mean().item() + 1e-8), device=w.device)
+        )
+        self.handle = conv.register_forward_hook(self._add_noise)
+
+    def _add_noise(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        x = inputs[0].square() + 1e-2
+        if self.pad_module is not None:
+            x = self.pad_module(x)
+        var = self.logvar.exp().expand_as(self.conv.weight)
+        out_var = F.conv2d(
+            x, var, None, self.conv.stride, self.padding, self.conv.dilation, self.conv.groups
+        )
+        noise = torch.randn(
+            output.shape, generator=self.generator, device=output.device, dtype=output.dtype
+        )
+        return output + out_var.sqrt() * noise
+
+    def complexity(self) -> torch.Tensor:
+        """This layer's term of Lz: (‖w‖² + Σσ²)/λ² + n·log λ² − Σ log σ² − n."""
+        w = self.conv.weight
+        n = w.numel()
+        per_filter = n // w.shape[0]
+        sum_var = self.logvar.exp().sum() * per_filter
+        sum_logvar = self.logvar.sum() * per_filter
+        return (
+            (w.square().sum() + sum_var) / self.loglambda2.exp()
+            + n * self.loglambda2
+            - sum_logvar
+            - n
+        )
+
+
+def variational_fisher(
+    probe: ProbeNetwork,
+    start: int,
+    batches: Batches,
+    generator: torch.Generator,
+    progress: Progress | None = None,
+    beta: float = 1e-7,
+) -> list[LayerFisher]:
+    """Train per-filter noise variances on the true labels; curvature = 1/σ², scale = 1/λ²."""
+    convs = list(probe.conv_modules(start))
+    device = next(probe.parameters()).device
+    noise_generator = torch.Generator(device=device)
+    noise_generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+    layers = [_VariationalConv(conv, noise_generator) for _, conv in convs]
+    head = probe.classifier
+    head.requires_grad_(True)
+    noise_params: list[torch.Tensor] = [
+        p for layer in layers for p in (layer.logvar, layer.loglambda2)
+    ]
+    groups: list[dict[str, Any]] = [
+        {"params": noise_params},
+        {"params": list(head.parameters()), "lr": 5e-4},
+    ]
+    optimizer = torch.optim.Adam(
+        groups,
+        lr=1e-2,
+        betas=(0.9, 0.999),
+    )
+    try:
+        for x, y in batches:
+            logits = probe(x, start=start)
+            complexity = torch.stack([layer.complexity() for layer in layers]).sum()
+            loss = F.cross_entropy(logits, y) + beta * complexity
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimizer.step()
+            if progress is not None:
+                progress(x.shape[0])
+    finally:
+        for layer in layers:
+            layer.handle.remove()
+        head.requires_grad_(False)
+    results = []
+    for (name, _), layer in zip(convs, layers, strict=True):
+        logvar = layer.logvar.detach().view(-1).cpu().double()
+        hessian = torch.exp(-logvar).numpy().astype(np.float32)
+        scale = np.full_like(hessian, math.exp(-layer.loglambda2.item()))
+        results.append(LayerFisher(name, hessian, scale))
+    return results
