@@ -24,6 +24,7 @@ from app.task2vec.embedding import (
     EmbedConfig,
     Embedding,
     Estimator,
+    FisherLabels,
     HeadFit,
     Method,
     difficulty,
@@ -65,6 +66,10 @@ def embed_command(
     fisher_estimator: Annotated[
         Estimator, typer.Option(help="Monte Carlo estimator: per-sample (default) or batch")
     ] = _DEFAULTS.fisher_estimator,
+    fisher_labels: Annotated[
+        FisherLabels,
+        typer.Option(help="per-sample expectation over model labels: sampled, gaussian, exact"),
+    ] = _DEFAULTS.fisher_labels,
     batchnorm: Annotated[
         BatchNormMode,
         typer.Option(help="BatchNorm statistics: eval (running) or train (batch; reference)"),
@@ -93,6 +98,7 @@ def embed_command(
         probe_weights=probe_weights,
         method=method,
         fisher_estimator=fisher_estimator,
+        fisher_labels=fisher_labels,
         batchnorm=batchnorm,
         head_fit=head_fit,
         image_size=image_size,

@@ -45,6 +45,7 @@ Estimator = Literal["per-sample", "batch"]
 BatchNormMode = Literal["eval", "train"]
 Device = Literal["cpu", "cuda", "auto"]
 HeadFit = Literal["full-batch", "sampled"]
+FisherLabels = fisher.LabelExpectation
 
 #: Draws per head-fitting epoch (the reference's sampler size).
 HEAD_DRAWS_PER_EPOCH = 10_000
@@ -64,6 +65,8 @@ class EmbedConfig:
     probe_weights: str = IMAGENET
     method: Method = "montecarlo"
     fisher_estimator: Estimator = "per-sample"
+    #: How the per-sample estimator takes the expectation over model labels (see fisher.py).
+    fisher_labels: FisherLabels = "sampled"
     batchnorm: BatchNormMode = "eval"
     image_size: int = 112
     max_samples: int = 2000
@@ -79,6 +82,12 @@ class EmbedConfig:
     feature_cache_mb: int = 1024
 
     def validate(self) -> None:
+        if self.fisher_labels != "sampled" and (
+            self.method != "montecarlo" or self.fisher_estimator != "per-sample"
+        ):
+            raise ConfigError(
+                "fisher-labels gaussian/exact apply to the per-sample Monte Carlo estimator only"
+            )
         if self.batchnorm == "train" and (
             self.method != "montecarlo" or self.fisher_estimator != "batch"
         ):
@@ -375,7 +384,12 @@ def embed(
         estimator = "batch"
     else:
         layers = fisher.per_sample_fisher(
-            probe, config.skip_layers, inputs.draws(fisher_draws, False), generator, stage.update
+            probe,
+            config.skip_layers,
+            inputs.draws(fisher_draws, False),
+            generator,
+            stage.update,
+            labels=config.fisher_labels,
         )
         estimator = "per-sample"
     if not layers:

@@ -12,6 +12,12 @@ labels) pairs in the order of the seeded balanced draws, and return one value pe
   layer's input and output gradient during an ordinary backward pass and form the per-sample
   squared row norms directly (the per-example-gradient-norm trick), so the backward pass does
   not even compute weight gradients.
+  The expectation over the model's labels ŷ ~ p_w(y|x) can be taken three ways (``labels``):
+  ``sampled`` draws one ŷ per image (the method as published); ``gaussian`` backpropagates
+  v = (diag p − ppᵀ)^½ z, z ~ N(0, I), which has the same covariance as e_ŷ − p and so the same
+  expectation, without the rare large spikes a confident model's sampled labels produce;
+  ``exact`` sums over all classes weighted by p (one backward pass per class), leaving only
+  the noise of which images are drawn.
 * ``variational_fisher`` is the paper's robust Fisher: it learns, per filter, the largest weight
   noise the task tolerates; its inverse is the curvature.
 """
@@ -19,9 +25,9 @@ labels) pairs in the order of the seeded balanced draws, and return one value pe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +38,7 @@ from app.task2vec.errors import ConfigError
 from app.task2vec.probes import ProbeNetwork
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+LabelExpectation = Literal["sampled", "gaussian", "exact"]
 Progress = Callable[[int], None]
 
 #: Elements of the unfolded input (or per-sample gradient) one chunk may hold: bounds the
@@ -95,12 +102,15 @@ def per_sample_fisher(
     batches: Batches,
     generator: torch.Generator,
     progress: Progress | None = None,
+    labels: LabelExpectation = "sampled",
 ) -> list[LayerFisher]:
     """Mean over samples of the per-sample squared gradient, averaged per filter.
 
     Needs BatchNorm in eval mode: with batch statistics a sample's gradient depends on the
     rest of its batch, and per-sample gradients are undefined.
     """
+    if labels not in ("sampled", "gaussian", "exact"):
+        raise ConfigError(f"unknown label expectation {labels!r}")
     if probe.training:
         raise ConfigError("the per-sample Fisher estimator needs BatchNorm in eval mode")
     modules = list(probe.embedded_modules(start))
@@ -110,9 +120,9 @@ def per_sample_fisher(
         for x, _ in batches:
             x = x.detach().requires_grad_(True)
             logits = probe(x, start=start)
-            # Summed, not averaged: each sample's output gradient is then its own gradient.
-            loss = F.cross_entropy(logits, sample_model_labels(logits, generator), reduction="sum")
-            torch.autograd.grad(loss, [x])
+            # Losses are summed, not averaged: each sample's output gradient is its own.
+            for loss in _label_losses(logits, labels, generator):
+                torch.autograd.grad(loss, [x], retain_graph=labels == "exact")
             seen += x.shape[0]
             if progress is not None:
                 progress(x.shape[0])
@@ -124,6 +134,26 @@ def per_sample_fisher(
         _filterwise(name, total / seen / _filter_size(module))
         for (name, module), total in zip(modules, hooks.sums, strict=True)
     ]
+
+
+def _label_losses(
+    logits: torch.Tensor, labels: LabelExpectation, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Losses whose per-sample squared gradients average to the Fisher over ŷ ~ p_w(y|x)."""
+    if labels == "sampled":
+        yield F.cross_entropy(logits, sample_model_labels(logits, generator), reduction="sum")
+        return
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    if labels == "gaussian":
+        z = torch.randn(probs.shape, generator=generator).to(probs.device)
+        root = probs.sqrt()
+        v = root * z - probs * (root * z).sum(dim=1, keepdim=True)  # Cov(v) = diag(p) − ppᵀ
+        yield (logits * v.to(logits.dtype)).sum()
+        return
+    # exact: E_ŷ ‖g(ŷ)‖² = Σ_c p_c ‖g(c)‖² = Σ_c ‖√p_c · g(c)‖²
+    log_probs = torch.log_softmax(logits, dim=-1)
+    for c in range(logits.shape[1]):
+        yield -(probs[:, c].sqrt().to(logits.dtype) * log_probs[:, c]).sum()
 
 
 def _filter_size(module: nn.Conv2d | nn.BatchNorm2d) -> int:
