@@ -281,9 +281,12 @@ def _decode(name: str, data: bytes, limits: ArchiveLimits) -> np.ndarray:
 
 
 def _strip_common_root(names: list[str]) -> str:
-    """The single top-level folder shared by every member, if any ('' otherwise)."""
+    """The single top-level folder around the class folders, if any ('' otherwise).
+
+    ``data/cat/1.png`` loses ``data/``; ``cat/1.png`` alone keeps ``cat/`` (one class).
+    """
     heads = {n.split("/", 1)[0] for n in names}
-    if len(heads) == 1 and all("/" in n for n in names):
+    if len(heads) == 1 and all(n.count("/") >= 2 for n in names):
         return heads.pop() + "/"
     return ""
 
@@ -372,7 +375,7 @@ def _resize_uint8(image: np.ndarray, image_size: int) -> np.ndarray:
     """Resize with the same antialiased bilinear filter the batches use, back to uint8."""
     if image.shape[:2] == (image_size, image_size):
         return image
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(torch.float32)
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].to(torch.float32)
     x = torch.nn.functional.interpolate(
         x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True
     )

@@ -44,12 +44,10 @@ def stratified_subset(
         if quota[c] < counts[c]:
             quota[c] += 1
             leftover -= 1
-    for c in np.lexsort((tie_break, -quota)):  # the at-least-one rule overshot
-        if leftover >= 0:
-            break
-        if quota[c] > 1:
-            quota[c] -= 1
-            leftover += 1
+    while leftover < 0:  # the at-least-one rule overshot: take from the largest quota
+        c = np.lexsort((tie_break, -quota))[0]
+        quota[c] -= 1
+        leftover += 1
     position = np.searchsorted(classes, labels)
     taken = np.zeros(len(classes), dtype=np.int64)
     chosen = []

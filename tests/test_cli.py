@@ -1,0 +1,108 @@
+"""The task2vec command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.task2vec import Embedding
+from tests.conftest import png_bytes, random_images, write_zip
+
+FAST = [
+    "--probe", "resnet18", "--probe-weights", "random", "--image-size", "32",
+    "--fisher-samples", "16", "--batch-size", "8", "--max-samples", "24", "-q",
+]  # fmt: skip
+
+
+def task2vec(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TASK2VEC_ALLOW_DOWNLOAD": "0", **(env or {})},
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images = random_images(24, size=16, seed=4)
+    members = [(f"{'abc'[i % 3]}/{i}.png", png_bytes(images[i])) for i in range(24)]
+    return write_zip(tmp_path_factory.mktemp("data") / "task.zip", members)
+
+
+def test_embed_then_distance(dataset: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    run = task2vec("embed", str(dataset), "--out", str(a), *FAST)
+    assert run.returncode == 0, run.stderr
+    assert "9600 dims" in run.stdout
+    assert task2vec("embed", str(dataset), "--out", str(b), *FAST, "--seed", "1").returncode == 0
+
+    e = Embedding.load(a)
+    assert e.meta["probe"] == "resnet18"
+    assert e.meta["fisher_estimator"] == "per-sample"
+    assert e.meta["image_size"] == 32
+    assert e.meta["classes"] == ["a", "b", "c"]
+    assert e.meta["dataset"] == "task.zip"
+
+    plain = task2vec("distance", str(a), str(b))
+    assert plain.returncode == 0
+    value = float(plain.stdout)
+    assert 0.0 < value < 1.0
+    as_json = json.loads(task2vec("distance", str(a), str(b), "--json").stdout)
+    assert as_json["distance"] == pytest.approx(value)
+    matrix = task2vec("distance", str(a), str(b), str(a), "--metric", "asymmetric")
+    assert matrix.returncode == 0
+    assert "asymmetric distance" in matrix.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--probe", "resnet34"], "ImageNet weights for probe 'resnet34' are not available"),
+        (
+            ["--probe", "resnet18", "--probe-weights", "random", "--skip-layers", "42"],
+            "skip-layers",
+        ),
+        (
+            ["--probe-weights", "random", "--batchnorm", "train"],
+            "BatchNorm in train mode is only offered",
+        ),
+    ],
+)
+def test_user_errors_name_the_problem_without_traceback(
+    dataset: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    out = tmp_path / "e.npz"
+    run = task2vec("embed", str(dataset), "--out", str(out), "--image-size", "32", "-q", *args)
+    assert run.returncode == 2
+    assert message in " ".join(run.stderr.split())
+    assert "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+def test_bad_dataset_writes_nothing(tmp_path: Path) -> None:
+    bad = write_zip(tmp_path / "bad.zip", [("../x/1.png", b"")])
+    run = task2vec("embed", str(bad), "--out", str(tmp_path / "e.npz"), *FAST)
+    assert run.returncode == 2
+    assert "unsafe path" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_distance_refuses_incomparable_files(tmp_path: Path) -> None:
+    for name, dim in (("a.npz", 3), ("b.npz", 4)):
+        Embedding(np.ones(dim, np.float32), np.ones(dim, np.float32), {}).save(tmp_path / name)
+    run = task2vec("distance", str(tmp_path / "a.npz"), str(tmp_path / "b.npz"))
+    assert run.returncode == 2
+    assert "different sizes" in run.stderr
+    (tmp_path / "c.npz").write_bytes(b"junk")
+    run = task2vec("distance", str(tmp_path / "a.npz"), str(tmp_path / "c.npz"))
+    assert run.returncode == 2
+    assert "unreadable embedding file" in run.stderr
