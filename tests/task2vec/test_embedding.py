@@ -181,5 +181,9 @@ def test_gpu_path_is_used_when_asked_for_and_present(tiny_task: LabelledImages) 
         with pytest.raises(ConfigError, match="no CUDA device"):
             embed(tiny_task, replace(FAST, device="cuda"))
         return
-    e = embed(tiny_task, replace(FAST, device="cuda"))
-    assert e.meta["device"] == "cuda"
+    on_gpu = embed(tiny_task, replace(FAST, device="cuda"))
+    on_cpu = embed(tiny_task, FAST)
+    assert on_gpu.meta["device"] == "cuda"
+    assert on_gpu.dim == on_cpu.dim
+    # Same draws and labels (sampled on the CPU generator); only float rounding differs.
+    assert symmetric(on_gpu, on_cpu) < 1e-3

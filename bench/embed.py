@@ -1,0 +1,254 @@
+"""Embedding speed, seed-to-seed noise and peak memory.
+
+    python -m bench.embed [--json] [--sections speed,memory,paper] [--no-exact] [--device D]
+
+speed: one embedding of a 1,000-image Fashion-MNIST task (10 classes, a seeded stratified
+subset of the training set) at 64 px with ResNet-34, Monte Carlo, 2,048 Fisher samples,
+batch 64, for each estimator; the wall time of ``embed`` (feature caching, head, Fisher).
+Noise is the symmetric distance between the embeddings of seeds 0 and 1 of the same task; the
+distance to a different task (1,000 MNIST digits) is printed beside it for scale.
+
+memory: peak resident memory of a fresh process that embeds 10,000 Fashion-MNIST images at
+224 px with ``--skip-layers 6`` (ResNet-34, per-sample estimator).
+
+paper (for a GPU): the paper's setting, 10,000 Fashion-MNIST images at 224 px, ResNet-34,
+10,000 Fisher samples, per-sample estimator, all layers; wall time and peak GPU memory.
+
+ImageNet ResNet-34 weights are used when torchvision's cache has them, otherwise a fixed
+random initialisation (``random:0``, the same for every seed); the table says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.data.offline import fashion_mnist, mnist_5k
+from app.task2vec import EmbedConfig, embed, from_arrays
+from app.task2vec.datasets import LabelledImages
+from app.task2vec.distances import symmetric
+from app.task2vec.errors import ProbeWeightsError
+from app.task2vec.probes import load_probe
+from app.task2vec.sampling import stratified_subset
+
+#: Measured with the public reference code on this machine kind (see the reference notes).
+REFERENCE = {"seconds": "62.7-73.6", "noise_train_bn": 0.093, "noise_eval_bn": 0.065}
+
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("batch, train BN (reference)", {"fisher_estimator": "batch", "batchnorm": "train"}),
+    ("batch, eval BN", {"fisher_estimator": "batch"}),
+    ("per-sample, sampled labels", {"fisher_estimator": "per-sample"}),
+    ("per-sample, gaussian labels", {"fisher_labels": "gaussian"}),
+    ("per-sample, exact labels", {"fisher_labels": "exact"}),
+]
+
+
+def _subset(images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> LabelledImages:
+    data = from_arrays(images, labels)
+    return data.subset(stratified_subset(data.labels, n, torch.Generator().manual_seed(seed)))
+
+
+def _weights() -> str:
+    try:
+        load_probe("resnet34", allow_download=False)
+        return "imagenet"
+    except ProbeWeightsError:
+        return "random:0"
+
+
+def _machine(device: str) -> str:
+    where = f"{platform.machine()}, {os.cpu_count()} cores"
+    if device != "cpu" and torch.cuda.is_available():
+        where = f"{torch.cuda.get_device_name()}, {where}"
+    return f"{where}, torch {torch.__version__}"
+
+
+def _fashion_10k() -> LabelledImages:
+    x, y, _ = fashion_mnist("train")
+    return _subset(x, y, 10_000, seed=7)
+
+
+def speed(include_exact: bool, device: str) -> dict[str, Any]:
+    x, y, _ = fashion_mnist("train")
+    task = _subset(x, y, 1000, seed=123)
+    xd, yd, _ = mnist_5k()
+    other = _subset(xd, yd, 1000, seed=123)
+    base = EmbedConfig(
+        probe="resnet34",
+        probe_weights=_weights(),
+        image_size=64,
+        max_samples=1000,
+        fisher_samples=2048,
+        batch_size=64,
+        device=device,  # type: ignore[arg-type]
+    )
+    probe = load_probe("resnet34", weights=base.probe_weights, image_size=64)
+    rows = []
+    for name, changes in VARIANTS:
+        if not include_exact and changes.get("fisher_labels") == "exact":
+            continue
+        config = replace(base, **changes)
+        started = time.perf_counter()
+        first = embed(task, config, probe=probe)
+        seconds = time.perf_counter() - started
+        second = embed(task, replace(config, seed=1), probe=probe)
+        different = embed(other, config, probe=probe)
+        rows.append(
+            {
+                "variant": name,
+                "seconds": round(seconds, 2),
+                "noise": round(symmetric(first, second), 4),
+                "other_task": round(symmetric(first, different), 4),
+            }
+        )
+        print(f"  {name}: {seconds:.1f} s, noise {rows[-1]['noise']}", file=sys.stderr)
+    return {"probe_weights": base.probe_weights, "machine": _machine(device), "rows": rows}
+
+
+def paper(device: str) -> dict[str, Any]:
+    config = EmbedConfig(
+        probe="resnet34",
+        probe_weights=_weights(),
+        image_size=224,
+        max_samples=10_000,
+        fisher_samples=10_000,
+        device=device,  # type: ignore[arg-type]
+    )
+    task = _fashion_10k()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    e = embed(task, config)
+    result: dict[str, Any] = {
+        "seconds": round(time.perf_counter() - started, 1),
+        "dim": e.dim,
+        "probe_weights": config.probe_weights,
+        "machine": _machine(device),
+    }
+    if e.meta["device"] == "cuda":
+        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+    return result
+
+
+def _memory_child(device: str) -> None:
+    task = _fashion_10k()
+    config = EmbedConfig(
+        probe="resnet34",
+        probe_weights=_weights(),
+        image_size=224,
+        max_samples=10_000,
+        skip_layers=6,
+        device=device,  # type: ignore[arg-type]
+    )
+    started = time.perf_counter()
+    e = embed(task, config)
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    json.dump(
+        {
+            "peak_rss_gb": round(peak_kb / 1024**2, 3),
+            "seconds": round(time.perf_counter() - started, 1),
+            "dim": e.dim,
+            "cached_layer_input": e.meta["cached_layer_input"],
+            "fisher_samples": config.fisher_samples,
+            "probe_weights": config.probe_weights,
+        },
+        sys.stdout,
+    )
+
+
+def memory(device: str) -> dict[str, Any]:
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.embed", "--memory-child", "--device", device],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(run.stdout)
+    result["machine"] = _machine(device)
+    return result
+
+
+def _print_tables(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if "speed" in results:
+        s = results["speed"]
+        table = Table(
+            title=f"1,000 Fashion-MNIST images, 64 px, ResNet-34 ({s['probe_weights']}), "
+            f"2,048 Fisher samples, batch 64 — {s['machine']}"
+        )
+        for column in ("estimator", "seconds", "seed noise", "other task"):
+            table.add_column(column, justify="left" if column == "estimator" else "right")
+        for row in s["rows"]:
+            table.add_row(
+                row["variant"],
+                f"{row['seconds']:.1f}",
+                f"{row['noise']:.4f}",
+                f"{row['other_task']:.4f}",
+            )
+        table.add_row(
+            "public reference code",
+            REFERENCE["seconds"],
+            f"{REFERENCE['noise_train_bn']} / {REFERENCE['noise_eval_bn']}",
+            "0.118",
+            style="dim",
+        )
+        console.print(table)
+    if "memory" in results:
+        m = results["memory"]
+        console.print(
+            f"10,000 images at 224 px, --skip-layers 6: peak RSS {m['peak_rss_gb']:.2f} GB in "
+            f"{m['seconds']:.0f} s ({m['dim']} dims, layer input cached: "
+            f"{m['cached_layer_input']}) — {m['machine']}"
+        )
+    if "paper" in results:
+        p = results["paper"]
+        gpu = f", peak GPU memory {p['peak_gpu_gb']:.2f} GB" if "peak_gpu_gb" in p else ""
+        console.print(
+            f"paper setting (10,000 images, 224 px, 10,000 Fisher samples, per-sample): "
+            f"{p['seconds']:.0f} s{gpu} ({p['dim']} dims) — {p['machine']}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--sections", default="speed,memory", help="speed,memory,paper")
+    parser.add_argument("--no-exact", action="store_true", help="skip the exact-labels row")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        _memory_child(args.device)
+        return
+    sections = set(args.sections.split(","))
+    results: dict[str, Any] = {}
+    if "speed" in sections:
+        results["speed"] = speed(not args.no_exact, args.device)
+    if "memory" in sections:
+        results["memory"] = memory(args.device)
+    if "paper" in sections:
+        results["paper"] = paper(args.device)
+    results["reference"] = REFERENCE
+    if args.json:
+        json.dump(results, sys.stdout, indent=2)
+        print()
+    else:
+        _print_tables(results)
+
+
+if __name__ == "__main__":
+    main()
