@@ -116,15 +116,20 @@ def speed(include_exact: bool, device: str) -> dict[str, Any]:
     return {"probe_weights": base.probe_weights, "machine": _machine(device), "rows": rows}
 
 
-def paper(device: str) -> dict[str, Any]:
-    config = EmbedConfig(
+def _config_10k(device: str, **changes: Any) -> EmbedConfig:
+    """ResNet-34 on 10,000 images at 224 px, the paper's input size."""
+    base = EmbedConfig(
         probe="resnet34",
         probe_weights=_weights(),
         image_size=224,
         max_samples=10_000,
-        fisher_samples=10_000,
         device=device,  # type: ignore[arg-type]
     )
+    return replace(base, **changes)
+
+
+def paper(device: str) -> dict[str, Any]:
+    config = _config_10k(device, fisher_samples=10_000)
     task = _fashion_10k()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -143,14 +148,7 @@ def paper(device: str) -> dict[str, Any]:
 
 def _memory_child(device: str) -> None:
     task = _fashion_10k()
-    config = EmbedConfig(
-        probe="resnet34",
-        probe_weights=_weights(),
-        image_size=224,
-        max_samples=10_000,
-        skip_layers=6,
-        device=device,  # type: ignore[arg-type]
-    )
+    config = _config_10k(device, skip_layers=6)
     started = time.perf_counter()
     e = embed(task, config)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

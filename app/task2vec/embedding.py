@@ -258,9 +258,14 @@ def layer_input_numel(
     probe: ProbeNetwork, skip_layers: int, image_size: int, device: torch.device
 ) -> int:
     """Elements of one image's input to ``layers[skip_layers]`` (for the cache budget)."""
-    with torch.no_grad():
-        probe_input = torch.zeros(1, 3, image_size, image_size, device=device)
-        return int(probe.trunk(probe_input, 0, skip_layers).numel())
+    was_training = probe.training
+    probe.eval()  # a single image has no batch statistics
+    try:
+        with torch.no_grad():
+            probe_input = torch.zeros(1, 3, image_size, image_size, device=device)
+            return int(probe.trunk(probe_input, 0, skip_layers).numel())
+    finally:
+        probe.train(was_training)
 
 
 def fit_head(

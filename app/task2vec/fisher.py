@@ -242,6 +242,12 @@ def _conv_sq_norms(conv: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> tor
     per_group_out = conv.out_channels // groups
     k = (conv.in_channels // groups) * conv.kernel_size[0] * conv.kernel_size[1]
     positions = delta.shape[2] * delta.shape[3]
+    pointwise = (
+        tuple(conv.kernel_size) == (1, 1)
+        and tuple(conv.stride) == (1, 1)
+        and padding == (0, 0)
+        and x.shape[2] * x.shape[3] == positions
+    )
     use_gram = positions * (k + per_group_out) < per_group_out * k
     per_sample = groups * positions * (positions if use_gram else k) + groups * k * positions
     chunk = max(1, _CHUNK_ELEMENTS // per_sample)
@@ -249,9 +255,12 @@ def _conv_sq_norms(conv: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> tor
     for lo in range(0, batch, chunk):
         xs, ds = x[lo : lo + chunk], delta[lo : lo + chunk]
         n = xs.shape[0]
-        unfolded = F.unfold(
-            xs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
-        ).view(n, groups, k, positions)
+        if pointwise:  # a 1x1 convolution's unfolded input is the input itself
+            unfolded = xs.reshape(n, groups, k, positions)
+        else:
+            unfolded = F.unfold(
+                xs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
+            ).view(n, groups, k, positions)
         d = ds.reshape(n, groups, per_group_out, positions)
         if use_gram:
             gram = unfolded.transpose(2, 3) @ unfolded
