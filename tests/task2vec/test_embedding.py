@@ -113,6 +113,10 @@ def test_bad_options_are_refused_with_a_reason(tiny_task: LabelledImages) -> Non
         embed(tiny_task, replace(FAST, max_samples=2))
     with pytest.raises(ConfigError, match="at least one batch"):
         embed(tiny_task, replace(FAST, fisher_estimator="batch", fisher_samples=4))
+    with pytest.raises(ConfigError, match="variational method needs"):
+        embed(tiny_task, replace(FAST, method="variational", fisher_samples=4))
+    with pytest.raises(ConfigError, match="per-sample Monte Carlo estimator only"):
+        embed(tiny_task, replace(FAST, fisher_estimator="batch", fisher_labels="exact"))
 
 
 def test_skip_layers_gives_the_same_embedding_cached_or_recomputed(
