@@ -8,10 +8,13 @@ sizes from about 100 to 2,000 images, so that they differ in domain, difficulty 
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 
 from app.data.offline import DIGIT_CLASSES, FASHION_MNIST_CLASSES
+from app.task2vec.embedding import EmbedConfig
+from app.zoo.build import ExpertRecipe, ZooRecipe
 from app.zoo.tasks import TaskSpec
 
 _FM_NAMES = [c.replace("/", "-").replace(" ", "-") for c in FASHION_MNIST_CLASSES]
@@ -101,3 +104,62 @@ def tiny() -> list[TaskSpec]:
 
 
 PRESETS = {"demo": demo, "tiny": tiny}
+
+
+def _experts_demo() -> list[ExpertRecipe]:
+    trained = [
+        ("cnn-16x3", 28, "fm-all-10"),
+        ("cnn-32x4", 28, "fm-all-10"),
+        ("cnn-16x3", 28, "fm-footwear-3way"),
+        ("cnn-16x3", 28, "fm-tops-4way"),
+        ("cnn-8x2", 28, "fm-upper-lower-feet-bag"),
+        ("cnn-16x3", 28, "mnist-all-10"),
+        ("cnn-32x4", 28, "mnist-all-10"),
+        ("cnn-8x2", 28, "mnist-parity"),
+        ("cnn-16x3", 28, "mnist-round-vs-straight"),
+        ("cnn-4x2", 28, "mnist-high-low"),
+        ("cnn-16x3", 16, "digits-all-10"),
+        ("cnn-8x2", 16, "digits-parity"),
+    ]
+    return [
+        ExpertRecipe(
+            "imagenet-efficientnet-lite0", "efficientnet_lite0", 64, "imagenet", tags=("imagenet",)
+        ),
+        ExpertRecipe("random-resnet18", "resnet18", 32, "random:0", tags=("untrained",)),
+        *(
+            ExpertRecipe(f"{arch}-{task}", arch, size, "train", task, tags=("from-scratch",))
+            for arch, size, task in trained
+        ),
+    ]
+
+
+def _experts_tiny(tasks: list[TaskSpec]) -> list[ExpertRecipe]:
+    return [
+        ExpertRecipe("imagenet-efficientnet-lite0", "efficientnet_lite0", 32, "imagenet"),
+        ExpertRecipe(f"cnn-8x2-{tasks[0].name}", "cnn-8x2", 28, "train", tasks[0].name, epochs=2),
+        ExpertRecipe(f"cnn-8x2-{tasks[4].name}", "cnn-8x2", 28, "train", tasks[4].name, epochs=2),
+    ]
+
+
+#: Embedding configurations of the built-in zoos: the ImageNet probe that ships offline, with
+#: gaussian label projections (its seed noise with sampled labels is too high to rank on).
+DEMO_EMBEDDING = EmbedConfig(
+    probe="efficientnet_lite0",
+    image_size=64,
+    max_samples=500,
+    fisher_samples=512,
+    head_epochs=3,
+    fisher_labels="gaussian",
+)
+TINY_EMBEDDING = replace(
+    DEMO_EMBEDDING, image_size=32, max_samples=120, fisher_samples=64, head_epochs=1
+)
+
+
+def recipe(name: str) -> ZooRecipe:
+    if name == "demo":
+        return ZooRecipe("demo", demo(), _experts_demo(), DEMO_EMBEDDING)
+    if name == "tiny":
+        tasks = tiny()
+        return ZooRecipe("tiny", tasks, _experts_tiny(tasks), TINY_EMBEDDING)
+    raise ValueError(f"unknown zoo preset {name!r}; choose one of: {', '.join(PRESETS)}")
