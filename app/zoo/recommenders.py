@@ -1,0 +1,209 @@
+"""Recommenders: rank a zoo's experts for a new task, all behind one interface.
+
+Each takes the zoo, the query (its Task2Vec embedding, and its images for the methods that
+need them) and returns every expert it can rank, best first, with a score (higher is better)
+and the evidence behind it. For leave-one-task-out evaluation a query names the zoo task it
+came from (``exclude``): that task's row of the performance matrix and its index entry are
+then invisible to the recommender.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.task2vec.datasets import LabelledImages
+from app.task2vec.distances import DEFAULT_ALPHA, asymmetric
+from app.task2vec.embedding import Embedding
+from app.task2vec.errors import ConfigError
+from app.zoo.experts import extract_features, load_expert
+from app.zoo.index import TaskIndex
+from app.zoo.matrix import holdout_error
+from app.zoo.zoo import Zoo
+
+
+@dataclass(frozen=True)
+class Query:
+    embedding: Embedding | None = None
+    data: LabelledImages | None = None
+    exclude: int | None = None  # index of the zoo task this query is (leave-one-out)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    expert: str
+    score: float
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def _visible_rows(zoo: Zoo, query: Query) -> np.ndarray:
+    rows = np.arange(len(zoo.tasks))
+    return rows if query.exclude is None else rows[rows != query.exclude]
+
+
+def _standardised(errors: np.ndarray) -> np.ndarray:
+    """Per task (row): errors as z-scores across experts, so easy and hard tasks weigh alike."""
+    spread = errors.std(axis=1, keepdims=True)
+    z: np.ndarray = (errors - errors.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1)
+    return z
+
+
+def _ranked(zoo: Zoo, scores: np.ndarray, evidence: list[dict[str, Any]]) -> list[Ranked]:
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return [Ranked(zoo.experts[i].name, float(scores[i]), evidence[i]) for i in order]
+
+
+def _need_embedding(query: Query, method: str) -> Embedding:
+    if query.embedding is None:
+        raise ConfigError(f"the {method} recommender needs the task's embedding")
+    return query.embedding
+
+
+def _need_data(query: Query, method: str) -> LabelledImages:
+    if query.data is None:
+        raise ConfigError(f"the {method} recommender needs the task's images")
+    return query.data
+
+
+def global_best(zoo: Zoo, query: Query) -> list[Ranked]:
+    """The expert with the best mean rank over the zoo's tasks, whatever the query."""
+    rows = _visible_rows(zoo, query)
+    ranks = np.argsort(np.argsort(zoo.errors[rows], axis=1, kind="stable"), axis=1) + 1
+    mean_rank = ranks.mean(axis=0)
+    evidence = [{"mean_rank": float(r), "tasks": len(rows)} for r in mean_rank]
+    return _ranked(zoo, -mean_rank, evidence)
+
+
+class Task2VecKNN:
+    """Experts ranked by their errors on the k nearest zoo tasks (symmetric distance).
+
+    Errors are standardised per task and averaged with weights 1/(distance + ε), so the
+    nearest tasks count most and a hard neighbour does not drown an easy one.
+    """
+
+    def __init__(self, zoo: Zoo, k: int = 5) -> None:
+        self.zoo, self.k = zoo, k
+        self.index = TaskIndex.build(zoo.probe, list(enumerate(zoo.embeddings)))
+        self.z = _standardised(zoo.errors)
+
+    def __call__(self, zoo: Zoo, query: Query) -> list[Ranked]:
+        embedding = _need_embedding(query, "task2vec-knn")
+        exclude = [] if query.exclude is None else [query.exclude]
+        neighbours = self.index.search(embedding, self.k, exclude=exclude)
+        weights = np.array([1.0 / (n.distance + 1e-3) for n in neighbours])
+        rows = [n.id for n in neighbours]
+        scores = -(weights[:, None] * self.z[rows]).sum(axis=0) / weights.sum()
+        near = [
+            {"task": zoo.tasks[n.id].name, "distance": round(n.distance, 4)} for n in neighbours
+        ]
+        evidence = [
+            {
+                "neighbours": [
+                    {**near[j], "error": float(zoo.errors[rows[j], e])} for j in range(len(rows))
+                ]
+            }
+            for e in range(len(zoo.experts))
+        ]
+        return _ranked(zoo, scores, evidence)
+
+
+def task2vec_asym(zoo: Zoo, query: Query, alpha: float = DEFAULT_ALPHA) -> list[Ranked]:
+    """Experts with a zoo source task, by the asymmetric distance source → target."""
+    embedding = _need_embedding(query, "task2vec-asym")
+    names = {t.name: i for i, t in enumerate(zoo.tasks)}
+    scores = np.full(len(zoo.experts), -np.inf)
+    evidence: list[dict[str, Any]] = [{} for _ in zoo.experts]
+    for e, expert in enumerate(zoo.experts):
+        if expert.source_task in names:
+            source = zoo.embeddings[names[expert.source_task]]
+            d = asymmetric(source, embedding, alpha)
+            scores[e] = -d
+            evidence[e] = {"source_task": expert.source_task, "asymmetric_distance": d}
+    known = np.isfinite(scores)
+    if not known.any():
+        raise ConfigError("no expert of this zoo has a source task among its tasks")
+    return [r for r in _ranked(zoo, scores, evidence) if np.isfinite(r.score)]
+
+
+def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 11) -> float:
+    """LogME (You et al., ICML 2021): mean log evidence per sample of a Bayesian linear model.
+
+    One SVD of the features, then a fixed-point iteration on (α, β) per one-hot label column.
+    The log-determinant counts all D eigenvalues of A = αI + βFᵀF, including the D − k equal
+    to α when there are fewer samples than dimensions.
+    """
+    f = features.astype(np.float64)
+    n, dim = f.shape
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sigma = s**2
+    evidences = []
+    for c in np.unique(labels):
+        y = (labels == c).astype(np.float64)
+        z2 = (u.T @ y) ** 2
+        outside = float(y @ y - z2.sum())
+        alpha, beta = 1.0, 1.0
+        for _ in range(iterations):
+            t = alpha / beta
+            gamma = float((sigma / (sigma + t)).sum())
+            m2 = float((sigma * z2 / (sigma + t) ** 2).sum())
+            res2 = float((z2 / (1 + sigma / t) ** 2).sum() + max(outside, 0.0))
+            alpha = gamma / (m2 + 1e-5)
+            beta = (n - gamma) / (res2 + 1e-5)
+        evidences.append(_log_evidence(sigma, z2, outside, n, dim, alpha, beta) / n)
+    return float(np.mean(evidences))
+
+
+def _log_evidence(
+    sigma: np.ndarray, z2: np.ndarray, outside: float, n: int, dim: int, alpha: float, beta: float
+) -> float:
+    """log p(y | F, α, β) from the SVD of F (σ = squared singular values, z = Uᵀy)."""
+    t = alpha / beta
+    m2 = float((sigma * z2 / (sigma + t) ** 2).sum())
+    res2 = float((z2 / (1 + sigma / t) ** 2).sum() + max(outside, 0.0))
+    log_det = float(np.log(alpha + beta * sigma).sum()) + (dim - sigma.shape[0]) * np.log(alpha)
+    return float(
+        dim / 2 * np.log(alpha)
+        + n / 2 * np.log(beta)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * res2
+        - alpha / 2 * m2
+        - log_det / 2
+    )
+
+
+def logme_recommender(zoo: Zoo, query: Query) -> list[Ranked]:
+    """LogME on every expert's features of the query's images (one forward pass each)."""
+    data = _need_data(query, "logme")
+    scores, evidence = [], []
+    for expert in zoo.experts:
+        features = extract_features(expert, load_expert(expert), data)
+        scores.append(logme(features, data.labels))
+        evidence.append({"logme": scores[-1], "feature_dim": int(features.shape[1])})
+    return _ranked(zoo, np.array(scores), evidence)
+
+
+def brute_force(zoo: Zoo, query: Query) -> list[Ranked]:
+    """Evaluate every expert on the query with the zoo's protocol: the oracle."""
+    data = _need_data(query, "brute-force")
+    errors = []
+    for expert in zoo.experts:
+        features = extract_features(expert, load_expert(expert), data)
+        errors.append(holdout_error(features, data.labels, zoo.protocol))
+    return _ranked(zoo, -np.array(errors), [{"error": e} for e in errors])
+
+
+Recommender = Callable[[Zoo, Query], list[Ranked]]
+
+
+def recommenders(zoo: Zoo, k: int = 5) -> dict[str, Recommender]:
+    """Every recommender for ``zoo`` by name (``learned`` joins when trained)."""
+    return {
+        "global-best": global_best,
+        "task2vec-knn": Task2VecKNN(zoo, k),
+        "task2vec-asym": task2vec_asym,
+        "logme": logme_recommender,
+        "brute-force": brute_force,
+    }

@@ -1,0 +1,99 @@
+"""Recommenders on the tiny zoo, and LogME against its definition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.task2vec.errors import ConfigError
+from app.zoo.build import ZooBuilder
+from app.zoo.presets import recipe
+from app.zoo.recommenders import (
+    Query,
+    Task2VecKNN,
+    _log_evidence,
+    brute_force,
+    global_best,
+    logme,
+    recommenders,
+    task2vec_asym,
+)
+from app.zoo.tasks import materialize
+from app.zoo.zoo import Zoo
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return ZooBuilder(recipe("tiny"), tmp_path_factory.mktemp("data")).build()
+
+
+def _dense_log_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    n, dim = f.shape
+    a = alpha * np.eye(dim) + beta * f.T @ f
+    m = beta * np.linalg.solve(a, f.T @ y)
+    return float(
+        dim / 2 * np.log(alpha)
+        + n / 2 * np.log(beta)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * np.sum((f @ m - y) ** 2)
+        - alpha / 2 * m @ m
+        - np.linalg.slogdet(a)[1] / 2
+    )
+
+
+@pytest.mark.parametrize(("n", "dim"), [(60, 8), (12, 30)])  # N > D, and N < D
+def test_logme_evidence_matches_the_dense_definition(n: int, dim: int) -> None:
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(n, dim))
+    y = (rng.random(n) > 0.5).astype(float)
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    z2 = (u.T @ y) ** 2
+    for alpha, beta in [(0.5, 2.0), (3.0, 0.7)]:
+        fast = _log_evidence(s**2, z2, float(y @ y - z2.sum()), n, dim, alpha, beta)
+        assert fast == pytest.approx(_dense_log_evidence(f, y, alpha, beta), rel=1e-8)
+
+
+def test_logme_prefers_informative_features() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(3), 40)
+    informative = rng.normal(size=(120, 16)) + np.eye(3)[labels] @ rng.normal(size=(3, 16)) * 3
+    noise = rng.normal(size=(120, 16))
+    assert logme(informative, labels) > logme(noise, labels)
+
+
+def test_every_recommender_ranks_every_expert_it_can(zoo: Zoo) -> None:
+    target = 3
+    data = materialize(zoo.tasks[target])
+    query = Query(zoo.embeddings[target], data, exclude=target)
+    names = {e.name for e in zoo.experts}
+    for name, rank in recommenders(zoo).items():
+        ranking = rank(zoo, query)
+        scores = [r.score for r in ranking]
+        assert scores == sorted(scores, reverse=True), name
+        if name == "task2vec-asym":
+            assert {r.expert for r in ranking} == {e.name for e in zoo.experts if e.source_task}
+        else:
+            assert {r.expert for r in ranking} == names, name
+
+
+def test_leave_one_out_hides_the_task(zoo: Zoo) -> None:
+    knn = Task2VecKNN(zoo, k=3)
+    query = Query(zoo.embeddings[2], exclude=2)
+    ranking = knn(zoo, query)
+    assert all(n["task"] != zoo.tasks[2].name for n in ranking[0].evidence["neighbours"])
+    assert global_best(zoo, query)[0].evidence["tasks"] == len(zoo.tasks) - 1
+
+
+def test_brute_force_reproduces_the_matrix_row(zoo: Zoo) -> None:
+    target = 1
+    ranking = brute_force(zoo, Query(data=materialize(zoo.tasks[target])))
+    by_name = {r.expert: r.evidence["error"] for r in ranking}
+    expected = {e.name: zoo.errors[target, i] for i, e in enumerate(zoo.experts)}
+    assert by_name == pytest.approx(expected)
+
+
+def test_missing_inputs_are_named(zoo: Zoo) -> None:
+    with pytest.raises(ConfigError, match="needs the task's embedding"):
+        task2vec_asym(zoo, Query())
+    with pytest.raises(ConfigError, match="needs the task's images"):
+        brute_force(zoo, Query())
