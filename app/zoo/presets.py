@@ -135,7 +135,9 @@ def _experts_demo() -> list[ExpertRecipe]:
 
 def _experts_tiny(tasks: list[TaskSpec]) -> list[ExpertRecipe]:
     return [
-        ExpertRecipe("imagenet-efficientnet-lite0", "efficientnet_lite0", 32, "imagenet"),
+        ExpertRecipe(
+            "imagenet-efficientnet-lite0", "efficientnet_lite0", 32, "imagenet", tags=("imagenet",)
+        ),
         ExpertRecipe(f"cnn-8x2-{tasks[0].name}", "cnn-8x2", 28, "train", tasks[0].name, epochs=2),
         ExpertRecipe(f"cnn-8x2-{tasks[4].name}", "cnn-8x2", 28, "train", tasks[4].name, epochs=2),
     ]

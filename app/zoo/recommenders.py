@@ -207,3 +207,50 @@ def recommenders(zoo: Zoo, k: int = 5) -> dict[str, Recommender]:
         "logme": logme_recommender,
         "brute-force": brute_force,
     }
+
+
+class LearnedScorer:
+    """A learned scorer in the spirit of MODEL2VEC, trained on the zoo without the query.
+
+    For a (task, expert) pair it predicts the expert's standardised error on the task from:
+    the distance-weighted errors of the expert on the task's nearest zoo tasks, the asymmetric
+    distance from the expert's source task (when it has one), and a learned per-expert bias
+    (MODEL2VEC's b_i). The model is a ridge regression, fit on every visible
+    zoo task with that task itself left out of its own neighbour features.
+    """
+
+    def __init__(self, zoo: Zoo, k: int = 5, ridge: float = 1.0, exclude: int | None = None):
+        from sklearn.linear_model import Ridge
+
+        self.zoo, self.k = zoo, k
+        self.knn = Task2VecKNN(zoo, k)
+        self.exclude = exclude
+        self.z = _standardised(zoo.errors)
+        names = {t.name: i for i, t in enumerate(zoo.tasks)}
+        self.sources = [names.get(e.source_task or "") for e in zoo.experts]
+        rows = [j for j in range(len(zoo.tasks)) if j != exclude]
+        x = np.vstack([self.features(zoo.embeddings[j], [j, *self._hidden()]) for j in rows])
+        y = np.concatenate([self.z[j] for j in rows])
+        self.model = Ridge(alpha=ridge).fit(x, y)
+
+    def _hidden(self) -> list[int]:
+        return [] if self.exclude is None else [self.exclude]
+
+    def features(self, embedding: Embedding, hidden: list[int]) -> np.ndarray:
+        """(experts, features) for one task, never looking at the rows in ``hidden``."""
+        neighbours = self.knn.index.search(embedding, self.k, exclude=hidden)
+        weights = np.array([1.0 / (n.distance + 1e-3) for n in neighbours])
+        knn_error = (weights[:, None] * self.z[[n.id for n in neighbours]]).sum(0) / weights.sum()
+        n_experts = len(self.zoo.experts)
+        asym, has_source = np.zeros(n_experts), np.zeros(n_experts)
+        for e, source in enumerate(self.sources):
+            if source is not None:
+                asym[e] = asymmetric(self.zoo.embeddings[source], embedding)
+                has_source[e] = 1.0
+        return np.column_stack([knn_error, asym, has_source, np.eye(n_experts)])
+
+    def __call__(self, zoo: Zoo, query: Query) -> list[Ranked]:
+        embedding = _need_embedding(query, "learned")
+        predicted = self.model.predict(self.features(embedding, self._hidden()))
+        evidence = [{"predicted_standardised_error": float(p)} for p in predicted]
+        return _ranked(zoo, -predicted, evidence)
