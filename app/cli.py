@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.settings import get_settings
 from app.task2vec import distances
 from app.task2vec.datasets import load_dataset
 from app.task2vec.embedding import (
@@ -32,6 +34,7 @@ from app.task2vec.embedding import (
 )
 from app.task2vec.errors import Task2VecError
 from app.task2vec.probes import IMAGENET, PROBES, load_probe
+from app.zoo.zoo import Zoo
 
 app = typer.Typer(
     help="Task2Vec task embeddings: embed labelled image datasets and compare them.",
@@ -114,22 +117,8 @@ def embed_command(
         # Weights first: a missing checkpoint is reported before a long dataset decode.
         probe_net = load_probe(probe, weights=probe_weights, image_size=image_size, seed=seed)
         data = load_dataset(dataset, image_size=image_size)
-        with Progress(
-            TextColumn("{task.description:>9}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=err,
-            disable=quiet,
-        ) as bars:
-            tasks: dict[str, TaskID] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bars.add_task(stage, total=total)
-                bars.update(tasks[stage], completed=done)
-
-            embedding = embed(data, config, probe=probe_net, progress=progress)
+        with _progress_bars(quiet) as bars:
+            embedding = embed(data, config, probe=probe_net, progress=_tracker(bars))
         embedding.meta["dataset"] = dataset.name
         embedding.save(out)
     except Task2VecError as exc:
@@ -189,6 +178,129 @@ def distance_command(
         table.add_column(name, justify="right")
     for name, row in zip(names, matrix, strict=True):
         table.add_row(name, *(f"{v:.4f}" for v in row))
+    Console().print(table)
+
+
+zoo_app = typer.Typer(help="Build and evaluate expert zoos.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+def _progress_bars(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:>9}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+    )
+
+
+def _tracker(bars: Progress) -> Callable[[str, int, int], None]:
+    tasks: dict[str, TaskID] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done)
+
+    return progress
+
+
+def _zoo(preset_or_path: str, quiet: bool) -> Zoo:
+    """A built zoo by preset name (built on first use) or by folder."""
+    from app.zoo.build import ZooBuilder
+    from app.zoo.presets import PRESETS, recipe
+
+    if preset_or_path not in PRESETS:
+        return Zoo.load(preset_or_path)
+    folder = get_settings().data_dir / "zoos" / preset_or_path
+    if (folder / "zoo.json").exists():
+        return Zoo.load(folder)
+    err.print(f"building the {preset_or_path!r} zoo under {folder.parent} (first use)")
+    with _progress_bars(quiet) as bars:
+        return ZooBuilder(recipe(preset_or_path), get_settings().data_dir, _tracker(bars)).build()
+
+
+@zoo_app.command("build")
+def zoo_build(
+    preset: Annotated[str, typer.Option(help="demo or tiny")] = "demo",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Build (or bring up to date) a zoo from its preset; cached artifacts are reused."""
+    from app.zoo.build import ZooBuilder
+    from app.zoo.presets import recipe
+
+    try:
+        with _progress_bars(quiet) as bars:
+            zoo = ZooBuilder(recipe(preset), get_settings().data_dir, _tracker(bars)).build()
+    except (Task2VecError, ValueError) as exc:
+        raise _fail(exc) from None
+    print(f"zoo {preset!r}: {len(zoo.tasks)} tasks, {len(zoo.experts)} experts, probe {zoo.probe}")
+
+
+@zoo_app.command("evaluate")
+def zoo_evaluate(
+    out: Annotated[Path, typer.Option("--out", help="folder for report.md, results.json, plots")],
+    zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
+    methods: Annotated[
+        str, typer.Option(help="comma-separated recommenders")
+    ] = "global-best,task2vec-knn,task2vec-asym,learned,logme",
+    k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Leave-one-task-out evaluation of the recommenders over a zoo."""
+    from app.zoo.evaluate import evaluate, write_report
+
+    try:
+        built = _zoo(zoo, quiet)
+        with _progress_bars(quiet) as bars:
+            results = evaluate(built, methods.split(","), k, _tracker(bars))
+        write_report(built, results, out)
+    except (Task2VecError, ValueError) as exc:
+        raise _fail(exc) from None
+    print((out / "report.md").read_text())
+
+
+@app.command("recommend")
+def recommend_command(
+    dataset: Annotated[Path, typer.Argument(help="labelled dataset (zip, tar or .npz)")],
+    method: Annotated[str, typer.Option(help="recommender")] = "learned",
+    k: Annotated[int, typer.Option(help="how many experts to show")] = 5,
+    zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Rank the zoo's experts for DATASET, locally."""
+    from app.zoo.recommenders import LearnedScorer, Query, recommenders
+
+    try:
+        built = _zoo(zoo, quiet)
+        config = built.embed_config
+        data = load_dataset(dataset, image_size=config.image_size)
+        with _progress_bars(quiet) as bars:
+            embedding = embed(data, config, progress=_tracker(bars))
+        built.check_compatible(embedding)
+        available = recommenders(built)
+        if method == "learned":
+            ranking = LearnedScorer(built)(built, Query(embedding, data))
+        elif method in available:
+            ranking = available[method](built, Query(embedding, data))
+        else:
+            names = ", ".join(["learned", *available])
+            raise ValueError(f"unknown method {method!r}; choose one of: {names}")
+    except (Task2VecError, ValueError) as exc:
+        raise _fail(exc) from None
+    items = [{"expert": r.expert, "score": r.score, **r.evidence} for r in ranking[:k]]
+    if as_json:
+        json.dump({"method": method, "zoo": zoo, "ranking": items}, sys.stdout, default=str)
+        print()
+        return
+    table = Table(title=f"{method} ranking for {dataset.name}")
+    for column in ("rank", "expert", "score"):
+        table.add_column(column)
+    for i, item in enumerate(items, start=1):
+        table.add_row(str(i), str(item["expert"]), f"{item['score']:.4f}")
     Console().print(table)
 
 

@@ -106,3 +106,34 @@ def test_distance_refuses_incomparable_files(tmp_path: Path) -> None:
     run = task2vec("distance", str(tmp_path / "a.npz"), str(tmp_path / "c.npz"))
     assert run.returncode == 2
     assert "unreadable embedding file" in run.stderr
+
+
+def test_zoo_build_recommend_and_evaluate(tmp_path: Path) -> None:
+    env = {"T2V_DATA_DIR": str(tmp_path / "data")}
+    built = task2vec("zoo", "build", "--preset", "tiny", "-q", env=env)
+    assert built.returncode == 0, built.stderr
+    assert "8 tasks" in built.stdout
+
+    x, y = random_images(40, size=20, seed=9), np.repeat([0, 1], 20)
+    np.savez(tmp_path / "upload.npz", x=x, y=y)
+    run = task2vec(
+        "recommend", str(tmp_path / "upload.npz"), "--zoo", "tiny", "--method",
+        "brute-force", "--json", "-q", env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["method"] == "brute-force"
+    assert len(answer["ranking"]) == 3
+    assert all("error" in item for item in answer["ranking"])
+    scores = [item["score"] for item in answer["ranking"]]
+    assert scores == sorted(scores, reverse=True)
+
+    out = tmp_path / "eval"
+    evaluated = task2vec(
+        "zoo", "evaluate", "--zoo", "tiny", "--out", str(out), "--methods",
+        "global-best,task2vec-knn", "-q", env=env,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["recommenders"]) == {"global-best", "task2vec-knn"}
+    assert "rel_error_increase" in results["recommenders"]["global-best"]
