@@ -33,6 +33,7 @@ def test_evaluation_reports_every_metric_and_writes_the_report(zoo: Zoo, tmp_pat
         assert row["rel_error_increase"] >= 0.0
     assert len(results["per_task"]["learned"]) == len(zoo.tasks)
     assert 0.0 <= results["zoo"]["imagenet_expert_not_best_share"] <= 1.0
+    assert results["zoo"]["index_recall_at_10"] >= 0.95
 
     write_report(zoo, results, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["recommenders"] == summary
