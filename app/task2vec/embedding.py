@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 from app.task2vec import fisher
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.errors import ConfigError, EmbeddingFileError
+from app.task2vec.files import save_npz
 from app.task2vec.probes import IMAGENET, ProbeNetwork, load_probe
 from app.task2vec.sampling import balanced_draws, stratified_subset
 
@@ -128,21 +127,12 @@ class Embedding:
 
     def save(self, path: str | Path) -> None:
         """Write atomically: a reader sees the old file or the complete new one, never half."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    hessian=self.hessian,
-                    scale=self.scale,
-                    meta=np.array(json.dumps(self.meta, sort_keys=True)),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npz(
+            path,
+            hessian=self.hessian,
+            scale=self.scale,
+            meta=np.array(json.dumps(self.meta, sort_keys=True)),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Embedding:

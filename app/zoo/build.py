@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
+from app.task2vec.files import atomic_write
 from app.task2vec.probes import load_probe
 from app.zoo.experts import ExpertSpec, extract_features, load_expert, train_cnn
 from app.zoo.matrix import EvaluationProtocol, holdout_error
@@ -58,18 +57,6 @@ class ZooRecipe:
 def _hash(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ZooBuilder:
@@ -117,7 +104,7 @@ class ZooBuilder:
                 epochs=recipe.epochs,
                 seed=recipe.seed,
             )
-            _atomic_write(path, lambda tmp: torch.save(state, tmp))
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
         return spec, path
 
     def embedding(self, task: TaskSpec, probe: Any) -> Embedding:
@@ -144,7 +131,7 @@ class ZooBuilder:
                 changed = True
             row.append(cached[key])
         if changed:
-            _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(cached)))
+            atomic_write(path, lambda tmp: tmp.write_text(json.dumps(cached)))
         return row
 
     def build(self) -> Zoo:

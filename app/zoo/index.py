@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 from app.task2vec.distances import symmetric_hessians
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import EmbeddingFileError
+from app.task2vec.files import save_npz
 
 #: Floor for zero Fisher values before the log: relative to each embedding's median, so
 #: a dead filter reads as "far below typical", whatever the estimator's scale.
@@ -176,22 +175,13 @@ class TaskIndex:
 
     def save(self, path: str | Path) -> None:
         """Atomic write: the FAISS index, the raw embeddings and the version."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    ids=self.ids,
-                    hessians=self.hessians,
-                    faiss=faiss.serialize_index(self._faiss),
-                    version=np.array(json.dumps(asdict(self.version))),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npz(
+            path,
+            ids=self.ids,
+            hessians=self.hessians,
+            faiss=faiss.serialize_index(self._faiss),
+            version=np.array(json.dumps(asdict(self.version))),
+        )
 
     @classmethod
     def load(cls, path: str | Path, expected: IndexVersion | None = None) -> TaskIndex | None:
