@@ -20,7 +20,7 @@ from app.task2vec.distances import DEFAULT_ALPHA, asymmetric
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.experts import extract_features, load_expert
-from app.zoo.index import TaskIndex
+from app.zoo.index import Neighbour, TaskIndex
 from app.zoo.matrix import holdout_error
 from app.zoo.zoo import Zoo
 
@@ -89,13 +89,21 @@ class Task2VecKNN:
         self.index = TaskIndex.build(zoo.probe, list(enumerate(zoo.embeddings)))
         self.z = _standardised(zoo.errors)
 
+    def weighted_errors(
+        self, embedding: Embedding, hidden: list[int]
+    ) -> tuple[np.ndarray, list[Neighbour]]:
+        """Per expert: distance-weighted standardised error on the nearest visible tasks."""
+        neighbours = self.index.search(embedding, self.k, exclude=hidden)
+        weights = np.array([1.0 / (n.distance + 1e-3) for n in neighbours])
+        rows = [n.id for n in neighbours]
+        return (weights[:, None] * self.z[rows]).sum(axis=0) / weights.sum(), neighbours
+
     def __call__(self, zoo: Zoo, query: Query) -> list[Ranked]:
         embedding = _need_embedding(query, "task2vec-knn")
         exclude = [] if query.exclude is None else [query.exclude]
-        neighbours = self.index.search(embedding, self.k, exclude=exclude)
-        weights = np.array([1.0 / (n.distance + 1e-3) for n in neighbours])
+        errors, neighbours = self.weighted_errors(embedding, exclude)
         rows = [n.id for n in neighbours]
-        scores = -(weights[:, None] * self.z[rows]).sum(axis=0) / weights.sum()
+        scores = -errors
         near = [
             {"task": zoo.tasks[n.id].name, "distance": round(n.distance, 4)} for n in neighbours
         ]
@@ -222,15 +230,14 @@ class LearnedScorer:
     def __init__(self, zoo: Zoo, k: int = 5, ridge: float = 1.0, exclude: int | None = None):
         from sklearn.linear_model import Ridge
 
-        self.zoo, self.k = zoo, k
+        self.zoo = zoo
         self.knn = Task2VecKNN(zoo, k)
         self.exclude = exclude
-        self.z = _standardised(zoo.errors)
         names = {t.name: i for i, t in enumerate(zoo.tasks)}
         self.sources = [names.get(e.source_task or "") for e in zoo.experts]
         rows = [j for j in range(len(zoo.tasks)) if j != exclude]
         x = np.vstack([self.features(zoo.embeddings[j], [j, *self._hidden()]) for j in rows])
-        y = np.concatenate([self.z[j] for j in rows])
+        y = np.concatenate([self.knn.z[j] for j in rows])
         self.model = Ridge(alpha=ridge).fit(x, y)
 
     def _hidden(self) -> list[int]:
@@ -238,9 +245,7 @@ class LearnedScorer:
 
     def features(self, embedding: Embedding, hidden: list[int]) -> np.ndarray:
         """(experts, features) for one task, never looking at the rows in ``hidden``."""
-        neighbours = self.knn.index.search(embedding, self.k, exclude=hidden)
-        weights = np.array([1.0 / (n.distance + 1e-3) for n in neighbours])
-        knn_error = (weights[:, None] * self.z[[n.id for n in neighbours]]).sum(0) / weights.sum()
+        knn_error, _ = self.knn.weighted_errors(embedding, hidden)
         n_experts = len(self.zoo.experts)
         asym, has_source = np.zeros(n_experts), np.zeros(n_experts)
         for e, source in enumerate(self.sources):
