@@ -9,7 +9,7 @@ then invisible to the recommender.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from app.task2vec.datasets import LabelledImages
 from app.task2vec.distances import DEFAULT_ALPHA, asymmetric
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
-from app.zoo.experts import extract_features, load_expert
+from app.zoo.experts import extract_features
 from app.zoo.index import Neighbour, TaskIndex
 from app.zoo.matrix import holdout_error
 from app.zoo.zoo import Zoo
@@ -182,12 +182,17 @@ def _log_evidence(
     )
 
 
+def _expert_features(zoo: Zoo, data: LabelledImages) -> Iterator[np.ndarray]:
+    """Every expert's features of ``data``, in the zoo's expert order."""
+    for i, expert in enumerate(zoo.experts):
+        yield extract_features(expert, zoo.expert_model(i), data)
+
+
 def logme_recommender(zoo: Zoo, query: Query) -> list[Ranked]:
     """LogME on every expert's features of the query's images (one forward pass each)."""
     data = _need_data(query, "logme")
     scores, evidence = [], []
-    for expert in zoo.experts:
-        features = extract_features(expert, load_expert(expert), data)
+    for features in _expert_features(zoo, data):
         scores.append(logme(features, data.labels))
         evidence.append({"logme": scores[-1], "feature_dim": int(features.shape[1])})
     return _ranked(zoo, np.array(scores), evidence)
@@ -196,10 +201,10 @@ def logme_recommender(zoo: Zoo, query: Query) -> list[Ranked]:
 def brute_force(zoo: Zoo, query: Query) -> list[Ranked]:
     """Evaluate every expert on the query with the zoo's protocol: the oracle."""
     data = _need_data(query, "brute-force")
-    errors = []
-    for expert in zoo.experts:
-        features = extract_features(expert, load_expert(expert), data)
-        errors.append(holdout_error(features, data.labels, zoo.protocol))
+    errors = [
+        holdout_error(features, data.labels, zoo.protocol)
+        for features in _expert_features(zoo, data)
+    ]
     return _ranked(zoo, -np.array(errors), [{"error": e} for e in errors])
 
 

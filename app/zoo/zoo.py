@@ -11,15 +11,16 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import EmbeddingFileError
-from app.zoo.experts import ExpertSpec
+from app.zoo.experts import ExpertSpec, load_expert
 from app.zoo.matrix import EvaluationProtocol
 from app.zoo.tasks import TaskSpec
 
@@ -45,6 +46,7 @@ class Zoo:
     experts: list[ExpertSpec]
     errors: np.ndarray  # (tasks, experts) held-out error of each expert's features
     protocol: EvaluationProtocol
+    _models: dict[int, nn.Module] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.errors.shape != (len(self.tasks), len(self.experts)):
@@ -76,6 +78,13 @@ class Zoo:
                     f"{what} was made with {key}={got!r}, but this zoo uses {key}={want!r}: "
                     "a zoo compares only embeddings made with one probe and configuration"
                 )
+
+    def expert_model(self, index: int) -> nn.Module:
+        """Expert ``index``, loaded once per zoo object rather than once per query; a rebuilt
+        zoo is a new object, so replaced weights are never served from a stale copy."""
+        if index not in self._models:
+            self._models[index] = load_expert(self.experts[index])
+        return self._models[index]
 
     def task_index(self, name: str) -> int:
         for i, task in enumerate(self.tasks):
