@@ -20,7 +20,7 @@ from app.task2vec.distances import DEFAULT_ALPHA, asymmetric
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.experts import extract_features
-from app.zoo.index import Neighbour, TaskIndex
+from app.zoo.index import Neighbour
 from app.zoo.matrix import holdout_error
 from app.zoo.zoo import Zoo
 
@@ -86,7 +86,7 @@ class Task2VecKNN:
 
     def __init__(self, zoo: Zoo, k: int = 5) -> None:
         self.zoo, self.k = zoo, k
-        self.index = TaskIndex.build(zoo.probe, list(enumerate(zoo.embeddings)))
+        self.index = zoo.index()
         self.z = _standardised(zoo.errors)
 
     def weighted_errors(

@@ -2,7 +2,9 @@
 
 A zoo is tied to one probe and one embedding configuration; embeddings made otherwise are
 refused. It is saved as a folder: ``zoo.json`` (configuration, tasks, experts, protocol,
-matrix), ``embeddings.npz`` (one row per task) and the trained experts' weights.
+matrix), ``embeddings.npz`` (one row per task), the trained experts' weights, and
+``index.npz``, the FAISS task index: a cache of the embeddings, rebuilt whenever its version
+no longer matches them.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from torch import nn
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import EmbeddingFileError
 from app.zoo.experts import ExpertSpec, load_expert
+from app.zoo.index import IndexVersion, TaskIndex
 from app.zoo.matrix import EvaluationProtocol
 from app.zoo.tasks import TaskSpec
 
 FORMAT_VERSION = 1
+INDEX_FILE = "index.npz"
 
 #: Embedding settings that must agree for two embeddings to be comparable.
 COMPARABLE_KEYS = (
@@ -46,7 +50,9 @@ class Zoo:
     experts: list[ExpertSpec]
     errors: np.ndarray  # (tasks, experts) held-out error of each expert's features
     protocol: EvaluationProtocol
+    folder: Path | None = field(default=None, compare=False)  # where it was loaded from
     _models: dict[int, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+    _index: TaskIndex | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.errors.shape != (len(self.tasks), len(self.experts)):
@@ -85,6 +91,25 @@ class Zoo:
         if index not in self._models:
             self._models[index] = load_expert(self.experts[index])
         return self._models[index]
+
+    def index(self) -> TaskIndex:
+        """The FAISS index over the zoo's tasks (ids = task positions).
+
+        Loaded from the zoo folder when its saved version matches the embeddings; otherwise
+        (missing, stale, damaged) it is rebuilt and saved again, atomically.
+        """
+        if self._index is None:
+            entries = list(enumerate(self.embeddings))
+            hessians = np.stack([e.hessian for e in self.embeddings])
+            expected = IndexVersion.of(self.probe, np.arange(len(entries)), hessians)
+            path = None if self.folder is None else self.folder / INDEX_FILE
+            index = None if path is None else TaskIndex.load(path, expected)
+            if index is None:
+                index = TaskIndex.build(self.probe, entries)
+                if path is not None:
+                    index.save(path)
+            self._index = index
+        return self._index
 
     def task_index(self, name: str) -> int:
         for i, task in enumerate(self.tasks):
@@ -167,6 +192,7 @@ class Zoo:
             experts=experts,
             errors=np.array(manifest["errors"], dtype=np.float64),
             protocol=EvaluationProtocol(**manifest["protocol"]),
+            folder=folder,
         )
 
 

@@ -11,6 +11,7 @@ import pytest
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import EmbeddingFileError
 from app.zoo.build import ZooBuilder
+from app.zoo.index import TaskIndex
 from app.zoo.presets import recipe
 from app.zoo.zoo import Zoo
 
@@ -77,3 +78,34 @@ def test_saved_zoo_round_trips(built: tuple[Path, Zoo], tmp_path: Path) -> None:
     assert [e.name for e in loaded.experts] == [e.name for e in zoo.experts]
     with pytest.raises(EmbeddingFileError, match="not a readable zoo"):
         Zoo.load(tmp_path / "nowhere")
+
+
+def test_index_is_saved_with_the_zoo_and_rebuilt_when_stale(
+    built: tuple[Path, Zoo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, zoo = built
+    zoo.save(tmp_path / "zoo")
+    first = Zoo.load(tmp_path / "zoo").index()
+    saved = tmp_path / "zoo" / "index.npz"
+    assert saved.is_file()
+    assert first.version.count == len(zoo.tasks)
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("a current index must be loaded, not rebuilt")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TaskIndex, "build", no_build)
+        assert Zoo.load(tmp_path / "zoo").index().version == first.version
+
+    # An embedding changes under the saved index: the version no longer matches, so it is
+    # rebuilt from the zoo's embeddings and saved again.
+    stale = Zoo.load(tmp_path / "zoo")
+    e = stale.embeddings[0]
+    stale.embeddings[0] = Embedding(e.hessian * 2, e.scale, e.meta)
+    rebuilt = stale.index()
+    assert rebuilt.version != first.version
+    assert TaskIndex.load(saved, rebuilt.version) is not None
+    assert rebuilt.search(stale.embeddings[0], k=1)[0].id == 0
+
+    saved.write_bytes(b"damaged")
+    assert Zoo.load(tmp_path / "zoo").index().version == first.version
