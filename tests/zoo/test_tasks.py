@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torchvision
 
 from app.task2vec.errors import DatasetError
-from app.zoo.presets import demo, tiny
+from app.task2vec.probes import checkpoint_cache_dir, load_probe
+from app.zoo.presets import demo, recipe, tiny
 from app.zoo.tasks import TaskSpec, materialize
 
 
@@ -54,3 +58,26 @@ def test_tiny_preset_materialises() -> None:
 def test_bad_recipes_are_refused(spec: TaskSpec, message: str) -> None:
     with pytest.raises(DatasetError, match=message):
         materialize(spec)
+
+
+def test_demo_zoo_uses_resnet34_when_its_imagenet_weights_are_present(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert recipe("demo").embed_config.probe == "efficientnet_lite0"
+    url = torchvision.models.ResNet34_Weights.IMAGENET1K_V1.url
+    cached = checkpoint_cache_dir() / Path(url).name
+    cached.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet34().state_dict(), cached)
+    config = recipe("demo").embed_config
+    assert config.probe == "resnet34"
+    assert config.probe_weights == "imagenet"
+    probe = load_probe(config.probe, weights=config.probe_weights, allow_download=False)
+    assert probe.weights_source == f"imagenet:{cached.name}"
+    chance = recipe("demo-chance")
+    assert (chance.embed_config.probe, chance.embed_config.probe_weights) == (
+        "resnet34",
+        "random:0",
+    )
+    assert chance.tasks == recipe("demo").tasks
