@@ -224,7 +224,9 @@ def _zoo(preset_or_path: str, quiet: bool) -> Zoo:
 
 @zoo_app.command("build")
 def zoo_build(
-    preset: Annotated[str, typer.Option(help="demo or tiny")] = "demo",
+    preset: Annotated[
+        str, typer.Option(help="demo, demo-chance (random-init ResNet-34 probe) or tiny")
+    ] = "demo",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Build (or bring up to date) a zoo from its preset; cached artifacts are reused."""
@@ -245,7 +247,7 @@ def zoo_evaluate(
     zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
     methods: Annotated[
         str, typer.Option(help="comma-separated recommenders")
-    ] = "global-best,task2vec-knn,task2vec-asym,learned,logme",
+    ] = "global-best,task2vec-knn,task2vec-asym,learned,learned-shuffled,logme",
     k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:

@@ -9,6 +9,7 @@ compared with one made differently.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +27,11 @@ class EvaluationProtocol:
     C: float = 1.0
     max_iter: int = 500
     seed: int = 0
+
+    def resolution(self, size: int) -> float:
+        """The smallest non-zero error measurable on a task of ``size`` images: one held-out
+        image. Used as the floor when errors are compared relatively or in log space."""
+        return 1.0 / max(1, math.ceil(self.holdout * size))
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -20,7 +20,7 @@ from app.task2vec.distances import DEFAULT_ALPHA, asymmetric
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.experts import extract_features
-from app.zoo.index import Neighbour
+from app.zoo.index import Neighbour, log_transform
 from app.zoo.matrix import holdout_error
 from app.zoo.zoo import Zoo
 
@@ -84,10 +84,12 @@ class Task2VecKNN:
     nearest tasks count most and a hard neighbour does not drown an easy one.
     """
 
-    def __init__(self, zoo: Zoo, k: int = 5) -> None:
+    def __init__(self, zoo: Zoo, k: int = 5, scores: np.ndarray | None = None) -> None:
+        """``scores``: the (tasks, experts) matrix to average over neighbours; by default the
+        zoo's errors standardised per task."""
         self.zoo, self.k = zoo, k
         self.index = zoo.index()
-        self.z = _standardised(zoo.errors)
+        self.z = _standardised(zoo.errors) if scores is None else scores
 
     def weighted_errors(
         self, embedding: Embedding, hidden: list[int]
@@ -118,22 +120,50 @@ class Task2VecKNN:
         return _ranked(zoo, scores, evidence)
 
 
-def task2vec_asym(zoo: Zoo, query: Query, alpha: float = DEFAULT_ALPHA) -> list[Ranked]:
-    """Experts with a zoo source task, by the asymmetric distance source → target."""
+#: Asymmetric distances closer than this are treated as ties. The demo embedding's seed noise
+#: (the distance between two embeddings of one task) is about 0.09, so a smaller gap is not
+#: evidence that one source task is nearer than another.
+ASYM_TIE_TOLERANCE = 0.05
+
+
+def task2vec_asym(
+    zoo: Zoo,
+    query: Query,
+    alpha: float = DEFAULT_ALPHA,
+    tolerance: float = ASYM_TIE_TOLERANCE,
+) -> list[Ranked]:
+    """Experts with a zoo source task, by the asymmetric distance source → target.
+
+    The distance tells source tasks apart, not experts: experts trained on one task (or on
+    tasks within ``tolerance`` of each other) tie, and a tie goes to the larger expert (more
+    parameters). The score is minus the distance of the tie group's leader, lowered by a
+    fraction of ``tolerance`` per place within the group, so it stays in ranking order.
+    """
     embedding = _need_embedding(query, "task2vec-asym")
     names = {t.name: i for i, t in enumerate(zoo.tasks)}
-    scores = np.full(len(zoo.experts), -np.inf)
-    evidence: list[dict[str, Any]] = [{} for _ in zoo.experts]
+    distances: dict[int, float] = {}
     for e, expert in enumerate(zoo.experts):
         if expert.source_task in names:
             source = zoo.embeddings[names[expert.source_task]]
-            d = asymmetric(source, embedding, alpha)
-            scores[e] = -d
-            evidence[e] = {"source_task": expert.source_task, "asymmetric_distance": d}
-    known = np.isfinite(scores)
-    if not known.any():
+            distances[e] = asymmetric(source, embedding, alpha)
+    if not distances:
         raise ConfigError("no expert of this zoo has a source task among its tasks")
-    return [r for r in _ranked(zoo, scores, evidence) if np.isfinite(r.score)]
+    remaining = sorted(distances, key=lambda e: (distances[e], e))
+    ranking = []
+    while remaining:
+        lead = distances[remaining[0]]
+        group = [e for e in remaining if distances[e] <= lead + tolerance]
+        group.sort(key=lambda e: (-zoo.expert_parameters(e), distances[e], e))
+        for place, e in enumerate(group):
+            evidence = {
+                "source_task": zoo.experts[e].source_task,
+                "asymmetric_distance": distances[e],
+                "parameters": zoo.expert_parameters(e),
+            }
+            score = -(lead + tolerance * place / len(group))
+            ranking.append(Ranked(zoo.experts[e].name, score, evidence))
+        remaining = [e for e in remaining if e not in group]
+    return ranking
 
 
 def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 11) -> float:
@@ -222,31 +252,72 @@ def recommenders(zoo: Zoo, k: int = 5) -> dict[str, Recommender]:
     }
 
 
+def task_descriptors(embedding: Embedding) -> np.ndarray:
+    """What a task's embedding file says about its size: log images, log classes."""
+    images = float(embedding.meta.get("num_images") or embedding.meta.get("samples") or 1)
+    classes = float(embedding.meta.get("num_classes") or 2)
+    return np.array([np.log(images), np.log(classes)])
+
+
 class LearnedScorer:
     """A learned scorer in the spirit of MODEL2VEC, trained on the zoo without the query.
 
-    For a (task, expert) pair it predicts the expert's standardised error on the task from:
-    the distance-weighted errors of the expert on the task's nearest zoo tasks, the asymmetric
-    distance from the expert's source task (when it has one), and a learned per-expert bias
-    (MODEL2VEC's b_i). The model is a ridge regression, fit on every visible
-    zoo task with that task itself left out of its own neighbour features.
+    For a (task, expert) pair it predicts the expert's standardised log-error on the task
+    (log-errors floored at one held-out image, standardised across experts per task: the
+    relative scale the paper's error-increase metric uses) from:
+
+    * the distance-weighted errors of the expert on the task's k nearest zoo tasks;
+    * the asymmetric distance from the expert's source task, when it has one;
+    * a per-expert bias (MODEL2VEC's b_i);
+    * per-expert weights on a low-dimensional view of the task: its size and class count
+      (from the embedding's metadata) and its first ``components`` principal components among
+      the zoo's log-embeddings. This is MODEL2VEC's learned expert vector acting on the task
+      embedding, in a rank-``components`` form that 65 tasks can fit.
+
+    The model is a ridge regression fit on every visible zoo task, each with itself left out
+    of its own neighbour features.
     """
 
-    def __init__(self, zoo: Zoo, k: int = 5, ridge: float = 1.0, exclude: int | None = None):
+    def __init__(
+        self,
+        zoo: Zoo,
+        k: int = 5,
+        ridge: float = 1.0,
+        components: int = 4,
+        exclude: int | None = None,
+    ) -> None:
         from sklearn.linear_model import Ridge
 
         self.zoo = zoo
-        self.knn = Task2VecKNN(zoo, k)
         self.exclude = exclude
+        floors = np.array([[zoo.protocol.resolution(t.size)] for t in zoo.tasks])
+        self.target = _standardised(np.log(zoo.errors + floors))
+        self.knn = Task2VecKNN(zoo, k, scores=self.target)
         names = {t.name: i for i, t in enumerate(zoo.tasks)}
         self.sources = [names.get(e.source_task or "") for e in zoo.experts]
         rows = [j for j in range(len(zoo.tasks)) if j != exclude]
+
+        descriptors = np.stack([task_descriptors(zoo.embeddings[j]) for j in rows])
+        self._descriptor_mean = descriptors.mean(axis=0)
+        self._descriptor_std = descriptors.std(axis=0) + 1e-9
+        logs = log_transform(np.stack([zoo.embeddings[j].hessian for j in rows]))
+        self._mean = logs.mean(axis=0)
+        _, singular, vt = np.linalg.svd(logs - self._mean, full_matrices=False)
+        components = min(components, len(rows) - 1)
+        # Unit variance per component over the zoo's tasks.
+        self._basis = (vt[:components].T / singular[:components]) * np.sqrt(len(rows))
+
         x = np.vstack([self.features(zoo.embeddings[j], [j, *self._hidden()]) for j in rows])
-        y = np.concatenate([self.knn.z[j] for j in rows])
+        y = np.concatenate([self.target[j] for j in rows])
         self.model = Ridge(alpha=ridge).fit(x, y)
 
     def _hidden(self) -> list[int]:
         return [] if self.exclude is None else [self.exclude]
+
+    def _task_view(self, embedding: Embedding) -> np.ndarray:
+        descriptors = (task_descriptors(embedding) - self._descriptor_mean) / self._descriptor_std
+        projected = (log_transform(embedding.hessian)[0] - self._mean) @ self._basis
+        return np.concatenate([descriptors, projected])
 
     def features(self, embedding: Embedding, hidden: list[int]) -> np.ndarray:
         """(experts, features) for one task, never looking at the rows in ``hidden``."""
@@ -257,10 +328,13 @@ class LearnedScorer:
             if source is not None:
                 asym[e] = asymmetric(self.zoo.embeddings[source], embedding)
                 has_source[e] = 1.0
-        return np.column_stack([knn_error, asym, has_source, np.eye(n_experts)])
+        identity = np.eye(n_experts)
+        view = self._task_view(embedding)
+        per_expert = (identity[:, :, None] * view[None, None, :]).reshape(n_experts, -1)
+        return np.column_stack([knn_error, asym, has_source, identity, per_expert])
 
     def __call__(self, zoo: Zoo, query: Query) -> list[Ranked]:
         embedding = _need_embedding(query, "learned")
         predicted = self.model.predict(self.features(embedding, self._hidden()))
-        evidence = [{"predicted_standardised_error": float(p)} for p in predicted]
+        evidence = [{"predicted_standardised_log_error": float(p)} for p in predicted]
         return _ranked(zoo, -predicted, evidence)

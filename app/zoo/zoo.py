@@ -111,6 +111,10 @@ class Zoo:
             self._index = index
         return self._index
 
+    def expert_parameters(self, index: int) -> int:
+        """Expert ``index``'s parameter count: its capacity."""
+        return sum(p.numel() for p in self.expert_model(index).parameters())
+
     def task_index(self, name: str) -> int:
         for i, task in enumerate(self.tasks):
             if task.name == name:

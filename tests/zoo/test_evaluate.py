@@ -29,7 +29,13 @@ def test_evaluation_reports_every_metric_and_writes_the_report(zoo: Zoo, tmp_pat
     assert summary["brute-force"]["rel_error_increase"] == pytest.approx(0.0)
     assert summary["brute-force"]["top1"] == 1.0
     for row in summary.values():
-        assert set(row) == {"rel_error_increase", "weighted_tau", "top1", "seconds"}
+        assert set(row) == {
+            "rel_error_increase",
+            "median_rel_error_increase",
+            "weighted_tau",
+            "top1",
+            "seconds",
+        }
         assert row["rel_error_increase"] >= 0.0
     assert len(results["per_task"]["learned"]) == len(zoo.tasks)
     assert 0.0 <= results["zoo"]["imagenet_expert_not_best_share"] <= 1.0
