@@ -150,8 +150,8 @@ def _experts_tiny(tasks: list[TaskSpec]) -> list[ExpertRecipe]:
 DEMO_EMBEDDING = EmbedConfig(
     probe="efficientnet_lite0",
     image_size=64,
-    max_samples=500,
-    fisher_samples=512,
+    max_samples=2000,
+    fisher_samples=2048,
     head_epochs=3,
     fisher_labels="gaussian",
 )
