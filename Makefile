@@ -19,7 +19,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy app
+	$(BIN)/mypy app workers
 
 test: lint typecheck
 	$(BIN)/pytest

@@ -306,6 +306,44 @@ def recommend_command(
     Console().print(table)
 
 
+db_app = typer.Typer(help="The service's database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Apply the migrations to T2V_DATABASE_URL (default: SQLite under the data directory)."""
+    from app.db.migrate import upgrade
+
+    url = get_settings().resolved_database_url()
+    upgrade(url, revision)
+    print(f"database at {url.split('@')[-1]} is at revision {revision}")
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+) -> None:
+    """Run the HTTP API (workers run separately: `task2vec worker`)."""
+    import uvicorn
+
+    uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+
+
+@app.command("worker")
+def worker_command(
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "embed,evaluate",
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
+) -> None:
+    """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines."""
+    from workers.celery_app import app as celery
+
+    celery.worker_main(
+        ["worker", "--loglevel=INFO", f"--queues={queues}", f"--concurrency={concurrency}"]
+    )
+
+
 def main() -> None:
     app()
 

@@ -1,17 +1,42 @@
-"""One settings class for the command line, the API and the workers (prefix ``T2V_``)."""
+"""One settings class for the command line, the API and the workers (prefix ``T2V_``).
+
+The defaults are the embedded single-machine setup: SQLite for state and a SQLite-backed
+Celery broker (kombu's SQLAlchemy transport), both under the data directory. Production points
+``T2V_DATABASE_URL`` at PostgreSQL and ``T2V_BROKER_URL`` at Redis; every worker on every
+machine must see the same data directory (a shared volume).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="T2V_", env_file=".env", extra="ignore")
 
-    #: Built zoos, caches and uploads. Every worker must be able to read it.
+    #: Built zoos, caches, uploads and embeddings. Every worker must be able to read it.
     data_dir: Path = Path("data")
+    #: SQLAlchemy URL of the state database; empty: SQLite under ``data_dir``.
+    database_url: str = ""
+    #: Celery broker URL; empty: kombu's SQLAlchemy transport on SQLite under ``data_dir``.
+    broker_url: str = ""
+    #: The zoo the service ranks against: a preset name (built on first use) or a zoo folder.
+    zoo: str = "demo"
+    #: Largest accepted upload, in bytes.
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    #: Longest ``wait`` a client may ask for on POST /v1/recommendations, in seconds.
+    max_wait_seconds: float = Field(default=600.0, ge=0)
+    #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
+    device: str = "auto"
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'task2vec.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
 
 
 def get_settings() -> Settings:

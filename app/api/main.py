@@ -1,0 +1,78 @@
+"""The FastAPI application: ``uvicorn app.api.main:app`` or ``task2vec serve``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from app.api import problems
+from app.api.routes import router
+from app.db.session import engine_for
+from app.ranking import ZooStates
+from app.settings import Settings, get_settings
+
+
+def _check_database(settings: Settings) -> None:
+    with engine_for(settings.resolved_database_url()).connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+def _check_broker() -> None:
+    from workers.celery_app import app as celery
+
+    with celery.connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    app = FastAPI(
+        title="Task2Vec model recommendation",
+        version="1.0.0",
+        description="Upload a labelled image dataset; get the zoo's experts ranked for it.",
+    )
+    app.state.settings = settings or get_settings()
+    app.state.zoos = ZooStates()
+    problems.install(app)
+    app.include_router(router)
+
+    @app.get("/healthz", summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Database, broker and zoo index are usable")
+    async def readyz(request: Request) -> Any:
+        current: Settings = request.app.state.settings
+        checks: dict[str, str] = {}
+        for name, check in (
+            ("database", lambda: _check_database(current)),
+            ("broker", _check_broker),
+            ("index", lambda: request.app.state.zoos.current(current)),
+        ):
+            try:
+                await run_in_threadpool(check)
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"unavailable: {exc}"
+        if all(v == "ok" for v in checks.values()):
+            return {"status": "ready", "checks": checks}
+        failing = ", ".join(f"{k} ({v})" for k, v in checks.items() if v != "ok")
+        return problems.problem_response(
+            503, "not-ready", "Not ready", f"not ready: {failing}", checks=checks
+        )
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``app.api.main:app`` for uvicorn, built on first access with the environment's
+    settings (tests build their own with ``create_app``)."""
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+__all__ = ["JSONResponse", "create_app"]

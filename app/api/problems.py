@@ -1,0 +1,84 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``), for every route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.jobs import PROBLEM_BASE
+
+MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(Exception):
+    """An error the client can act on; ``kind`` names its type URI."""
+
+    def __init__(self, status: int, kind: str, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.title, self.detail, self.extra = (
+            status,
+            kind,
+            title,
+            detail,
+            extra,
+        )
+        self.headers: dict[str, str] = {}
+
+
+def problem_response(
+    status: int,
+    kind: str,
+    title: str,
+    detail: str,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body = {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
+    if instance:
+        body["instance"] = instance
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
+        return problem_response(
+            exc.status,
+            exc.kind,
+            exc.title,
+            exc.detail,
+            instance=request.url.path,
+            headers=exc.headers or None,
+            **exc.extra,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"location": list(e["loc"]), "message": e["msg"]} for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['location']))}: {e['message']}" for e in errors)
+        return problem_response(
+            422,
+            "invalid-request",
+            "The request is not valid",
+            detail,
+            instance=request.url.path,
+            errors=errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return problem_response(
+            exc.status_code,
+            kind,
+            str(exc.detail) if exc.status_code != 404 else "Not found",
+            str(exc.detail),
+            instance=request.url.path,
+            headers=getattr(exc, "headers", None),
+        )

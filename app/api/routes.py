@@ -1,0 +1,334 @@
+"""Version 1 of the API: jobs, tasks, neighbours, recommendations, experts and zoo tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+
+from app import jobs
+from app.api.problems import ProblemError
+from app.api.submit import send, submit
+from app.db.models import Job, JobStatus, Recommendation, Task
+from app.db.session import session_scope
+from app.ranking import FAST_METHODS, METHODS, WORKER_METHODS, ZooState, ranking_items
+from app.settings import Settings
+from app.task2vec.embedding import Embedding
+from app.task2vec.errors import Task2VecError
+
+router = APIRouter(prefix="/v1")
+
+Method = Annotated[str, Query(description=f"one of: {', '.join(METHODS)}")]
+K = Annotated[int, Query(ge=1, le=1000, description="how many items to return")]
+
+
+def settings_of(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def zoo_of(request: Request) -> ZooState:
+    try:
+        state: ZooState = request.app.state.zoos.current(settings_of(request))
+    except Task2VecError as exc:
+        raise ProblemError(503, "zoo-unavailable", "The zoo is not available", str(exc)) from None
+    return state
+
+
+SettingsDep = Annotated[Settings, Depends(settings_of)]
+ZooDep = Annotated[ZooState, Depends(zoo_of)]
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ProblemError(
+            422,
+            "unknown-method",
+            "Unknown recommendation method",
+            f"method {method!r} is not one of: {', '.join(METHODS)}",
+        )
+
+
+def _job_view(job: Job) -> dict[str, Any]:
+    links = {"self": f"/v1/jobs/{job.id}"}
+    if job.task_id:
+        links["task"] = f"/v1/tasks/{job.task_id}"
+        if job.kind == "embed":
+            links["neighbors"] = f"/v1/tasks/{job.task_id}/neighbors"
+            links["recommendations"] = f"/v1/tasks/{job.task_id}/recommendations"
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "progress": {"stage": job.stage, "fraction": job.progress},
+        "task_id": job.task_id,
+        "params": job.params,
+        "timings": job.timings,
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "error": job.error,
+        "result": job.result,
+        "links": links,
+    }
+
+
+def _get_job(settings: Settings, job_id: str) -> Job:
+    with session_scope(settings.resolved_database_url()) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise ProblemError(404, "not-found", "No such job", f"job {job_id!r} does not exist")
+        return job
+
+
+def _task_row(settings: Settings, task_id: str) -> tuple[Task, dict[str, Any]]:
+    """The task and a plain view of it (the session closes before the view is used)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        task = session.get(Task, task_id)
+        if task is None:
+            raise ProblemError(404, "not-found", "No such task", f"task {task_id!r} does not exist")
+        d, e = task.dataset, task.embedding
+        view = {
+            "id": task.id,
+            "probe": task.probe,
+            "dataset": {
+                "sha256": d.sha256,
+                "filename": d.filename,
+                "bytes": d.bytes,
+                "num_images": d.num_images,
+                "classes": d.classes,
+                "class_counts": d.class_counts,
+            },
+            "embedding": None
+            if e is None
+            else {
+                "dim": e.dim,
+                "difficulty": e.difficulty,
+                "seconds": e.seconds,
+                "path": e.path,
+            },
+            "links": {
+                "self": f"/v1/tasks/{task.id}",
+                "neighbors": f"/v1/tasks/{task.id}/neighbors",
+                "recommendations": f"/v1/tasks/{task.id}/recommendations",
+            },
+        }
+        return task, view
+
+
+def _embedding(settings: Settings, task_id: str) -> Embedding:
+    _, view = _task_row(settings, task_id)
+    if view["embedding"] is None:
+        with session_scope(settings.resolved_database_url()) as session:
+            job = session.scalar(
+                select(Job).where(Job.task_id == task_id).order_by(Job.created_at.desc())
+            )
+            where = f"; see /v1/jobs/{job.id} ({job.status})" if job else ""
+        raise ProblemError(
+            409,
+            "embedding-not-ready",
+            "The task has no embedding yet",
+            f"task {task_id} is still being embedded or its embedding failed{where}",
+        )
+    return Embedding.load(view["embedding"]["path"])
+
+
+def _accepted(job_id: str, body: dict[str, Any]) -> JSONResponse:
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
+
+
+@router.post("/tasks", status_code=202, summary="Upload a labelled dataset to embed")
+async def create_task(
+    request: Request,
+    settings: SettingsDep,
+    zoo: ZooDep,
+    file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
+) -> JSONResponse:
+    submitted = await submit(file, settings, zoo.zoo.embed_config)
+    return _accepted(
+        submitted.job_id,
+        {
+            "task_id": submitted.task_id,
+            "job_id": submitted.job_id,
+            "status": submitted.job_status,
+            "links": {
+                "job": f"/v1/jobs/{submitted.job_id}",
+                "task": f"/v1/tasks/{submitted.task_id}",
+            },
+        },
+    )
+
+
+@router.get("/jobs/{job_id}", summary="A job's status, progress, timings, result or error")
+def get_job(job_id: str, settings: SettingsDep) -> dict[str, Any]:
+    return _job_view(_get_job(settings, job_id))
+
+
+@router.get("/tasks/{task_id}", summary="A task: dataset, probe, embedding")
+def get_task(task_id: str, settings: SettingsDep) -> dict[str, Any]:
+    view = _task_row(settings, task_id)[1]
+    if view["embedding"] is not None:
+        view["embedding"].pop("path")
+    return view
+
+
+@router.get("/tasks/{task_id}/neighbors", summary="Nearest zoo tasks (symmetric distance)")
+def neighbours(task_id: str, settings: SettingsDep, zoo: ZooDep, k: K = 10) -> dict[str, Any]:
+    embedding = _embedding(settings, task_id)
+    return {"task_id": task_id, "neighbors": zoo.neighbours(embedding, k)}
+
+
+def _rank_now(
+    settings: Settings, zoo: ZooState, task_id: str, method: str, k: int
+) -> dict[str, Any]:
+    embedding = _embedding(settings, task_id)
+    started = time.perf_counter()
+    ranking = ranking_items(zoo.rank(method, embedding), k)
+    seconds = time.perf_counter() - started
+    with session_scope(settings.resolved_database_url()) as session:
+        session.add(Recommendation(task_id=task_id, method=method, ranking=ranking))
+    return {
+        "task_id": task_id,
+        "method": method,
+        "ranking": ranking,
+        "seconds": round(seconds, 6),
+        "zoo_version": zoo.version,
+    }
+
+
+def _queue_rank(settings: Settings, task_id: str, method: str, k: int) -> Job:
+    _embedding(settings, task_id)  # 409 until the embedding exists
+    with session_scope(settings.resolved_database_url()) as session:
+        job = jobs.create(session, "rank", task_id, method=method, k=k)
+    send(settings.resolved_database_url(), job.id)
+    return job
+
+
+@router.get("/tasks/{task_id}/recommendations", summary="The zoo's experts, ranked for the task")
+def recommendations(
+    task_id: str, settings: SettingsDep, zoo: ZooDep, k: K = 5, method: Method = "learned"
+) -> Any:
+    _check_method(method)
+    if method in WORKER_METHODS:
+        job = _queue_rank(settings, task_id, method, k)
+        return _accepted(job.id, {"job_id": job.id, "status": job.status})
+    return _rank_now(settings, zoo, task_id, method, k)
+
+
+async def _wait_for(settings: Settings, job_id: str, deadline: float) -> Job:
+    while True:
+        job = await run_in_threadpool(_get_job, settings, job_id)
+        if job.status in (JobStatus.succeeded, JobStatus.failed) or time.monotonic() >= deadline:
+            return job
+        await asyncio.sleep(0.1)
+
+
+def _failed(job: Job) -> ProblemError:
+    error = job.error or {}
+    problem = ProblemError(
+        int(error.get("status", 500)),
+        str(error.get("type", "")).rsplit("/", 1)[-1] or "job-failed",
+        str(error.get("title", "The job failed")),
+        str(error.get("detail", "")),
+        job=f"/v1/jobs/{job.id}",
+    )
+    return problem
+
+
+@router.post("/recommendations", summary="Upload a dataset and get the ranking in one call")
+async def recommend_upload(
+    request: Request,
+    settings: SettingsDep,
+    zoo: ZooDep,
+    file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
+    k: K = 5,
+    method: Method = "learned",
+    wait: Annotated[float, Query(ge=0, description="seconds to wait for the ranking")] = 0.0,
+) -> Any:
+    _check_method(method)
+    started = time.monotonic()
+    deadline = started + min(wait, settings.max_wait_seconds)
+    submitted = await submit(file, settings, zoo.zoo.embed_config)
+    uploaded = time.monotonic()
+    job = await _wait_for(settings, submitted.job_id, deadline)
+    if job.status == JobStatus.failed:
+        raise _failed(job)
+    if job.status != JobStatus.succeeded:
+        return _accepted(job.id, {"task_id": submitted.task_id, "job_id": job.id})
+    if method in FAST_METHODS:
+        body = await run_in_threadpool(_rank_now, settings, zoo, submitted.task_id, method, k)
+    else:
+        rank_job = await run_in_threadpool(_queue_rank, settings, submitted.task_id, method, k)
+        rank_job = await _wait_for(settings, rank_job.id, deadline)
+        if rank_job.status == JobStatus.failed:
+            raise _failed(rank_job)
+        if rank_job.status != JobStatus.succeeded:
+            return _accepted(rank_job.id, {"task_id": submitted.task_id, "job_id": rank_job.id})
+        assert rank_job.result is not None
+        body = {
+            "task_id": submitted.task_id,
+            "method": method,
+            "ranking": rank_job.result["ranking"][:k],
+        }
+    body["job_id"] = submitted.job_id
+    body["timings"] = {
+        "upload_s": round(uploaded - started, 3),
+        "total_s": round(time.monotonic() - started, 3),
+        "job": job.timings,
+    }
+    return body
+
+
+@router.get("/experts", summary="The zoo's experts (paginated)")
+def experts(
+    zoo: ZooDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    items = [_expert_view(zoo, i) for i in range(len(zoo.zoo.experts))]
+    return {"total": len(items), "items": items[offset : offset + limit]}
+
+
+def _expert_view(zoo: ZooState, i: int) -> dict[str, Any]:
+    e = zoo.zoo.experts[i]
+    return {
+        "id": e.name,
+        "architecture": e.architecture,
+        "input_size": e.input_size,
+        "source_task": e.source_task,
+        "tags": list(e.tags),
+        "mean_error": float(zoo.zoo.errors[:, i].mean()),
+    }
+
+
+@router.get("/experts/{expert_id}", summary="One expert")
+def expert(expert_id: str, zoo: ZooDep) -> dict[str, Any]:
+    for i, e in enumerate(zoo.zoo.experts):
+        if e.name == expert_id:
+            return _expert_view(zoo, i)
+    raise ProblemError(404, "not-found", "No such expert", f"expert {expert_id!r} does not exist")
+
+
+@router.get("/zoo/tasks", summary="The zoo's tasks (paginated)")
+def zoo_tasks(
+    zoo: ZooDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    tasks = zoo.zoo.tasks
+    items = [
+        {
+            "name": t.name,
+            "domain": t.domain,
+            "size": t.size,
+            "classes": list(t.group_names),
+            "best_expert": zoo.zoo.experts[zoo.zoo.best_expert(i)].name,
+        }
+        for i, t in enumerate(tasks)
+    ]
+    return {"total": len(items), "items": items[offset : offset + limit]}

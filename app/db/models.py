@@ -1,0 +1,177 @@
+"""SQLAlchemy 2 models: the state of the service.
+
+Files (uploads, embeddings, the FAISS index) live in the data directory, addressed by content;
+rows hold their paths and what the API reports about them. A job row is committed before its
+Celery task is sent, and workers write progress and results back here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Dataset(Base):
+    """An uploaded labelled dataset, stored once per content (sha256)."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(Integer)
+    num_images: Mapped[int | None] = mapped_column(Integer)
+    classes: Mapped[list[Any] | None] = mapped_column(JSON)
+    class_counts: Mapped[list[Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Task(Base):
+    """A dataset seen through one probe and embedding configuration."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (UniqueConstraint("dataset_id", "config_hash"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    probe: Mapped[str] = mapped_column(String(64))
+    config_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    dataset: Mapped[Dataset] = relationship()
+    embedding: Mapped[EmbeddingRow | None] = relationship(back_populates="task", uselist=False)
+
+
+class EmbeddingRow(Base):
+    """A task's Task2Vec embedding: the file and what the API shows about it."""
+
+    __tablename__ = "embeddings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), unique=True)
+    path: Mapped[str] = mapped_column(String(1024))
+    dim: Mapped[int] = mapped_column(Integer)
+    difficulty: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    task: Mapped[Task] = relationship(back_populates="embedding")
+
+
+class Expert(Base):
+    """A feature extractor of the zoo."""
+
+    __tablename__ = "experts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    architecture: Mapped[str] = mapped_column(String(64))
+    weights: Mapped[str] = mapped_column(String(1024))
+    input_size: Mapped[int] = mapped_column(Integer)
+    source_task: Mapped[str | None] = mapped_column(String(255))
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+
+
+class ZooTask(Base):
+    """A task of the zoo the service ranks against (the rows of the performance matrix)."""
+
+    __tablename__ = "zoo_tasks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    domain: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    classes: Mapped[list[Any]] = mapped_column(JSON)
+
+
+class MatrixEntry(Base):
+    """Held-out error of an expert's fixed features on a zoo task."""
+
+    __tablename__ = "matrix_entries"
+    __table_args__ = (UniqueConstraint("zoo_task_id", "expert_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    zoo_task_id: Mapped[int] = mapped_column(ForeignKey("zoo_tasks.id"))
+    expert_id: Mapped[int] = mapped_column(ForeignKey("experts.id"))
+    error: Mapped[float] = mapped_column(Float)
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class Job(Base):
+    """Work for a Celery worker. The row exists before the message; the message holds its id."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
+    stage: Mapped[str | None] = mapped_column(String(64))
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id"))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    timings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Recommendation(Base):
+    """A ranking served for a task: method, zoo version and the ranked experts."""
+
+    __tablename__ = "recommendations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
+    method: Mapped[str] = mapped_column(String(32))
+    index_version_id: Mapped[int | None] = mapped_column(ForeignKey("index_versions.id"))
+    ranking: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IndexVersionRow(Base):
+    """A version of the zoo's task index; the API serves the newest."""
+
+    __tablename__ = "index_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    zoo: Mapped[str] = mapped_column(String(1024))
+    probe: Mapped[str] = mapped_column(String(64))
+    dim: Mapped[int] = mapped_column(Integer)
+    count: Mapped[int] = mapped_column(Integer)
+    content: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

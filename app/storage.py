@@ -1,0 +1,59 @@
+"""Content-addressed storage for uploads: ``<data dir>/uploads/<sha[:2]>/<sha256><suffix>``.
+
+An upload streams to a temporary file in the same folder while it is hashed and counted; only
+a complete upload is renamed into place, so a reader never sees a partial file and the same
+bytes are stored once, whoever sends them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class UploadTooLargeError(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upload is larger than the limit of {limit} bytes")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    sha256: str
+    path: Path
+    bytes: int
+
+
+def suffix_for(filename: str) -> str:
+    """``.npz`` files are read as arrays; everything else is sniffed as zip or tar."""
+    return ".npz" if filename.lower().endswith(".npz") else ".archive"
+
+
+async def store_stream(
+    chunks: AsyncIterator[bytes], root: Path, filename: str, limit: int
+) -> StoredFile:
+    """Write ``chunks`` under ``root`` by content; refuse more than ``limit`` bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd, tmp_name = tempfile.mkstemp(prefix=".upload-", dir=root)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise UploadTooLargeError(limit)
+                digest.update(chunk)
+                out.write(chunk)
+        sha = digest.hexdigest()
+        final = root / sha[:2] / f"{sha}{suffix_for(filename)}"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+        return StoredFile(sha, final, size)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,70 @@
+"""Service fixtures: the tiny zoo, a fresh database per backend (SQLite and the machine's real
+PostgreSQL), settings pointing at them, and an upload."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+from app.db.migrate import upgrade
+from app.settings import Settings
+from app.zoo.build import ZooBuilder
+from app.zoo.presets import recipe, tiny
+from app.zoo.tasks import materialize
+
+POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("zoo-data")
+    ZooBuilder(recipe("tiny"), data_dir).build()
+    return data_dir / "zoos" / "tiny"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    name = f"t2v_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        from app.db.session import engine_for
+
+        engine_for.cache_clear()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Settings:
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_zoo.parent, data_dir / "zoos")
+    upgrade(database_url)
+    return Settings(
+        data_dir=data_dir,
+        database_url=database_url,
+        broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+        zoo="tiny",
+    )
+
+
+def npz_upload(task_index: int = 1) -> bytes:
+    """A tiny-zoo task's images as an .npz upload (x: images, y: class names)."""
+    data = materialize(tiny()[task_index])
+    buffer = io.BytesIO()
+    np.savez(buffer, x=data.images, y=np.array(data.classes)[data.labels])
+    return buffer.getvalue()

@@ -1,0 +1,139 @@
+"""The API against SQLite and the real PostgreSQL. Jobs run through the worker's own code
+(``run_embed``/``run_rank``) as the broker would deliver them; tests/service/test_e2e.py runs
+real worker processes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app import jobs
+from app.api.main import create_app
+from app.db.models import Job
+from app.db.session import session_scope
+from app.settings import Settings
+from tests.service.conftest import npz_upload
+from workers import tasks
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Job ids the API sends to the broker, in order."""
+    ids: list[str] = []
+    monkeypatch.setattr(jobs, "dispatch", lambda job: ids.append(job.id))
+    return ids
+
+
+@pytest.fixture
+def client(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _run(settings: Settings, job_id: str) -> None:
+    with session_scope(settings.resolved_database_url()) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        kind = job.kind
+    (tasks.run_embed if kind == "embed" else tasks.run_rank)(job_id, settings)
+
+
+def test_upload_embed_neighbours_and_recommendations(
+    client: TestClient, settings: Settings, sent: list[str]
+) -> None:
+    upload = npz_upload()
+    response = client.post("/v1/tasks", files={"file": ("shoes.npz", upload)})
+    assert response.status_code == 202
+    body = response.json()
+    assert response.headers["location"] == f"/v1/jobs/{body['job_id']}"
+    assert sent == [body["job_id"]]
+
+    job = client.get(f"/v1/jobs/{body['job_id']}").json()
+    assert job["status"] == "queued"
+    not_ready = client.get(f"/v1/tasks/{body['task_id']}/recommendations")
+    assert not_ready.status_code == 409
+    assert not_ready.headers["content-type"] == "application/problem+json"
+
+    _run(settings, body["job_id"])
+    job = client.get(f"/v1/jobs/{body['job_id']}").json()
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["fraction"] == 1.0
+    assert {"features", "fisher"} <= set(job["timings"])
+
+    task = client.get(f"/v1/tasks/{body['task_id']}").json()
+    assert task["dataset"]["num_images"] == 120
+    assert task["embedding"]["dim"] > 0
+    assert task["probe"] == "efficientnet_lite0"
+
+    near = client.get(f"/v1/tasks/{body['task_id']}/neighbors", params={"k": 3}).json()
+    assert len(near["neighbors"]) == 3
+    # The upload is a zoo task's own images: its nearest zoo task is itself.
+    assert near["neighbors"][0]["distance"] == pytest.approx(0.0, abs=1e-9)
+
+    for method in ("learned", "task2vec-knn", "task2vec-asym", "global-best"):
+        ranked = client.get(
+            f"/v1/tasks/{body['task_id']}/recommendations", params={"method": method, "k": 2}
+        )
+        assert ranked.status_code == 200, ranked.text
+        assert ranked.json()["method"] == method
+        assert 1 <= len(ranked.json()["ranking"]) <= 2
+
+    queued = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "logme"})
+    assert queued.status_code == 202
+    _run(settings, sent[-1])
+    result = client.get(queued.headers["location"]).json()
+    assert result["status"] == "succeeded"
+    assert len(result["result"]["ranking"]) == 3
+
+    # The same bytes again: the same task, the same job, nothing new to compute.
+    again = client.post("/v1/tasks", files={"file": ("other-name.npz", upload)}).json()
+    assert (again["task_id"], again["job_id"]) == (body["task_id"], body["job_id"])
+    assert len(sent) == 2
+
+
+def test_one_call_recommendation_waits_for_the_job(
+    client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(jobs, "dispatch", lambda job: _run(settings, job.id))
+    response = client.post(
+        "/v1/recommendations",
+        params={"wait": 60, "k": 3},
+        files={"file": ("digits.npz", npz_upload(5))},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "learned"
+    assert len(body["ranking"]) == 3
+    assert {"upload_s", "total_s", "job"} <= set(body["timings"])
+
+
+def test_errors_are_problem_details(client: TestClient, sent: list[str]) -> None:
+    bad = client.post("/v1/tasks", files={"file": ("broken.zip", b"not an archive")})
+    assert bad.status_code == 422
+    assert bad.headers["content-type"] == "application/problem+json"
+    assert "broken.zip" in bad.json()["detail"]
+    assert sent == []  # nothing queued, nothing stored
+    missing = client.post("/v1/tasks")
+    assert missing.status_code == 422
+    assert missing.json()["errors"][0]["location"][-1] == "file"
+    assert client.get("/v1/jobs/nope").status_code == 404
+    unknown = client.get("/v1/tasks/nope/recommendations", params={"method": "magic"})
+    assert unknown.status_code == 422
+    assert "magic" in unknown.json()["detail"]
+
+
+def test_catalogue_and_health(client: TestClient) -> None:
+    experts = client.get("/v1/experts").json()
+    assert experts["total"] == 3
+    name = experts["items"][0]["id"]
+    assert client.get(f"/v1/experts/{name}").json()["id"] == name
+    assert client.get("/v1/experts/none").status_code == 404
+    zoo = client.get("/v1/zoo/tasks", params={"limit": 2, "offset": 1}).json()
+    assert zoo["total"] == 8
+    assert len(zoo["items"]) == 2
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text

@@ -1,0 +1,1 @@
+"""Celery workers: the embedding and evaluation jobs of the service."""

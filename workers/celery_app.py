@@ -1,0 +1,41 @@
+"""The Celery application. Messages carry a job id only; the job row holds everything else.
+
+Queues: ``embed`` (Task2Vec embeddings: put GPU workers here) and ``evaluate`` (LogME and
+brute force over the zoo's experts). ``acks_late`` with one prefetched message per process: a
+worker that dies mid-job leaves the message to another worker instead of losing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from celery import Celery
+
+from app.settings import get_settings
+
+EMBED_QUEUE = "embed"
+EVALUATE_QUEUE = "evaluate"
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    broker = settings.resolved_broker_url()
+    if broker.startswith("sqla+sqlite:///"):
+        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    celery = Celery("task2vec", broker=broker, include=["workers.tasks"])
+    celery.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=EMBED_QUEUE,
+        task_ignore_result=True,  # results go to the job rows
+        broker_connection_retry_on_startup=True,
+        task_routes={
+            "workers.embed": {"queue": EMBED_QUEUE},
+            "workers.rank": {"queue": EVALUATE_QUEUE},
+        },
+    )
+    return celery
+
+
+app = make_celery()

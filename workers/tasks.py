@@ -1,0 +1,129 @@
+"""The worker side of the jobs: embed an uploaded dataset; rank the zoo's experts on it with
+the methods that need its images (LogME, brute force).
+
+Each process loads the probe and the zoo once and keeps them. A problem with the user's data or
+request fails the job with a problem+json error and is not retried; anything else is an
+internal error, recorded the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from app.db.models import EmbeddingRow, Job, Task
+from app.db.session import session_scope
+from app.jobs import JobRecorder, problem
+from app.ranking import ZooStates, ranking_items
+from app.settings import Settings, get_settings
+from app.task2vec.datasets import load_dataset
+from app.task2vec.embedding import EmbedConfig, Embedding, difficulty, embed
+from app.task2vec.errors import Task2VecError
+from app.task2vec.probes import ProbeNetwork, load_probe
+from workers.celery_app import app
+
+log = logging.getLogger(__name__)
+ZOOS = ZooStates()
+_PROBES: dict[tuple[str, str, int, int], ProbeNetwork] = {}
+
+
+def _probe(config: EmbedConfig) -> ProbeNetwork:
+    """The probe, loaded once per worker process."""
+    key = (config.probe, config.probe_weights, config.image_size, config.seed)
+    if key not in _PROBES:
+        _PROBES[key] = load_probe(
+            config.probe,
+            weights=config.probe_weights,
+            image_size=config.image_size,
+            seed=config.seed,
+        )
+    return _PROBES[key]
+
+
+def embedding_path(settings: Settings, task_id: str) -> Path:
+    return settings.data_dir / "embeddings" / f"{task_id}.npz"
+
+
+def _job_context(url: str, job_id: str) -> tuple[str, str, dict[str, Any]]:
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.task_id is None:
+            raise LookupError(f"job {job_id} does not exist or names no task")
+        task = session.get(Task, job.task_id)
+        assert task is not None
+        return task.id, task.dataset.path, dict(job.params)
+
+
+def run_embed(job_id: str, settings: Settings) -> None:
+    url = settings.resolved_database_url()
+    recorder = JobRecorder(url, job_id)
+    recorder.start()
+    try:
+        task_id, dataset_path, _ = _job_context(url, job_id)
+        zoo = ZOOS.current(settings).zoo
+        config = replace(zoo.embed_config, device=settings.device)  # type: ignore[arg-type]
+        recorder.stage("loading dataset")
+        data = load_dataset(dataset_path, image_size=config.image_size)
+        started = time.perf_counter()
+        embedding = embed(data, config, probe=_probe(config), progress=recorder.progress)
+        seconds = time.perf_counter() - started
+        zoo.check_compatible(embedding)
+        recorder.stage("saving")
+        path = embedding_path(settings, task_id)
+        embedding.save(path)
+        with session_scope(url) as session:
+            session.add(
+                EmbeddingRow(
+                    task_id=task_id,
+                    path=str(path),
+                    dim=embedding.dim,
+                    difficulty=difficulty(embedding),
+                    seconds=round(seconds, 3),
+                    meta=embedding.meta,
+                )
+            )
+        recorder.succeed({"task": task_id, "embedding_dim": embedding.dim})
+    except Task2VecError as exc:
+        recorder.fail(problem(422, "invalid-dataset", "The dataset cannot be embedded", str(exc)))
+    except Exception as exc:
+        log.exception("embed job %s failed", job_id)
+        recorder.fail(problem(500, "internal", "Internal error while embedding", repr(exc)))
+
+
+def run_rank(job_id: str, settings: Settings) -> None:
+    url = settings.resolved_database_url()
+    recorder = JobRecorder(url, job_id)
+    recorder.start()
+    try:
+        task_id, dataset_path, params = _job_context(url, job_id)
+        state = ZOOS.current(settings)
+        recorder.stage("loading dataset")
+        data = load_dataset(dataset_path, image_size=state.zoo.embed_config.image_size)
+        embedding = Embedding.load(embedding_path(settings, task_id))
+        recorder.stage(f"ranking ({params['method']})")
+        ranking = state.rank(params["method"], embedding, data)
+        recorder.succeed(
+            {
+                "task": task_id,
+                "method": params["method"],
+                "ranking": ranking_items(ranking, len(ranking)),
+            }
+        )
+    except Task2VecError as exc:
+        recorder.fail(problem(422, "invalid-request", "The ranking cannot be made", str(exc)))
+    except Exception as exc:
+        log.exception("rank job %s failed", job_id)
+        recorder.fail(problem(500, "internal", "Internal error while ranking", repr(exc)))
+
+
+@app.task(name="workers.embed")
+def embed_task(job_id: str) -> None:
+    run_embed(job_id, get_settings())
+
+
+@app.task(name="workers.rank")
+def rank_task(job_id: str) -> None:
+    run_rank(job_id, get_settings())
