@@ -30,12 +30,12 @@ def create(session: Session, kind: str, task_id: str | None, **params: Any) -> J
     return job
 
 
-def dispatch(job: Job) -> None:
+def dispatch(job: Job, broker_url: str) -> None:
     """Send the Celery message for a committed job row."""
-    from workers.celery_app import app
+    from workers.celery_app import celery_for
 
     name = "workers.embed" if job.kind == "embed" else "workers.rank"
-    app.send_task(name, args=[job.id])
+    celery_for(broker_url).send_task(name, args=[job.id])
 
 
 class JobRecorder:

@@ -7,6 +7,7 @@ worker that dies mid-job leaves the message to another worker instead of losing 
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from celery import Celery
@@ -17,9 +18,9 @@ EMBED_QUEUE = "embed"
 EVALUATE_QUEUE = "evaluate"
 
 
-def make_celery() -> Celery:
-    settings = get_settings()
-    broker = settings.resolved_broker_url()
+@cache
+def celery_for(broker: str) -> Celery:
+    """The Celery app for a broker URL (one per URL and process)."""
     if broker.startswith("sqla+sqlite:///"):
         Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     celery = Celery("task2vec", broker=broker, include=["workers.tasks"])
@@ -30,6 +31,10 @@ def make_celery() -> Celery:
         task_default_queue=EMBED_QUEUE,
         task_ignore_result=True,  # results go to the job rows
         broker_connection_retry_on_startup=True,
+        # A publisher facing a dead broker gives up within seconds; the API then fails the
+        # job and answers 503 instead of hanging the request.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        broker_connection_timeout=3,
         task_routes={
             "workers.embed": {"queue": EMBED_QUEUE},
             "workers.rank": {"queue": EVALUATE_QUEUE},
@@ -38,4 +43,4 @@ def make_celery() -> Celery:
     return celery
 
 
-app = make_celery()
+app = celery_for(get_settings().resolved_broker_url())

@@ -21,10 +21,10 @@ def _check_database(settings: Settings) -> None:
         connection.execute(text("SELECT 1"))
 
 
-def _check_broker() -> None:
-    from workers.celery_app import app as celery
+def _check_broker(settings: Settings) -> None:
+    from workers.celery_app import celery_for
 
-    with celery.connection_for_write() as connection:
+    with celery_for(settings.resolved_broker_url()).connection_for_write() as connection:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         checks: dict[str, str] = {}
         for name, check in (
             ("database", lambda: _check_database(current)),
-            ("broker", _check_broker),
+            ("broker", lambda: _check_broker(current)),
             ("index", lambda: request.app.state.zoos.current(current)),
         ):
             try:

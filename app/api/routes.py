@@ -205,7 +205,7 @@ def _queue_rank(settings: Settings, task_id: str, method: str, k: int) -> Job:
     _embedding(settings, task_id)  # 409 until the embedding exists
     with session_scope(settings.resolved_database_url()) as session:
         job = jobs.create(session, "rank", task_id, method=method, k=k)
-    send(settings.resolved_database_url(), job.id)
+    send(settings, job.id)
     return job
 
 

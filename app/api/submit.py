@@ -126,18 +126,18 @@ def _register(
             if attempt:
                 raise
     if result.new_job:
-        send(url, result.job_id)
+        send(settings, result.job_id)
     return result
 
 
-def send(url: str, job_id: str) -> None:
+def send(settings: Settings, job_id: str) -> None:
     """Send a committed job's message; if the broker refuses, the job fails (it would
     otherwise wait forever) and the client gets a 503."""
-    with session_scope(url) as session:
+    with session_scope(settings.resolved_database_url()) as session:
         job = session.get(Job, job_id)
         assert job is not None
         try:
-            jobs.dispatch(job)
+            jobs.dispatch(job, settings.resolved_broker_url())
         except Exception as exc:
             detail = f"the job queue is unavailable: {exc}"
             job.status = JobStatus.failed

@@ -22,7 +22,7 @@ from workers import tasks
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Job ids the API sends to the broker, in order."""
     ids: list[str] = []
-    monkeypatch.setattr(jobs, "dispatch", lambda job: ids.append(job.id))
+    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: ids.append(job.id))
     return ids
 
 
@@ -97,7 +97,7 @@ def test_upload_embed_neighbours_and_recommendations(
 def test_one_call_recommendation_waits_for_the_job(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "dispatch", lambda job: _run(settings, job.id))
+    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: _run(settings, job.id))
     response = client.post(
         "/v1/recommendations",
         params={"wait": 60, "k": 3},
@@ -137,3 +137,16 @@ def test_catalogue_and_health(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
+
+
+def test_a_dead_broker_fails_the_job_and_answers_503(settings: Settings) -> None:
+    dead = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(dead)) as client:
+        response = client.post("/v1/tasks", files={"file": ("x.npz", npz_upload())})
+        assert response.status_code == 503
+        assert response.json()["type"].endswith("/broker-unavailable")
+        with session_scope(dead.resolved_database_url()) as session:
+            (job,) = session.query(Job).all()
+            assert job.status == "failed"
+            assert job.error is not None
+        assert client.get("/readyz").status_code == 503

@@ -1,0 +1,88 @@
+"""End to end with real worker processes: the production pair (PostgreSQL + Redis) and the
+embedded default (SQLite + kombu's SQLAlchemy transport): upload → job → ranking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from app.api.main import create_app
+from app.settings import Settings
+from tests.service.conftest import npz_upload
+
+REDIS = "redis://127.0.0.1:6379/9"
+
+
+@pytest.fixture(params=["postgresql+redis", "sqlite+sqla"])
+def stack(
+    request: pytest.FixtureRequest, settings: Settings, database_url: str, tmp_path: Path
+) -> Iterator[Settings]:
+    wanted_db = request.param.split("+")[0]
+    if not database_url.startswith(wanted_db):
+        pytest.skip(f"the {request.param} stack runs on {wanted_db} only")
+    if request.param == "postgresql+redis":
+        redis.Redis.from_url(REDIS).flushdb()
+        settings = settings.model_copy(update={"broker_url": REDIS})
+    env = {
+        **os.environ,
+        "T2V_DATA_DIR": str(settings.data_dir),
+        "T2V_DATABASE_URL": settings.resolved_database_url(),
+        "T2V_BROKER_URL": settings.resolved_broker_url(),
+        "T2V_ZOO": settings.zoo,
+    }
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield settings
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path) -> None:
+    with TestClient(create_app(stack)) as client:
+        response = client.post(
+            "/v1/recommendations",
+            params={"wait": 240, "k": 3},
+            files={"file": ("clothes.npz", npz_upload(2))},
+        )
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert response.status_code == 200, f"{response.text}\n{worker_log[-3000:]}"
+        body = response.json()
+        assert len(body["ranking"]) == 3
+        job = client.get(f"/v1/jobs/{body['job_id']}").json()
+        assert job["status"] == "succeeded"
+        assert job["started_at"] is not None
+
+        queued = client.get(
+            f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "brute-force"}
+        )
+        assert queued.status_code == 202
+        deadline = time.monotonic() + 120
+        while (job := client.get(queued.headers["location"]).json())["status"] not in (
+            "succeeded",
+            "failed",
+        ):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.2)
+        assert job["status"] == "succeeded", job
+        assert all("error" in item["evidence"] for item in job["result"]["ranking"])
