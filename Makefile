@@ -4,9 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck format bench clean
+.PHONY: system install run test lint typecheck format bench clean
 
-install: $(STAMP)
+# Debian packages the project needs: Fashion-MNIST (the zoo's clothing images) and Python 3.11.
+system:
+	@missing=""; \
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || missing="$$missing dataset-fashion-mnist"; \
+	command -v $(PY) >/dev/null 2>&1 || missing="$$missing python3.11 python3.11-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+install: system $(STAMP)
+
+# The service on this machine: SQLite, a SQLite-backed Celery broker, one worker, the API on
+# 127.0.0.1:8000, and the starter zoo, built on first use.
+run: install
+	$(BIN)/task2vec run
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

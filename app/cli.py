@@ -344,6 +344,45 @@ def worker_command(
     )
 
 
+@app.command("run")
+def run_command(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+) -> None:
+    """The whole service on this machine: migrate the database, build the zoo on first use,
+    start a Celery worker process and the API. Ctrl-C stops both."""
+    import os
+    import signal
+    import subprocess
+
+    import uvicorn
+
+    from app.db.migrate import upgrade
+
+    settings = get_settings()
+    try:
+        upgrade(settings.resolved_database_url())
+        zoo = _zoo(settings.zoo, quiet=False)
+    except (Task2VecError, ValueError) as exc:
+        raise _fail(exc) from None
+    err.print(f"zoo {settings.zoo!r}: {len(zoo.tasks)} tasks, {len(zoo.experts)} experts")
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    base = f"http://{host}:{port}"
+    err.print(
+        f"serving on {base} (OpenAPI: {base}/docs). Try:\n"
+        f"  curl -F file=@shoes.zip '{base}/v1/recommendations?wait=120'"
+    )
+    try:
+        uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(worker.pid, signal.SIGKILL)
+
+
 def main() -> None:
     app()
 

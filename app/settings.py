@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     #: Celery broker URL; empty: kombu's SQLAlchemy transport on SQLite under ``data_dir``.
     broker_url: str = ""
     #: The zoo the service ranks against: a preset name (built on first use) or a zoo folder.
-    zoo: str = "demo"
+    zoo: str = "starter"
     #: Largest accepted upload, in bytes.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     #: Longest ``wait`` a client may ask for on POST /v1/recommendations, in seconds.

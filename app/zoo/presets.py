@@ -96,6 +96,14 @@ def demo() -> list[TaskSpec]:
     return tasks
 
 
+def starter() -> list[TaskSpec]:
+    """The demo zoo's source tasks (those its experts are trained on) and every third of the
+    rest: a zoo the service can build on first start in a few minutes."""
+    sources = {task for _, _, task in _TRAINED}
+    rest = [t for t in demo() if t.name not in sources]
+    return [t for t in demo() if t.name in sources] + rest[::3]
+
+
 def tiny() -> list[TaskSpec]:
     """8 small tasks, 2 domains: enough to run every stage of a zoo in seconds."""
     fm = _subset_tasks("fm", "fashion_mnist", _FM_NAMES, 4, [80, 120], 11)
@@ -104,24 +112,27 @@ def tiny() -> list[TaskSpec]:
     return [*fm, *digits, parity]
 
 
-PRESETS = {"demo": demo, "demo-chance": demo, "tiny": tiny}
+PRESETS = {"demo": demo, "demo-chance": demo, "starter": starter, "tiny": tiny}
+
+
+#: (architecture, input size, source task) of the demo zoo's experts trained from scratch.
+_TRAINED = [
+    ("cnn-16x3", 28, "fm-all-10"),
+    ("cnn-32x4", 28, "fm-all-10"),
+    ("cnn-16x3", 28, "fm-footwear-3way"),
+    ("cnn-16x3", 28, "fm-tops-4way"),
+    ("cnn-8x2", 28, "fm-upper-lower-feet-bag"),
+    ("cnn-16x3", 28, "mnist-all-10"),
+    ("cnn-32x4", 28, "mnist-all-10"),
+    ("cnn-8x2", 28, "mnist-parity"),
+    ("cnn-16x3", 28, "mnist-round-vs-straight"),
+    ("cnn-4x2", 28, "mnist-high-low"),
+    ("cnn-16x3", 16, "digits-all-10"),
+    ("cnn-8x2", 16, "digits-parity"),
+]
 
 
 def _experts_demo() -> list[ExpertRecipe]:
-    trained = [
-        ("cnn-16x3", 28, "fm-all-10"),
-        ("cnn-32x4", 28, "fm-all-10"),
-        ("cnn-16x3", 28, "fm-footwear-3way"),
-        ("cnn-16x3", 28, "fm-tops-4way"),
-        ("cnn-8x2", 28, "fm-upper-lower-feet-bag"),
-        ("cnn-16x3", 28, "mnist-all-10"),
-        ("cnn-32x4", 28, "mnist-all-10"),
-        ("cnn-8x2", 28, "mnist-parity"),
-        ("cnn-16x3", 28, "mnist-round-vs-straight"),
-        ("cnn-4x2", 28, "mnist-high-low"),
-        ("cnn-16x3", 16, "digits-all-10"),
-        ("cnn-8x2", 16, "digits-parity"),
-    ]
     return [
         ExpertRecipe(
             "imagenet-efficientnet-lite0", "efficientnet_lite0", 64, "imagenet", tags=("imagenet",)
@@ -129,7 +140,7 @@ def _experts_demo() -> list[ExpertRecipe]:
         ExpertRecipe("random-resnet18", "resnet18", 32, "random:0", tags=("untrained",)),
         *(
             ExpertRecipe(f"{arch}-{task}", arch, size, "train", task, tags=("from-scratch",))
-            for arch, size, task in trained
+            for arch, size, task in _TRAINED
         ),
     ]
 
@@ -177,6 +188,9 @@ def recipe(name: str) -> ZooRecipe:
         return ZooRecipe("demo", demo(), _experts_demo(), demo_embedding())
     if name == "demo-chance":
         return ZooRecipe("demo-chance", demo(), _experts_demo(), CHANCE_EMBEDDING)
+    if name == "starter":
+        embedding = replace(demo_embedding(), max_samples=500, fisher_samples=512)
+        return ZooRecipe("starter", starter(), _experts_demo(), embedding)
     if name == "tiny":
         tasks = tiny()
         return ZooRecipe("tiny", tasks, _experts_tiny(tasks), TINY_EMBEDDING)
