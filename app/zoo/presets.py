@@ -156,7 +156,9 @@ def _experts_tiny(tasks: list[TaskSpec]) -> list[ExpertRecipe]:
 
 
 #: Embedding configurations of the built-in zoos: the ImageNet probe that ships offline, with
-#: gaussian label projections (its seed noise with sampled labels is too high to rank on).
+#: gaussian label projections (its seed noise with sampled labels is too high to rank on), every
+#: image of the task and 2,048 Fisher draws: with 500 images and 512 draws the seed noise of a
+#: 1,000-image task was 0.26, with these 0.09 (another domain lies at about 0.73).
 #: When ResNet-34's ImageNet weights are on this machine, the demo zoo uses the paper's probe.
 DEMO_EMBEDDING = EmbedConfig(
     probe="efficientnet_lite0",
