@@ -276,10 +276,18 @@ async def recommend_upload(
             "ranking": rank_job.result["ranking"][:k],
         }
     body["job_id"] = submitted.job_id
+    queue_wait = (job.started_at - job.created_at).total_seconds() if job.started_at else None
+    run = (
+        (job.finished_at - job.started_at).total_seconds()
+        if job.finished_at and job.started_at
+        else None
+    )
     body["timings"] = {
         "upload_s": round(uploaded - started, 3),
+        "queue_wait_s": None if queue_wait is None else round(queue_wait, 3),
+        "job_s": None if run is None else round(run, 3),
+        "job_stages": job.timings,
         "total_s": round(time.monotonic() - started, 3),
-        "job": job.timings,
     }
     return body
 

@@ -107,7 +107,7 @@ def test_one_call_recommendation_waits_for_the_job(
     body = response.json()
     assert body["method"] == "learned"
     assert len(body["ranking"]) == 3
-    assert {"upload_s", "total_s", "job"} <= set(body["timings"])
+    assert {"upload_s", "queue_wait_s", "job_s", "job_stages", "total_s"} <= set(body["timings"])
 
 
 def test_errors_are_problem_details(client: TestClient, sent: list[str]) -> None:

@@ -1,0 +1,169 @@
+"""The service end to end: POST-to-ranking wall time, and ranking latency in the API.
+
+    python -m bench.service [--json] [--zoo starter] [--images 1000] [--requests 200]
+
+Starts the real processes on the embedded default (SQLite, the SQLite-backed Celery broker):
+``task2vec serve`` on a free port and one ``task2vec worker``, both on a fresh data directory
+that links the zoo built under ``./data/zoos`` (``task2vec zoo build --preset NAME`` first).
+Then:
+
+post-to-ranking: ``POST /v1/recommendations?wait=…`` with a 28x28 Fashion-MNIST .npz of
+``--images`` images (10 classes; a seeded stratified subset of the test set, so it is no zoo
+task), over HTTP; the wall time and its split as the API reports it (upload, queue wait, the
+worker's stages, ranking).
+
+ranking: ``GET /v1/tasks/{id}/recommendations`` (learned) for the embedded task, ``--requests``
+times over one keep-alive connection; p50 and p95 of the client-side latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+
+from app.data.offline import fashion_mnist
+from app.task2vec.sampling import stratified_subset
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _dataset(images: int) -> bytes:
+    x, y, names = fashion_mnist("test")
+    keep = stratified_subset(y, images, torch.Generator().manual_seed(7))
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x[keep], y=np.array(names)[y[keep]])
+    return buffer.getvalue()
+
+
+def run(zoo: str, images: int, requests: int) -> dict[str, Any]:
+    zoo_folder = (Path("data") / "zoos" / zoo).resolve()
+    if not (zoo_folder / "zoo.json").is_file():
+        raise SystemExit(f"no zoo at {zoo_folder}: run `task2vec zoo build --preset {zoo}` first")
+    payload = _dataset(images)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        env = {**os.environ, "T2V_DATA_DIR": str(data_dir), "T2V_ZOO": str(zoo_folder)}
+        subprocess.run(
+            [sys.executable, "-m", "app.cli", "db", "upgrade"],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        port = _free_port()
+        logs = (data_dir / "processes.log").open("w")
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker"],
+                env=env,
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+            ),
+            subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+                env=env,
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+            ),
+        ]
+        base = f"http://127.0.0.1:{port}"
+        try:
+            with httpx.Client(base_url=base, timeout=600) as client:
+                deadline = time.monotonic() + 120
+                while True:  # ready: database, broker and the zoo's index loaded
+                    try:
+                        if client.get("/readyz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise SystemExit((data_dir / "processes.log").read_text()[-3000:])
+                    time.sleep(0.5)
+                time.sleep(3)  # let the worker finish starting
+                started = time.perf_counter()
+                response = client.post(
+                    "/v1/recommendations",
+                    params={"wait": 300, "k": 5},
+                    files={"file": ("fashion.npz", payload)},
+                )
+                wall = time.perf_counter() - started
+                response.raise_for_status()
+                body = response.json()
+                latencies = []
+                url = f"/v1/tasks/{body['task_id']}/recommendations"
+                for _ in range(requests):
+                    t0 = time.perf_counter()
+                    client.get(url, params={"k": 5}).raise_for_status()
+                    latencies.append(time.perf_counter() - t0)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
+            logs.close()
+    timings = body["timings"]
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "zoo": zoo,
+        "images": images,
+        "upload_bytes": len(payload),
+        "post_to_ranking_s": round(wall, 3),
+        "split": {
+            "upload_s": timings["upload_s"],
+            "queue_wait_s": timings["queue_wait_s"],
+            "job_s": timings["job_s"],
+            "job_stages": timings["job_stages"],
+            "ranking_s": body.get("seconds"),
+        },
+        "top_expert": body["ranking"][0]["expert"],
+        "ranking_latency_ms": {
+            "p50": round(1000 * float(np.percentile(latencies, 50)), 2),
+            "p95": round(1000 * float(np.percentile(latencies, 95)), 2),
+            "requests": requests,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--zoo", default="starter", help="zoo under ./data/zoos")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    result = run(args.zoo, args.images, args.requests)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    split = result["split"]
+    print(f"service on {result['machine']}, zoo {result['zoo']}, {result['images']} images")
+    print(f"  POST to ranking        {result['post_to_ranking_s']:8.2f} s")
+    print(f"    upload               {split['upload_s']:8.3f} s")
+    print(f"    queue wait           {split['queue_wait_s']:8.3f} s")
+    print(f"    worker job           {split['job_s']:8.3f} s  {split['job_stages']}")
+    print(f"    ranking              {split['ranking_s']:8.4f} s")
+    lat = result["ranking_latency_ms"]
+    print(
+        f"  ranking latency (API)  p50 {lat['p50']} ms, p95 {lat['p95']} ms over {lat['requests']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
