@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,12 +59,26 @@ def _job_context(url: str, job_id: str) -> tuple[str, str, dict[str, Any]]:
         return task.id, task.dataset.path, dict(job.params)
 
 
-def run_embed(job_id: str, settings: Settings) -> None:
+@contextmanager
+def _recorded(
+    job_id: str, settings: Settings, doing: str
+) -> Iterator[tuple[JobRecorder, str, str, dict[str, Any]]]:
+    """Run a job body with its recorder, task id, dataset path and parameters; any error ends
+    the job as failed, a user-fixable one with 422, anything else with 500 (and a log)."""
     url = settings.resolved_database_url()
     recorder = JobRecorder(url, job_id)
     recorder.start()
     try:
-        task_id, dataset_path, _ = _job_context(url, job_id)
+        yield (recorder, *_job_context(url, job_id))
+    except Task2VecError as exc:
+        recorder.fail(problem(422, "invalid-dataset", f"Failed while {doing}", str(exc)))
+    except Exception as exc:
+        log.exception("job %s failed while %s", job_id, doing)
+        recorder.fail(problem(500, "internal", f"Internal error while {doing}", repr(exc)))
+
+
+def run_embed(job_id: str, settings: Settings) -> None:
+    with _recorded(job_id, settings, "embedding") as (recorder, task_id, dataset_path, _):
         zoo = ZOOS.current(settings).zoo
         config = replace(zoo.embed_config, device=settings.device)  # type: ignore[arg-type]
         recorder.stage("loading dataset")
@@ -74,7 +90,7 @@ def run_embed(job_id: str, settings: Settings) -> None:
         recorder.stage("saving")
         path = embedding_path(settings, task_id)
         embedding.save(path)
-        with session_scope(url) as session:
+        with session_scope(settings.resolved_database_url()) as session:
             session.add(
                 EmbeddingRow(
                     task_id=task_id,
@@ -86,19 +102,10 @@ def run_embed(job_id: str, settings: Settings) -> None:
                 )
             )
         recorder.succeed({"task": task_id, "embedding_dim": embedding.dim})
-    except Task2VecError as exc:
-        recorder.fail(problem(422, "invalid-dataset", "The dataset cannot be embedded", str(exc)))
-    except Exception as exc:
-        log.exception("embed job %s failed", job_id)
-        recorder.fail(problem(500, "internal", "Internal error while embedding", repr(exc)))
 
 
 def run_rank(job_id: str, settings: Settings) -> None:
-    url = settings.resolved_database_url()
-    recorder = JobRecorder(url, job_id)
-    recorder.start()
-    try:
-        task_id, dataset_path, params = _job_context(url, job_id)
+    with _recorded(job_id, settings, "ranking") as (recorder, task_id, dataset_path, params):
         state = ZOOS.current(settings)
         recorder.stage("loading dataset")
         data = load_dataset(dataset_path, image_size=state.zoo.embed_config.image_size)
@@ -112,11 +119,6 @@ def run_rank(job_id: str, settings: Settings) -> None:
                 "ranking": ranking_items(ranking, len(ranking)),
             }
         )
-    except Task2VecError as exc:
-        recorder.fail(problem(422, "invalid-request", "The ranking cannot be made", str(exc)))
-    except Exception as exc:
-        log.exception("rank job %s failed", job_id)
-        recorder.fail(problem(500, "internal", "Internal error while ranking", repr(exc)))
 
 
 @app.task(name="workers.embed")
