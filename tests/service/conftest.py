@@ -7,6 +7,7 @@ import io
 import shutil
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app.db.migrate import upgrade
+from app.db.session import engine_for
 from app.settings import Settings
 from app.zoo.build import ZooBuilder
 from app.zoo.presets import recipe, tiny
@@ -29,9 +31,10 @@ def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data_dir / "zoos" / "tiny"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
+@contextmanager
+def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database: a SQLite file, or a new PostgreSQL database dropped after."""
+    if kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'state.db'}"
         return
     name = f"t2v_{uuid.uuid4().hex[:12]}"
@@ -41,16 +44,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     try:
         yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        from app.db.session import engine_for
-
         engine_for.cache_clear()
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
-@pytest.fixture
-def settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Settings:
+def service_settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Settings:
+    """Settings on a migrated database and a data directory holding the tiny zoo."""
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_zoo.parent, data_dir / "zoos")
     upgrade(database_url)
@@ -60,6 +61,17 @@ def settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Settings:
         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
         zoo="tiny",
     )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with fresh_database(request.param, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Settings:
+    return service_settings(tiny_zoo, database_url, tmp_path)
 
 
 def npz_upload(task_index: int = 1) -> bytes:

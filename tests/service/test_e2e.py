@@ -17,21 +17,24 @@ from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.settings import Settings
-from tests.service.conftest import npz_upload
+from tests.service.conftest import fresh_database, npz_upload, service_settings
 
 REDIS = "redis://127.0.0.1:6379/9"
 
 
 @pytest.fixture(params=["postgresql+redis", "sqlite+sqla"])
-def stack(
-    request: pytest.FixtureRequest, settings: Settings, database_url: str, tmp_path: Path
-) -> Iterator[Settings]:
-    wanted_db = request.param.split("+")[0]
-    if not database_url.startswith(wanted_db):
-        pytest.skip(f"the {request.param} stack runs on {wanted_db} only")
-    if request.param == "postgresql+redis":
-        redis.Redis.from_url(REDIS).flushdb()
-        settings = settings.model_copy(update={"broker_url": REDIS})
+def stack(request: pytest.FixtureRequest, tiny_zoo: Path, tmp_path: Path) -> Iterator[Settings]:
+    """Settings for the stack, and a real worker process running on it."""
+    database, broker = request.param.split("+")
+    with fresh_database(database, tmp_path) as url:
+        settings = service_settings(tiny_zoo, url, tmp_path)
+        if broker == "redis":
+            redis.Redis.from_url(REDIS).flushdb()
+            settings = settings.model_copy(update={"broker_url": REDIS})
+        yield from _with_worker(settings, tmp_path)
+
+
+def _with_worker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
     env = {
         **os.environ,
         "T2V_DATA_DIR": str(settings.data_dir),
