@@ -56,10 +56,12 @@ def _cosine(u: np.ndarray, v: np.ndarray) -> float:
 def _relative(ha: np.ndarray, hb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """h_a/(h_a+h_b), h_b/(h_a+h_b); a filter that is zero in both counts as 1/2 each."""
     total = ha + hb
-    safe = np.where(total > 0, total, 1.0)
-    ra = np.where(total > 0, ha / safe, 0.5)
-    rb = np.where(total > 0, hb / safe, 0.5)
-    return ra, rb
+    empty = total <= 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ra = ha / total
+    if empty.any():
+        ra[empty] = 0.5
+    return ra, 1.0 - ra
 
 
 def symmetric_hessians(ha: np.ndarray, hb: np.ndarray) -> float:

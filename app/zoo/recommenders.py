@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from app.task2vec.datasets import LabelledImages
-from app.task2vec.distances import DEFAULT_ALPHA, asymmetric
+from app.task2vec.distances import DEFAULT_ALPHA, asymmetric, symmetric, trivial_embedding
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.experts import extract_features
@@ -295,6 +295,12 @@ class LearnedScorer:
         self.knn = Task2VecKNN(zoo, k, scores=self.target)
         names = {t.name: i for i, t in enumerate(zoo.tasks)}
         self.sources = [names.get(e.source_task or "") for e in zoo.experts]
+        # α·d_sym(source, t0) of each source: the target-independent half of d_asym.
+        self._complexity = {
+            s: DEFAULT_ALPHA * symmetric(zoo.embeddings[s], trivial_embedding(zoo.embeddings[s]))
+            for s in self.sources
+            if s is not None
+        }
         rows = [j for j in range(len(zoo.tasks)) if j != exclude]
 
         descriptors = np.stack([task_descriptors(zoo.embeddings[j]) for j in rows])
@@ -326,7 +332,8 @@ class LearnedScorer:
         asym, has_source = np.zeros(n_experts), np.zeros(n_experts)
         for e, source in enumerate(self.sources):
             if source is not None:
-                asym[e] = asymmetric(self.zoo.embeddings[source], embedding)
+                d = symmetric(self.zoo.embeddings[source], embedding)
+                asym[e] = d - self._complexity[source]
                 has_source[e] = 1.0
         identity = np.eye(n_experts)
         view = self._task_view(embedding)
