@@ -86,8 +86,8 @@ def _get_job(settings: Settings, job_id: str) -> Job:
         return job
 
 
-def _task_row(settings: Settings, task_id: str) -> tuple[Task, dict[str, Any]]:
-    """The task and a plain view of it (the session closes before the view is used)."""
+def _task_view(settings: Settings, task_id: str) -> dict[str, Any]:
+    """A plain view of the task (the session closes before the view is used)."""
     with session_scope(settings.resolved_database_url()) as session:
         task = session.get(Task, task_id)
         if task is None:
@@ -118,11 +118,11 @@ def _task_row(settings: Settings, task_id: str) -> tuple[Task, dict[str, Any]]:
                 "recommendations": f"/v1/tasks/{task.id}/recommendations",
             },
         }
-        return task, view
+        return view
 
 
 def _embedding(settings: Settings, task_id: str) -> Embedding:
-    _, view = _task_row(settings, task_id)
+    view = _task_view(settings, task_id)
     if view["embedding"] is None:
         with session_scope(settings.resolved_database_url()) as session:
             job = session.scalar(
@@ -144,7 +144,6 @@ def _accepted(job_id: str, body: dict[str, Any]) -> JSONResponse:
 
 @router.post("/tasks", status_code=202, summary="Upload a labelled dataset to embed")
 async def create_task(
-    request: Request,
     settings: SettingsDep,
     zoo: ZooDep,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
@@ -171,7 +170,7 @@ def get_job(job_id: str, settings: SettingsDep) -> dict[str, Any]:
 
 @router.get("/tasks/{task_id}", summary="A task: dataset, probe, embedding")
 def get_task(task_id: str, settings: SettingsDep) -> dict[str, Any]:
-    view = _task_row(settings, task_id)[1]
+    view = _task_view(settings, task_id)
     if view["embedding"] is not None:
         view["embedding"].pop("path")
     return view
@@ -242,7 +241,6 @@ def _failed(job: Job) -> ProblemError:
 
 @router.post("/recommendations", summary="Upload a dataset and get the ranking in one call")
 async def recommend_upload(
-    request: Request,
     settings: SettingsDep,
     zoo: ZooDep,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
