@@ -209,12 +209,12 @@ def _tracker(bars: Progress) -> Callable[[str, int, int], None]:
 
 def _zoo(preset_or_path: str, quiet: bool) -> Zoo:
     """A built zoo by preset name (built on first use) or by folder."""
-    from app.zoo.build import ZooBuilder
+    from app.zoo.build import ZooBuilder, zoo_folder
     from app.zoo.presets import PRESETS, recipe
 
     if preset_or_path not in PRESETS:
         return Zoo.load(preset_or_path)
-    folder = get_settings().data_dir / "zoos" / preset_or_path
+    folder = zoo_folder(get_settings().data_dir, preset_or_path)
     if (folder / "zoo.json").exists():
         return Zoo.load(folder)
     err.print(f"building the {preset_or_path!r} zoo under {folder.parent} (first use)")

@@ -27,10 +27,11 @@ METHODS = FAST_METHODS + WORKER_METHODS
 
 def zoo_folder(settings: Settings) -> Path:
     """A preset name means ``<data dir>/zoos/<name>``; anything else is a zoo folder."""
+    from app.zoo.build import zoo_folder as preset_folder
     from app.zoo.presets import PRESETS
 
     if settings.zoo in PRESETS:
-        return settings.data_dir / "zoos" / settings.zoo
+        return preset_folder(settings.data_dir, settings.zoo)
     return Path(settings.zoo)
 
 

@@ -37,6 +37,7 @@ import torch
 
 from app.data.offline import fashion_mnist
 from app.task2vec.sampling import stratified_subset
+from app.zoo.build import zoo_folder as preset_folder
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def _dataset(images: int) -> bytes:
 
 
 def run(zoo: str, images: int, requests: int) -> dict[str, Any]:
-    zoo_folder = (Path("data") / "zoos" / zoo).resolve()
+    zoo_folder = preset_folder(Path("data"), zoo).resolve()
     if not (zoo_folder / "zoo.json").is_file():
         raise SystemExit(f"no zoo at {zoo_folder}: run `task2vec zoo build --preset {zoo}` first")
     payload = _dataset(images)

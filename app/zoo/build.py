@@ -54,6 +54,11 @@ class ZooRecipe:
     protocol: EvaluationProtocol = field(default_factory=EvaluationProtocol)
 
 
+def zoo_folder(data_dir: Path, name: str) -> Path:
+    """Where the zoo built from preset ``name`` lives under the data directory."""
+    return data_dir / "zoos" / name
+
+
 def _hash(*parts: Any) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -63,7 +68,7 @@ class ZooBuilder:
     def __init__(self, recipe: ZooRecipe, data_dir: Path, progress: Progress | None = None):
         self.recipe = recipe
         self.cache = data_dir / "cache"
-        self.out = data_dir / "zoos" / recipe.name
+        self.out = zoo_folder(data_dir, recipe.name)
         self.progress = progress
         self._tasks = {t.name: t for t in recipe.tasks}
         self._data: dict[str, LabelledImages] = {}
