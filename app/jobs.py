@@ -30,12 +30,20 @@ def create(session: Session, kind: str, task_id: str | None, **params: Any) -> J
     return job
 
 
+#: The Celery task that runs each kind of job.
+TASK_OF_KIND = {
+    "embed": "workers.embed",
+    "rank": "workers.rank",
+    "expert": "workers.evaluate_expert",
+    "zoo-task": "workers.add_zoo_task",
+}
+
+
 def dispatch(job: Job, broker_url: str) -> None:
     """Send the Celery message for a committed job row."""
     from workers.celery_app import celery_for
 
-    name = "workers.embed" if job.kind == "embed" else "workers.rank"
-    celery_for(broker_url).send_task(name, args=[job.id])
+    celery_for(broker_url).send_task(TASK_OF_KIND[job.kind], args=[job.id])
 
 
 class JobRecorder:

@@ -2,22 +2,28 @@
 
 The API answers neighbours and recommendations from here without touching the workers; the
 workers use the same object for the methods that need the dataset's images (LogME, brute
-force). ``ZooState.current`` reloads when the zoo folder's index version changes.
+force). ``ZooStates`` follows the published versions of the zoo (``app.catalog``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app import catalog
+from app.catalog import Version
 from app.settings import Settings
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.recommenders import LearnedScorer, Query, Ranked, Recommender, recommenders
 from app.zoo.zoo import Zoo
+
+log = logging.getLogger(__name__)
 
 #: Methods the API answers in-process; the others need the images and run on a worker.
 FAST_METHODS = ("learned", "task2vec-knn", "task2vec-asym", "global-best")
@@ -38,13 +44,14 @@ def zoo_folder(settings: Settings) -> Path:
 @dataclass
 class ZooState:
     zoo: Zoo
-    version: str
+    version: Version
     methods: dict[str, Recommender] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, folder: Path) -> ZooState:
-        zoo = Zoo.load(folder)
-        version = zoo.index().version.content
+    def load(cls, version: Version) -> ZooState:
+        """The version's zoo with its saved index and a freshly fit learned scorer."""
+        zoo = Zoo.load(version.folder)
+        zoo.index()
         methods: dict[str, Recommender] = {**recommenders(zoo), "learned": LearnedScorer(zoo)}
         return cls(zoo, version, methods)
 
@@ -71,30 +78,70 @@ class ZooState:
 
 
 class ZooStates:
-    """One loaded zoo per process, swapped for a new one when the folder's index changes."""
+    """The zoo version a process serves, swapped for a newer one without a restart.
 
-    def __init__(self) -> None:
+    At most every ``poll_seconds`` it asks the database for the current version. A newer one
+    is loaded in a background thread while requests go on with the old one (``background``,
+    for the API), or at once (for workers, which should compute with the newest). On first
+    use, when nothing is published yet, the configured zoo is imported and published.
+    """
+
+    def __init__(self, background: bool = True) -> None:
+        self.background = background
         self._lock = threading.Lock()
         self._state: ZooState | None = None
-        self._key: tuple[Path, int, int] | None = None
+        self._checked = -float("inf")
+        self._loading: int | None = None
 
     def current(self, settings: Settings) -> ZooState:
-        """The loaded zoo; reloaded when its folder was rebuilt (a zoo is saved by replacing
-        the folder atomically, so a new ``zoo.json`` means a new version)."""
-        folder = zoo_folder(settings)
-        manifest = folder / "zoo.json"
+        now = time.monotonic()
         with self._lock:
-            try:
-                stat = manifest.stat()
-            except FileNotFoundError:
-                raise ConfigError(
-                    f"no zoo at {folder}: build it with `task2vec zoo build --preset "
-                    f"{settings.zoo}` (make run does so on first use)"
-                ) from None
-            key = (folder, stat.st_mtime_ns, stat.st_ino)
-            if self._state is None or key != self._key:
-                self._state, self._key = ZooState.load(folder), key
-            return self._state
+            state = self._state
+            if state is not None and now - self._checked < settings.zoo_poll_seconds:
+                return state
+            self._checked = now
+        version = catalog.current_version(settings) or self._first_version(settings)
+        if state is not None and version.id == state.version.id:
+            return state
+        if state is None or not self.background:
+            loaded = ZooState.load(version)
+            with self._lock:
+                self._state = loaded
+            return loaded
+        with self._lock:
+            if self._loading != version.id:
+                self._loading = version.id
+                threading.Thread(target=self._swap, args=(version,), daemon=True).start()
+        return state
+
+    def _swap(self, version: Version) -> None:
+        try:
+            loaded = ZooState.load(version)
+        except Exception:
+            log.exception("zoo version %s did not load; still serving the previous one", version.id)
+            with self._lock:
+                self._loading = None
+            return
+        with self._lock:
+            if self._state is None or self._state.version.id != version.id:
+                self._state = loaded
+            self._loading = None
+        log.info(
+            "now serving zoo version %s (%d tasks, %d experts)",
+            version.content,
+            version.tasks,
+            version.experts,
+        )
+
+    @staticmethod
+    def _first_version(settings: Settings) -> Version:
+        folder = zoo_folder(settings)
+        if not (folder / "zoo.json").is_file():
+            raise ConfigError(
+                f"no zoo at {folder}: build it with `task2vec zoo build --preset "
+                f"{settings.zoo}` (make run does so on first use)"
+            )
+        return catalog.ensure_published(settings, folder)
 
     def loaded(self) -> bool:
         return self._state is not None

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     #: Longest ``wait`` a client may ask for on POST /v1/recommendations, in seconds.
     max_wait_seconds: float = Field(default=600.0, ge=0)
+    #: How often (seconds) the API and the workers look for a newly published zoo version.
+    zoo_poll_seconds: float = Field(default=2.0, ge=0)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
 

@@ -33,10 +33,19 @@ def suffix_for(filename: str) -> str:
     return ".npz" if filename.lower().endswith(".npz") else ".archive"
 
 
+def content_path(root: Path, sha256: str, suffix: str) -> Path:
+    return root / sha256[:2] / f"{sha256}{suffix}"
+
+
 async def store_stream(
-    chunks: AsyncIterator[bytes], root: Path, filename: str, limit: int
+    chunks: AsyncIterator[bytes],
+    root: Path,
+    filename: str,
+    limit: int,
+    suffix: str | None = None,
 ) -> StoredFile:
-    """Write ``chunks`` under ``root`` by content; refuse more than ``limit`` bytes."""
+    """Write ``chunks`` under ``root`` by content; refuse more than ``limit`` bytes.
+    ``suffix``: the stored file's, when not the dataset suffix of ``filename``."""
     root.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -51,7 +60,7 @@ async def store_stream(
                 digest.update(chunk)
                 out.write(chunk)
         sha = digest.hexdigest()
-        final = root / sha[:2] / f"{sha}{suffix_for(filename)}"
+        final = content_path(root, sha, suffix or suffix_for(filename))
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         return StoredFile(sha, final, size)

@@ -1,8 +1,10 @@
 """The Celery application. Messages carry a job id only; the job row holds everything else.
 
-Queues: ``embed`` (Task2Vec embeddings: put GPU workers here) and ``evaluate`` (LogME and
-brute force over the zoo's experts). ``acks_late`` with one prefetched message per process: a
-worker that dies mid-job leaves the message to another worker instead of losing it.
+Queues: ``embed`` (Task2Vec embeddings, of uploads and of tasks added to the zoo: put GPU
+workers here) and ``evaluate`` (LogME and brute force over the zoo's experts, and a newly
+registered expert's evaluation on every zoo task). ``acks_late`` with one prefetched message
+per process: a worker that dies mid-job leaves the message to another worker instead of
+losing it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def celery_for(broker: str) -> Celery:
         task_routes={
             "workers.embed": {"queue": EMBED_QUEUE},
             "workers.rank": {"queue": EVALUATE_QUEUE},
+            "workers.evaluate_expert": {"queue": EVALUATE_QUEUE},
+            "workers.add_zoo_task": {"queue": EMBED_QUEUE},
         },
     )
     return celery

@@ -1,5 +1,6 @@
 """The worker side of the jobs: embed an uploaded dataset; rank the zoo's experts on it with
-the methods that need its images (LogME, brute force).
+the methods that need its images (LogME, brute force); evaluate a newly registered expert on
+the zoo; add a task to the zoo.
 
 Each process loads the probe and the zoo once and keeps them. A problem with the user's data or
 request fails the job with a problem+json error and is not retried; anything else is an
@@ -10,25 +11,27 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from app.db.models import EmbeddingRow, Job, Task
+from app import catalog
+from app.catalog import Version
+from app.db.models import EmbeddingRow, Expert, Job, Task, ZooTask
 from app.db.session import session_scope
 from app.jobs import JobRecorder, problem
 from app.ranking import ZooStates, ranking_items
 from app.settings import Settings, get_settings
-from app.task2vec.datasets import load_dataset
+from app.task2vec.datasets import LabelledImages, load_dataset
 from app.task2vec.embedding import EmbedConfig, Embedding, difficulty, embed
 from app.task2vec.errors import Task2VecError
 from app.task2vec.probes import ProbeNetwork, load_probe
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
-ZOOS = ZooStates()
+ZOOS = ZooStates(background=False)
 _PROBES: dict[tuple[str, str, int, int], ProbeNetwork] = {}
 
 
@@ -49,36 +52,55 @@ def embedding_path(settings: Settings, task_id: str) -> Path:
     return settings.data_dir / "embeddings" / f"{task_id}.npz"
 
 
-def _job_context(url: str, job_id: str) -> tuple[str, str, dict[str, Any]]:
+def _job_params(url: str, job_id: str) -> dict[str, Any]:
+    with session_scope(url) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        return dict(job.params)
+
+
+def _task_context(url: str, job_id: str) -> tuple[str, str]:
+    """The id and dataset file of the user task a job is about."""
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         if job is None or job.task_id is None:
             raise LookupError(f"job {job_id} does not exist or names no task")
         task = session.get(Task, job.task_id)
         assert task is not None
-        return task.id, task.dataset.path, dict(job.params)
+        return task.id, task.dataset.path
 
 
 @contextmanager
 def _recorded(
-    job_id: str, settings: Settings, doing: str
-) -> Iterator[tuple[JobRecorder, str, str, dict[str, Any]]]:
-    """Run a job body with its recorder, task id, dataset path and parameters; any error ends
-    the job as failed, a user-fixable one with 422, anything else with 500 (and a log)."""
+    job_id: str,
+    settings: Settings,
+    doing: str,
+    on_fail: Callable[[dict[str, Any]], None] | None = None,
+    invalid: str = "invalid-dataset",
+) -> Iterator[tuple[JobRecorder, dict[str, Any]]]:
+    """Run a job body with its recorder and parameters; any error ends the job as failed, a
+    user-fixable one with 422, anything else with 500 (and a log). ``on_fail`` also gets the
+    error (an expert or zoo task records it on its own row)."""
     url = settings.resolved_database_url()
     recorder = JobRecorder(url, job_id)
     recorder.start()
     try:
-        yield (recorder, *_job_context(url, job_id))
+        yield recorder, _job_params(url, job_id)
+        return
     except Task2VecError as exc:
-        recorder.fail(problem(422, "invalid-dataset", f"Failed while {doing}", str(exc)))
+        error = problem(422, invalid, f"Failed while {doing}", str(exc))
     except Exception as exc:
         log.exception("job %s failed while %s", job_id, doing)
-        recorder.fail(problem(500, "internal", f"Internal error while {doing}", repr(exc)))
+        error = problem(500, "internal", f"Internal error while {doing}", repr(exc))
+    recorder.fail(error)
+    if on_fail is not None:
+        on_fail(error)
 
 
 def run_embed(job_id: str, settings: Settings) -> None:
-    with _recorded(job_id, settings, "embedding") as (recorder, task_id, dataset_path, _):
+    with _recorded(job_id, settings, "embedding") as (recorder, _):
+        task_id, dataset_path = _task_context(settings.resolved_database_url(), job_id)
         zoo = ZOOS.current(settings).zoo
         config = replace(zoo.embed_config, device=settings.device)  # type: ignore[arg-type]
         recorder.stage("loading dataset")
@@ -105,7 +127,8 @@ def run_embed(job_id: str, settings: Settings) -> None:
 
 
 def run_rank(job_id: str, settings: Settings) -> None:
-    with _recorded(job_id, settings, "ranking") as (recorder, task_id, dataset_path, params):
+    with _recorded(job_id, settings, "ranking") as (recorder, params):
+        task_id, dataset_path = _task_context(settings.resolved_database_url(), job_id)
         state = ZOOS.current(settings)
         recorder.stage("loading dataset")
         data = load_dataset(dataset_path, image_size=state.zoo.embed_config.image_size)
@@ -121,6 +144,43 @@ def run_rank(job_id: str, settings: Settings) -> None:
         )
 
 
+def _version_result(version: Version) -> dict[str, Any]:
+    return {"zoo_version": version.content, "tasks": version.tasks, "experts": version.experts}
+
+
+def run_expert(job_id: str, settings: Settings) -> None:
+    """A registered expert: its column of the matrix, then a new zoo version."""
+    name = _job_params(settings.resolved_database_url(), job_id)["expert"]
+
+    def failed(error: dict[str, Any]) -> None:
+        catalog.fail_item(settings, Expert, name, error)
+
+    with _recorded(job_id, settings, "evaluating the expert", failed, invalid="invalid-expert") as (
+        recorder,
+        _,
+    ):
+        ZOOS.current(settings)  # the zoo is published before anything is added to it
+        version = catalog.evaluate_expert(settings, name, recorder.progress)
+        recorder.succeed({"expert": name, **_version_result(version)})
+
+
+def run_zoo_task(job_id: str, settings: Settings) -> None:
+    """A task added to the zoo: its embedding and row of the matrix, then a new version."""
+    name = _job_params(settings.resolved_database_url(), job_id)["zoo_task"]
+
+    def failed(error: dict[str, Any]) -> None:
+        catalog.fail_item(settings, ZooTask, name, error)
+
+    def embed_with_probe(data: LabelledImages, config: EmbedConfig) -> Embedding:
+        config = replace(config, device=settings.device)  # type: ignore[arg-type]
+        return embed(data, config, probe=_probe(config), progress=recorder.progress)
+
+    with _recorded(job_id, settings, "adding the zoo task", failed) as (recorder, _):
+        ZOOS.current(settings)
+        version = catalog.add_zoo_task(settings, name, embed_with_probe, recorder.progress)
+        recorder.succeed({"zoo_task": name, **_version_result(version)})
+
+
 @app.task(name="workers.embed")
 def embed_task(job_id: str) -> None:
     run_embed(job_id, get_settings())
@@ -129,3 +189,13 @@ def embed_task(job_id: str) -> None:
 @app.task(name="workers.rank")
 def rank_task(job_id: str) -> None:
     run_rank(job_id, get_settings())
+
+
+@app.task(name="workers.evaluate_expert")
+def expert_task(job_id: str) -> None:
+    run_expert(job_id, get_settings())
+
+
+@app.task(name="workers.add_zoo_task")
+def zoo_task_task(job_id: str) -> None:
+    run_zoo_task(job_id, get_settings())

@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import text
 
-from app.api import problems
+from app.api import problems, zoo
 from app.api.routes import router
 from app.db.session import engine_for
 from app.ranking import ZooStates
@@ -37,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.zoos = ZooStates()
     problems.install(app)
     app.include_router(router)
+    app.include_router(zoo.router)
 
     @app.get("/healthz", summary="The process is up")
     def healthz() -> dict[str, str]:

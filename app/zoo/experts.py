@@ -24,7 +24,7 @@ from torch import nn
 
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.errors import ConfigError, ProbeWeightsError
-from app.task2vec.probes import PROBES, load_probe
+from app.task2vec.probes import PROBES, load_probe, read_state_dict
 from app.task2vec.sampling import balanced_draws
 
 _CNN = re.compile(r"^cnn-(\d+)x(\d+)$")
@@ -99,14 +99,13 @@ def load_expert(spec: ExpertSpec) -> nn.Module:
         model: nn.Module = _ProbeFeatures(spec)
     else:
         model = _cnn(spec.architecture)
-        path = Path(spec.weights)
+        state = read_state_dict(Path(spec.weights))
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except FileNotFoundError as exc:
-            raise ProbeWeightsError(f"expert {spec.name!r}: weights {str(path)!r} missing") from exc
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise ProbeWeightsError(f"expert {spec.name!r}: weights do not load ({exc})") from exc
+        except RuntimeError as exc:
+            raise ProbeWeightsError(
+                f"expert {spec.name!r}: the weights do not fit {spec.architecture} ({exc})"
+            ) from exc
     model.eval()
     model.requires_grad_(False)
     return model

@@ -208,6 +208,8 @@ def _task_from_json(raw: dict[str, Any]) -> TaskSpec:
         group_names=tuple(raw["group_names"]),
         size=raw["size"],
         seed=raw["seed"],
+        dataset=raw.get("dataset"),
+        domain_name=raw.get("domain_name"),
     )
 
 

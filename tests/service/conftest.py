@@ -60,6 +60,7 @@ def service_settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Setti
         database_url=database_url,
         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
         zoo="tiny",
+        zoo_poll_seconds=0,
     )
 
 

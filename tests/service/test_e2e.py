@@ -1,8 +1,10 @@
 """End to end with real worker processes: the production pair (PostgreSQL + Redis) and the
-embedded default (SQLite + kombu's SQLAlchemy transport): upload → job → ranking."""
+embedded default (SQLite + kombu's SQLAlchemy transport): upload → job → ranking, and zoo
+management."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -13,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.settings import Settings
+from app.zoo.experts import SmallCNN
 from tests.service.conftest import fresh_database, npz_upload, service_settings
 
 REDIS = "redis://127.0.0.1:6379/9"
@@ -89,3 +93,36 @@ def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path
             time.sleep(0.2)
         assert job["status"] == "succeeded", job
         assert all("error" in item["evidence"] for item in job["result"]["ranking"])
+
+
+def test_zoo_management_through_a_real_worker(stack: Settings, tmp_path: Path) -> None:
+    """A registered expert goes through the evaluate queue, and a new zoo task through the
+    embed queue; the API serves the published versions without a restart."""
+    with TestClient(create_app(stack)) as client:
+        registered = client.post(
+            "/v1/experts",
+            data={"name": "cnn-4x1-e2e", "architecture": "cnn-4x1", "input_size": "28"},
+            files={"weights": ("w.pt", _weights())},
+        )
+        assert registered.status_code == 202, registered.text
+        added = client.post(
+            "/v1/zoo/tasks",
+            data={"name": "uploaded-clothes"},
+            files={"file": ("clothes.npz", npz_upload(2))},
+        )
+        assert added.status_code == 202, added.text
+        deadline = time.monotonic() + 240
+        while (zoo := client.get("/v1/zoo").json())["experts"] != 4 or zoo["tasks"] != 9:
+            worker_log = (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{zoo}\n{worker_log}"
+            time.sleep(0.2)
+        expert = client.get("/v1/experts/cnn-4x1-e2e").json()
+        assert expert["status"] == "ready", expert
+        task = client.get("/v1/zoo/tasks/uploaded-clothes").json()
+        assert task["status"] == "ready", task
+
+
+def _weights() -> bytes:
+    buffer = io.BytesIO()
+    torch.save(SmallCNN(4, 1).state_dict(), buffer)
+    return buffer.getvalue()

@@ -54,11 +54,14 @@ def test_training_is_seeded(tmp_path: Path) -> None:
 def test_bad_experts_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown expert architecture"):
         load_expert(ExpertSpec("x", "vit", "", 32))
-    with pytest.raises(ProbeWeightsError, match="missing"):
+    with pytest.raises(ProbeWeightsError, match="does not exist"):
         load_expert(ExpertSpec("x", "cnn-8x2", str(tmp_path / "none.pt"), 28))
     torch.save({"nope": torch.zeros(1)}, tmp_path / "bad.pt")
-    with pytest.raises(ProbeWeightsError, match="do not load"):
+    with pytest.raises(ProbeWeightsError, match="do not fit cnn-8x2"):
         load_expert(ExpertSpec("x", "cnn-8x2", str(tmp_path / "bad.pt"), 28))
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    with pytest.raises(ProbeWeightsError, match="not a PyTorch state dict"):
+        load_expert(ExpertSpec("x", "cnn-8x2", str(tmp_path / "junk.pt"), 28))
 
 
 def test_holdout_error_is_deterministic_and_tracks_separability() -> None:

@@ -1,0 +1,296 @@
+"""Zoo management through the API, on SQLite and the real PostgreSQL: register an expert (by
+upload, by file path, by URL), add a task to the zoo; the worker's code computes the matrix
+entries and publishes a version, and the API swaps to it without a restart."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import delete, select
+
+from app import catalog, jobs
+from app.api.main import create_app
+from app.db.models import Expert, IndexVersionRow, Job, MatrixEntry, Recommendation, ZooTask
+from app.db.session import session_scope
+from app.settings import Settings
+from app.zoo.experts import SmallCNN
+from app.zoo.presets import tiny
+from app.zoo.tasks import TaskSpec, materialize
+from workers import tasks
+
+RUNNERS = {
+    "embed": tasks.run_embed,
+    "rank": tasks.run_rank,
+    "expert": tasks.run_expert,
+    "zoo-task": tasks.run_zoo_task,
+}
+
+
+def _run(settings: Settings, job_id: str) -> None:
+    with session_scope(settings.resolved_database_url()) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        kind = job.kind
+    RUNNERS[kind](job_id, settings)
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    ids: list[str] = []
+    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: ids.append(job.id))
+    return ids
+
+
+@pytest.fixture
+def client(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _weights(width: int = 4, seed: int = 0) -> bytes:
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    torch.save(SmallCNN(width, 1).state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _serving(client: TestClient, tasks: int, experts: int) -> dict[str, Any]:
+    """Wait until the API serves a version of this size (it loads in the background)."""
+    deadline = time.monotonic() + 30
+    while True:
+        zoo = client.get("/v1/zoo").json()
+        if (zoo["tasks"], zoo["experts"]) == (tasks, experts):
+            return zoo
+        assert time.monotonic() < deadline, zoo
+        time.sleep(0.05)
+
+
+def _expert_form(name: str, **extra: str) -> dict[str, str]:
+    return {"name": name, "architecture": "cnn-4x1", "input_size": "28", **extra}
+
+
+def _npz(spec: TaskSpec) -> bytes:
+    data = materialize(spec)
+    buffer = io.BytesIO()
+    np.savez(buffer, x=data.images, y=np.array(data.classes)[data.labels])
+    return buffer.getvalue()
+
+
+def test_register_an_expert_and_the_api_swaps_to_the_new_version(
+    client: TestClient, settings: Settings, sent: list[str]
+) -> None:
+    first = _serving(client, 8, 3)
+    response = client.post(
+        "/v1/experts",
+        data=_expert_form("cnn-4x1-random", tags="random,tiny"),
+        files={"weights": ("w.pt", _weights())},
+    )
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/jobs/{sent[-1]}"
+    pending = client.get("/v1/experts/cnn-4x1-random").json()
+    assert (pending["status"], pending["in_served_zoo"]) == ("pending", False)
+    assert client.get("/v1/zoo").json()["pending"]["experts"] == 1
+
+    _run(settings, sent[-1])
+    job = client.get(f"/v1/jobs/{sent[-1]}").json()
+    assert job["status"] == "succeeded", job
+    assert (job["result"]["tasks"], job["result"]["experts"]) == (8, 4)
+    assert "matrix" in job["timings"]
+
+    second = _serving(client, 8, 4)
+    assert second["version"] != first["version"]
+    ready = client.get("/v1/experts/cnn-4x1-random").json()
+    assert (ready["status"], ready["in_served_zoo"]) == ("ready", True)
+    assert 0 <= ready["mean_error"] <= 1
+    assert ready["tags"] == ["random", "tiny"]
+    assert client.get("/v1/experts").json()["total"] == 4
+
+    # Users' rankings now include it.
+    user = client.post("/v1/tasks", files={"file": ("u.npz", _npz(tiny()[3]))}).json()
+    _run(settings, user["job_id"])
+    ranked = client.get(
+        f"/v1/tasks/{user['task_id']}/recommendations", params={"method": "learned", "k": 10}
+    ).json()
+    assert "cnn-4x1-random" in {r["expert"] for r in ranked["ranking"]}
+    assert ranked["zoo_version"] == second["version"]
+    with session_scope(settings.resolved_database_url()) as session:
+        version_id = session.scalar(
+            select(IndexVersionRow.id).where(IndexVersionRow.content == second["version"])
+        )
+        (served,) = session.scalars(select(Recommendation)).all()
+        assert served.index_version_id == version_id
+
+
+def test_add_a_zoo_task(client: TestClient, settings: Settings, sent: list[str]) -> None:
+    _serving(client, 8, 3)
+    base = tiny()[1]
+    spec = TaskSpec("shoes-again", base.source, base.groups, base.group_names, 90, seed=7)
+    upload = _npz(spec)
+    response = client.post(
+        "/v1/zoo/tasks",
+        data={"name": "shoes-again", "domain": "clothing"},
+        files={"file": ("shoes.npz", upload)},
+    )
+    assert response.status_code == 202, response.text
+    assert client.get("/v1/zoo/tasks/shoes-again").json()["status"] == "pending"
+    _run(settings, sent[-1])
+    job = client.get(f"/v1/jobs/{sent[-1]}").json()
+    assert job["status"] == "succeeded", job
+    assert {"features", "fisher", "matrix"} <= set(job["timings"])
+
+    _serving(client, 9, 3)
+    added = client.get("/v1/zoo/tasks/shoes-again").json()
+    assert (added["status"], added["in_served_zoo"], added["domain"]) == ("ready", True, "clothing")
+    assert added["size"] == 90
+    assert added["best_expert"] is not None
+    # The same images uploaded by a user: their nearest zoo task is the one just added.
+    user = client.post("/v1/tasks", files={"file": ("same.npz", upload)}).json()
+    _run(settings, user["job_id"])
+    near = client.get(f"/v1/tasks/{user['task_id']}/neighbors", params={"k": 1}).json()
+    assert near["neighbors"][0]["task"] == "shoes-again"
+    assert near["neighbors"][0]["distance"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_weights_by_file_path_and_by_url(
+    client: TestClient, settings: Settings, sent: list[str], tmp_path: Path
+) -> None:
+    _serving(client, 8, 3)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "w.pt").write_bytes(_weights(seed=1))
+    by_path = client.post(
+        "/v1/experts", data=_expert_form("by-path", weights_uri=str(tmp_path / "www" / "w.pt"))
+    )
+    assert by_path.status_code == 202, by_path.text
+    _run(settings, sent[-1])
+
+    handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        missing = client.post("/v1/experts", data=_expert_form("by-url", weights_uri=f"{base}/x"))
+        assert missing.status_code == 202  # checked by the worker, which downloads it
+        _run(settings, sent[-1])
+        failed = client.get("/v1/experts/by-url").json()
+        assert failed["status"] == "failed"
+        assert "cannot be downloaded" in failed["error"]["detail"]
+        assert client.get(f"/v1/jobs/{sent[-1]}").json()["status"] == "failed"
+
+        # A failed expert's name can be registered again.
+        again = client.post("/v1/experts", data=_expert_form("by-url", weights_uri=f"{base}/w.pt"))
+        assert again.status_code == 202, again.text
+        _run(settings, sent[-1])
+    finally:
+        server.shutdown()
+    _serving(client, 8, 5)
+    experts = {e["id"]: e for e in client.get("/v1/experts").json()["items"]}
+    assert experts["by-url"]["status"] == experts["by-path"]["status"] == "ready"
+    # Same bytes by path and by URL: one stored file.
+    with session_scope(settings.resolved_database_url()) as session:
+        stored = set(session.scalars(select(Expert.weights).where(Expert.name.like("by-%"))))
+    assert len(stored) == 1
+    assert Path(stored.pop()).is_relative_to(settings.data_dir / "experts")
+
+
+def _problem(response: Any, status: int, kind: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["type"].endswith(f"/{kind}"), body
+    return body
+
+
+def test_bad_registrations_are_refused_and_store_nothing(
+    client: TestClient, settings: Settings, sent: list[str]
+) -> None:
+    _serving(client, 8, 3)
+    weights = ("w.pt", _weights())
+    post = partial(client.post, "/v1/experts")
+    _problem(post(data=_expert_form("../x"), files={"weights": weights}), 422, "invalid-name")
+    wrong = post(data=_expert_form("a", architecture="vgg"), files={"weights": weights})
+    assert "vgg" in _problem(wrong, 422, "invalid-expert")["detail"]
+    garbage = post(data=_expert_form("a"), files={"weights": ("w.pt", b"not torch")})
+    _problem(garbage, 422, "invalid-expert")
+    mismatched = post(data=_expert_form("a", architecture="cnn-8x1"), files={"weights": weights})
+    _problem(mismatched, 422, "invalid-expert")
+    both = post(data=_expert_form("a", weights_uri="/nope.pt"), files={"weights": weights})
+    _problem(both, 422, "invalid-expert")
+    _problem(post(data=_expert_form("a")), 422, "invalid-expert")
+    no_file = post(data=_expert_form("a", weights_uri="/does/not/exist.pt"))
+    assert "/does/not/exist.pt" in _problem(no_file, 422, "invalid-expert")["detail"]
+    source = post(data=_expert_form("a", source_task="nope"), files={"weights": weights})
+    _problem(source, 422, "invalid-expert")
+    _problem(
+        post(data=_expert_form("a", mean="1,2"), files={"weights": weights}), 422, "invalid-expert"
+    )
+    taken = client.get("/v1/experts").json()["items"][0]["id"]
+    _problem(post(data=_expert_form(taken), files={"weights": weights}), 409, "expert-exists")
+
+    zoo_post = partial(client.post, "/v1/zoo/tasks")
+    bad = zoo_post(data={"name": "broken"}, files={"file": ("b.zip", b"not an archive")})
+    _problem(bad, 422, "invalid-dataset")
+    existing = client.get("/v1/zoo/tasks").json()["items"][0]["name"]
+    dup = zoo_post(data={"name": existing}, files={"file": ("s.npz", _npz(tiny()[1]))})
+    _problem(dup, 409, "zoo-task-exists")
+
+    assert sent == []
+    with session_scope(settings.resolved_database_url()) as session:
+        assert len(session.scalars(select(Expert)).all()) == 3
+        assert len(session.scalars(select(ZooTask)).all()) == 8
+    stored = [p for p in (settings.data_dir / "experts").rglob("*") if p.is_file()]
+    imported = {p for p in stored if p.suffix == ".pt"}
+    with session_scope(settings.resolved_database_url()) as session:
+        assert imported == {Path(w) for w in session.scalars(select(Expert.weights)) if "/" in w}
+    assert not list((settings.data_dir / "uploads").rglob("*.archive"))
+
+
+def test_publish_fills_missing_entries_and_never_goes_back(
+    client: TestClient, settings: Settings
+) -> None:
+    current = _serving(client, 8, 3)
+    url = settings.resolved_database_url()
+    with session_scope(url) as session:
+        entry = session.scalars(select(MatrixEntry).order_by(MatrixEntry.id.desc())).first()
+        assert entry is not None
+        pair, error = (entry.zoo_task_id, entry.expert_id), entry.error
+        session.execute(delete(MatrixEntry).where(MatrixEntry.id == entry.id))
+    # A worker that raced another left an entry out: the next publish computes it again,
+    # and the seeded protocol gives the same number, so the version is the same.
+    version = catalog.publish(settings)
+    assert version.content == current["version"]
+    with session_scope(url) as session:
+        restored = session.scalar(
+            select(MatrixEntry.error).where(
+                MatrixEntry.zoo_task_id == pair[0], MatrixEntry.expert_id == pair[1]
+            )
+        )
+    assert restored == error
+
+    # A smaller version committed late (a slow publisher) does not become current.
+    with session_scope(url) as session:
+        row = session.scalar(select(IndexVersionRow))
+        assert row is not None
+        session.add(
+            IndexVersionRow(
+                zoo=row.zoo,
+                probe=row.probe,
+                dim=row.dim,
+                count=row.count - 1,
+                experts=row.experts,
+                config=row.config,
+                content="older",
+            )
+        )
+    assert catalog.current_version(settings) == version
