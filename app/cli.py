@@ -349,23 +349,30 @@ def run_command(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
 ) -> None:
-    """The whole service on this machine: migrate the database, build the zoo on first use,
-    start a Celery worker process and the API. Ctrl-C stops both."""
+    """The whole service on this machine: migrate the database, build and publish the zoo on
+    first use, start a Celery worker process and the API. Ctrl-C stops both."""
     import os
     import signal
     import subprocess
 
     import uvicorn
 
+    from app import catalog
     from app.db.migrate import upgrade
+    from app.ranking import zoo_folder
 
     settings = get_settings()
     try:
         upgrade(settings.resolved_database_url())
-        zoo = _zoo(settings.zoo, quiet=False)
+        version = catalog.current_version(settings)
+        if version is None:  # first start: build the configured zoo, import and publish it
+            _zoo(settings.zoo, quiet=False)
+            version = catalog.ensure_published(settings, zoo_folder(settings))
     except (Task2VecError, ValueError) as exc:
         raise _fail(exc) from None
-    err.print(f"zoo {settings.zoo!r}: {len(zoo.tasks)} tasks, {len(zoo.experts)} experts")
+    err.print(
+        f"zoo version {version.content[:12]}: {version.tasks} tasks, {version.experts} experts"
+    )
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     base = f"http://{host}:{port}"
     err.print(

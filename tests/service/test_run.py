@@ -1,0 +1,77 @@
+"""`task2vec run`, the command behind `make run`: on the embedded default it migrates, imports
+and publishes the zoo, starts a worker and the API; Ctrl-C stops both."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_run_serves_and_ctrl_c_stops_the_worker_too(tiny_zoo: Path, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_zoo.parent, data_dir / "zoos")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("T2V_")} | {
+        "T2V_DATA_DIR": str(data_dir),
+        "T2V_ZOO": "tiny",
+    }
+    log = (tmp_path / "run.log").open("w")
+    service = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "run", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert service.poll() is None, (tmp_path / "run.log").read_text()
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                if ready.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
+            time.sleep(0.5)
+        zoo = httpx.get(f"http://127.0.0.1:{port}/v1/zoo").json()
+        assert (zoo["tasks"], zoo["experts"]) == (8, 3)
+        assert (data_dir / "task2vec.db").is_file()
+
+        os.killpg(service.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        service.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _group_alive(service.pid):
+            assert time.monotonic() < deadline, "the worker outlived the service"
+            time.sleep(0.2)
+    finally:
+        if _group_alive(service.pid):
+            os.killpg(service.pid, signal.SIGKILL)
+        log.close()
+    output = (tmp_path / "run.log").read_text()
+    assert "zoo version" in output
+    assert "8 tasks, 3 experts" in output
+    assert f"curl -F file=@shoes.zip 'http://127.0.0.1:{port}/v1/recommendations" in output
