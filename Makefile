@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy app workers
+	$(BIN)/mypy app workers bench
 
 test: lint typecheck
 	$(BIN)/pytest

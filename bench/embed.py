@@ -199,7 +199,7 @@ def _print_tables(results: dict[str, Any]) -> None:
             )
         table.add_row(
             "public reference code",
-            REFERENCE["seconds"],
+            str(REFERENCE["seconds"]),
             f"{REFERENCE['noise_train_bn']} / {REFERENCE['noise_eval_bn']}",
             "0.118",
             style="dim",

@@ -14,6 +14,11 @@ worker's stages, ranking).
 
 ranking: ``GET /v1/tasks/{id}/recommendations`` (learned) for the embedded task, ``--requests``
 times over one keep-alive connection; p50 and p95 of the client-side latency.
+
+zoo management: ``POST /v1/experts`` with an uploaded cnn-16x3 (seeded random weights), then
+``POST /v1/zoo/tasks`` with another ``--images``-image Fashion-MNIST subset; for each, the
+worker job (matrix entries, publishing the version) and the time from the POST until the API
+serves the new version.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import torch
 from app.data.offline import fashion_mnist
 from app.task2vec.sampling import stratified_subset
 from app.zoo.build import zoo_folder as preset_folder
+from app.zoo.experts import SmallCNN
 
 
 def _free_port() -> int:
@@ -46,12 +52,68 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _dataset(images: int) -> bytes:
+def _dataset(images: int, seed: int = 7) -> bytes:
     x, y, names = fashion_mnist("test")
-    keep = stratified_subset(y, images, torch.Generator().manual_seed(7))
+    keep = stratified_subset(y, images, torch.Generator().manual_seed(seed))
     buffer = io.BytesIO()
     np.savez(buffer, x=x[keep], y=np.array(names)[y[keep]])
     return buffer.getvalue()
+
+
+def _expert_weights() -> bytes:
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.save(SmallCNN(16, 3).state_dict(), buffer)
+    return buffer.getvalue()
+
+
+def _until_served(client: httpx.Client, job_id: str, size: tuple[int, int]) -> dict[str, Any]:
+    """Wait for the job, then for the API to serve a version with (tasks, experts) = size."""
+    deadline = time.monotonic() + 900
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"job {job_id} did not finish: {job}")
+        time.sleep(0.1)
+    if job["status"] != "succeeded":
+        raise SystemExit(f"job {job_id} failed: {job['error']}")
+    while (zoo := client.get("/v1/zoo").json())["tasks"] + zoo["experts"] < sum(size):
+        time.sleep(0.05)
+    return {"job_s": _seconds(job), "job_stages": job["timings"]}
+
+
+def _seconds(job: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    started = datetime.fromisoformat(job["started_at"])
+    return round((datetime.fromisoformat(job["finished_at"]) - started).total_seconds(), 3)
+
+
+def _zoo_management(client: httpx.Client, images: int) -> dict[str, Any]:
+    zoo = client.get("/v1/zoo").json()
+    size = (zoo["tasks"], zoo["experts"])
+    out: dict[str, Any] = {}
+    started = time.perf_counter()
+    response = client.post(
+        "/v1/experts",
+        data={"name": "bench-cnn-16x3", "architecture": "cnn-16x3", "input_size": "28"},
+        files={"weights": ("cnn.pt", _expert_weights())},
+    )
+    response.raise_for_status()
+    size = (size[0], size[1] + 1)
+    out["expert"] = _until_served(client, response.json()["job_id"], size)
+    out["expert"]["post_to_served_s"] = round(time.perf_counter() - started, 3)
+    started = time.perf_counter()
+    response = client.post(
+        "/v1/zoo/tasks",
+        data={"name": "bench-clothing", "domain": "clothing"},
+        files={"file": ("clothing.npz", _dataset(images, seed=8))},
+    )
+    response.raise_for_status()
+    size = (size[0] + 1, size[1])
+    out["zoo_task"] = _until_served(client, response.json()["job_id"], size)
+    out["zoo_task"]["post_to_served_s"] = round(time.perf_counter() - started, 3)
+    out["zoo_after"] = size
+    return out
 
 
 def run(zoo: str, images: int, requests: int) -> dict[str, Any]:
@@ -113,6 +175,7 @@ def run(zoo: str, images: int, requests: int) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     client.get(url, params={"k": 5}).raise_for_status()
                     latencies.append(time.perf_counter() - t0)
+                management = _zoo_management(client, images)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -139,6 +202,7 @@ def run(zoo: str, images: int, requests: int) -> dict[str, Any]:
             "p95": round(1000 * float(np.percentile(latencies, 95)), 2),
             "requests": requests,
         },
+        "zoo_management": management,
     }
 
 
@@ -164,6 +228,13 @@ def main() -> None:
     print(
         f"  ranking latency (API)  p50 {lat['p50']} ms, p95 {lat['p95']} ms over {lat['requests']}"
     )
+    admin = result["zoo_management"]
+    for what, label in (("expert", "new expert (cnn-16x3)"), ("zoo_task", "new zoo task")):
+        item = admin[what]
+        print(
+            f"  {label:22} {item['post_to_served_s']:8.2f} s POST to served "
+            f"(worker job {item['job_s']:.2f} s: {item['job_stages']})"
+        )
 
 
 if __name__ == "__main__":

@@ -214,9 +214,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in loaded.values()
     ):
-        raise ProbeWeightsError(
-            f"weights file {str(path)!r} does not hold a state dict of tensors"
-        )
+        raise ProbeWeightsError(f"weights file {str(path)!r} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
