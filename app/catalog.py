@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -72,13 +72,15 @@ class Version:
         )
 
 
-def _newest(session: Session) -> IndexVersionRow | None:
-    return session.scalar(
-        select(IndexVersionRow)
-        .order_by((IndexVersionRow.count + IndexVersionRow.experts).desc())
-        .order_by(IndexVersionRow.id.desc())
-        .limit(1)
+def _largest_first() -> Select[IndexVersionRow]:
+    """Versions newest first: zoos only grow, so the largest is the newest."""
+    return select(IndexVersionRow).order_by(
+        (IndexVersionRow.count + IndexVersionRow.experts).desc(), IndexVersionRow.id.desc()
     )
+
+
+def _newest(session: Session) -> IndexVersionRow | None:
+    return session.scalar(_largest_first().limit(1))
 
 
 def current_version(settings: Settings) -> Version | None:
@@ -354,12 +356,29 @@ def publish(
             )
             assert existing is not None
             version = Version.of(existing)
+    prune(settings)
     if progress is not None:
         progress("publishing", 1, 1)
     log.info(
         "published zoo version %s: %d tasks, %d experts", content, version.tasks, version.experts
     )
     return version
+
+
+def prune(settings: Settings) -> list[Path]:
+    """Delete the folders of all but the newest ``zoo_versions_kept`` versions (their rows
+    stay: recommendations name the version they were ranked with). A process still loading
+    the version before the current one finds its folder: at least two are kept."""
+    with session_scope(settings.resolved_database_url()) as session:
+        rows = session.scalars(_largest_first()).all()
+        keep = {Path(r.zoo) for r in rows[: settings.zoo_versions_kept]}
+        old = {Path(r.zoo) for r in rows[settings.zoo_versions_kept :]} - keep
+    removed = []
+    for folder in sorted(old):
+        if folder.is_dir() and folder.is_relative_to(settings.data_dir / "zoo" / "versions"):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def ensure_published(settings: Settings, base_folder: Path) -> Version:

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_wait_seconds: float = Field(default=600.0, ge=0)
     #: How often (seconds) the API and the workers look for a newly published zoo version.
     zoo_poll_seconds: float = Field(default=2.0, ge=0)
+    #: Published zoo versions whose folders are kept on disk (older ones are deleted).
+    zoo_versions_kept: int = Field(default=3, ge=2)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from app import catalog
 from app.catalog import Version
-from app.db.models import EmbeddingRow, Expert, Job, Task, ZooTask
+from app.db.models import EmbeddingRow, Expert, Job, Recommendation, Task, ZooTask
 from app.db.session import session_scope
 from app.jobs import JobRecorder, problem
 from app.ranking import ZooStates, ranking_items
@@ -134,12 +134,22 @@ def run_rank(job_id: str, settings: Settings) -> None:
         data = load_dataset(dataset_path, image_size=state.zoo.embed_config.image_size)
         embedding = Embedding.load(embedding_path(settings, task_id))
         recorder.stage(f"ranking ({params['method']})")
-        ranking = state.rank(params["method"], embedding, data)
+        items = ranking_items(state.rank(params["method"], embedding, data), len(state.zoo.experts))
+        with session_scope(settings.resolved_database_url()) as session:
+            session.add(
+                Recommendation(
+                    task_id=task_id,
+                    method=params["method"],
+                    ranking=items,
+                    index_version_id=state.version.id,
+                )
+            )
         recorder.succeed(
             {
                 "task": task_id,
                 "method": params["method"],
-                "ranking": ranking_items(ranking, len(ranking)),
+                "ranking": items,
+                "zoo_version": state.version.content,
             }
         )
 

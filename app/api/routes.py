@@ -45,6 +45,12 @@ def _job_view(job: Job) -> dict[str, Any]:
         if job.kind == "embed":
             links["neighbors"] = f"/v1/tasks/{job.task_id}/neighbors"
             links["recommendations"] = f"/v1/tasks/{job.task_id}/recommendations"
+    if job.kind == "expert":
+        links["expert"] = f"/v1/experts/{job.params['expert']}"
+    if job.kind == "zoo-task":
+        links["zoo_task"] = f"/v1/zoo/tasks/{job.params['zoo_task']}"
+    if job.kind in ("expert", "zoo-task"):
+        links["zoo"] = "/v1/zoo"
     return {
         "id": job.id,
         "kind": job.kind,

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app import jobs
 from app.api.main import create_app
-from app.db.models import Job
+from app.db.models import Job, Recommendation
 from app.db.session import session_scope
 from app.settings import Settings
 from tests.service.conftest import npz_upload
@@ -87,6 +87,10 @@ def test_upload_embed_neighbours_and_recommendations(
     result = client.get(queued.headers["location"]).json()
     assert result["status"] == "succeeded"
     assert len(result["result"]["ranking"]) == 3
+    assert result["links"]["task"] == f"/v1/tasks/{body['task_id']}"
+    with session_scope(settings.resolved_database_url()) as session:
+        methods = [r.method for r in session.query(Recommendation).order_by(Recommendation.id)]
+    assert methods == ["learned", "task2vec-knn", "task2vec-asym", "global-best", "logme"]
 
     # The same bytes again: the same task, the same job, nothing new to compute.
     again = client.post("/v1/tasks", files={"file": ("other-name.npz", upload)}).json()

@@ -167,6 +167,9 @@ def test_weights_by_file_path_and_by_url(
     client: TestClient, settings: Settings, sent: list[str], tmp_path: Path
 ) -> None:
     _serving(client, 8, 3)
+    first = catalog.current_version(settings)
+    assert first is not None
+    settings.zoo_versions_kept = 2
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "w.pt").write_bytes(_weights(seed=1))
     by_path = client.post(
@@ -202,6 +205,11 @@ def test_weights_by_file_path_and_by_url(
         stored = set(session.scalars(select(Expert.weights).where(Expert.name.like("by-%"))))
     assert len(stored) == 1
     assert Path(stored.pop()).is_relative_to(settings.data_dir / "experts")
+    # Three versions published, two folders kept; every row stays.
+    with session_scope(settings.resolved_database_url()) as session:
+        folders = [Path(f) for f in session.scalars(select(IndexVersionRow.zoo))]
+    assert len(folders) == 3
+    assert [f.is_dir() for f in folders] == [f != first.folder for f in folders]
 
 
 def _problem(response: Any, status: int, kind: str) -> dict[str, Any]:
