@@ -18,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,13 +36,15 @@ from app.db.models import Expert, IndexVersionRow, MatrixEntry, ZooItemStatus, Z
 from app.db.session import session_scope
 from app.settings import Settings
 from app.storage import content_path
+from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import ConfigError, EmbeddingFileError
+from app.task2vec.files import atomic_write
 from app.zoo.experts import ExpertSpec, extract_features, load_expert
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.recommenders import LearnedScorer
 from app.zoo.tasks import TaskSpec, materialize
-from app.zoo.zoo import Zoo
+from app.zoo.zoo import INDEX_FILE, Zoo, expert_from_json, task_from_json
 
 log = logging.getLogger(__name__)
 
@@ -95,30 +100,22 @@ def current_version(settings: Settings) -> Version | None:
 
 
 def expert_spec(row: Expert) -> ExpertSpec:
-    return ExpertSpec(
-        name=row.name,
-        architecture=row.architecture,
-        weights=row.weights,
-        input_size=row.input_size,
-        mean=(float(row.mean[0]), float(row.mean[1]), float(row.mean[2])),
-        std=(float(row.std[0]), float(row.std[1]), float(row.std[2])),
-        source_task=row.source_task,
-        tags=tuple(row.tags),
+    return expert_from_json(
+        {
+            "name": row.name,
+            "architecture": row.architecture,
+            "weights": row.weights,
+            "input_size": row.input_size,
+            "mean": row.mean,
+            "std": row.std,
+            "source_task": row.source_task,
+            "tags": row.tags,
+        }
     )
 
 
 def task_spec(row: ZooTask) -> TaskSpec:
-    raw = row.spec
-    return TaskSpec(
-        name=raw["name"],
-        source=raw["source"],
-        groups=tuple(tuple(g) for g in raw["groups"]),
-        group_names=tuple(raw["group_names"]),
-        size=raw["size"],
-        seed=raw["seed"],
-        dataset=raw.get("dataset"),
-        domain_name=raw.get("domain_name"),
-    )
+    return task_from_json(row.spec)
 
 
 def expert_row(spec: ExpertSpec, status: str = ZooItemStatus.pending) -> Expert:
@@ -158,10 +155,7 @@ def store_weights(settings: Settings, source: Path) -> Path:
     """Copy a weight file into the data directory under its content hash (idempotent)."""
     target = content_path(settings.data_dir / "experts", _file_digest(source), ".pt")
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".part")
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
     return target
 
 
@@ -192,7 +186,7 @@ def import_zoo(settings: Settings, zoo: Zoo) -> None:
             experts = []
             for spec in zoo.experts:
                 if spec.name in weights:
-                    spec = ExpertSpec(**{**asdict(spec), "weights": str(weights[spec.name])})
+                    spec = replace(spec, weights=str(weights[spec.name]))
                 experts.append(expert_row(spec, ZooItemStatus.ready))
             tasks = []
             for task, path in zip(zoo.tasks, paths, strict=True):
@@ -228,13 +222,6 @@ def _content_hash(zoo: Zoo) -> str:
     return digest.hexdigest()[:32]
 
 
-def _entry_error(
-    expert: ExpertSpec, model: Any, task: TaskSpec, image_size: int, protocol: EvaluationProtocol
-) -> float:
-    data = materialize(task, image_size=image_size)
-    return holdout_error(extract_features(expert, model, data), data.labels, protocol)
-
-
 def add_entries(
     settings: Settings, pairs: list[tuple[int, int]], progress: Progress | None = None
 ) -> None:
@@ -248,7 +235,8 @@ def add_entries(
         raise ConfigError("the zoo has no published version to add to")
     url = settings.resolved_database_url()
     models: dict[int, Any] = {}
-    for done, (task_id, expert_id) in enumerate(pairs):
+    datasets: dict[int, LabelledImages] = {}
+    for done, (task_id, expert_id) in enumerate(sorted(pairs)):  # one task's pairs together
         with session_scope(url) as session:
             task, expert = session.get(ZooTask, task_id), session.get(Expert, expert_id)
             assert task is not None
@@ -256,9 +244,12 @@ def add_entries(
             tspec, espec = task_spec(task), expert_spec(expert)
         if expert_id not in models:
             models[expert_id] = load_expert(espec)
-        error = _entry_error(
-            espec, models[expert_id], tspec, version.embed_config.image_size, version.protocol
-        )
+        if task_id not in datasets:
+            datasets.clear()  # one decoded task in memory at a time
+            datasets[task_id] = materialize(tspec, image_size=version.embed_config.image_size)
+        data = datasets[task_id]
+        features = extract_features(espec, models[expert_id], data)
+        error = holdout_error(features, data.labels, version.protocol)
         try:
             with session_scope(url) as session:
                 session.add(MatrixEntry(zoo_task_id=task_id, expert_id=expert_id, error=error))
@@ -327,13 +318,11 @@ def publish(
         row = session.scalar(select(IndexVersionRow).where(IndexVersionRow.content == content))
         if row is not None:
             return Version.of(row)
-    folder = settings.data_dir / "zoo" / "versions" / content
     if progress is not None:
         progress("publishing", 0, 1)
-    zoo.save(folder)
-    saved = Zoo.load(folder)
-    index = saved.index()  # built and saved next to the zoo: the API only loads it
-    LearnedScorer(saved)  # a version the scorer cannot fit is never published
+    LearnedScorer(zoo)  # a version the scorer cannot fit is never published
+    index = zoo.index()
+    folder = _write_version(settings, zoo, content)
     config = {"embed_config": asdict(embed_config), "protocol": asdict(protocol)}
     try:
         with session_scope(url) as session:
@@ -365,20 +354,51 @@ def publish(
     return version
 
 
+#: A folder under versions/ that no row names (a publisher died between writing it and
+#: committing its row, or a temporary one) is removed once it is this old.
+ORPHAN_SECONDS = 600
+
+
 def prune(settings: Settings) -> list[Path]:
     """Delete the folders of all but the newest ``zoo_versions_kept`` versions (their rows
-    stay: recommendations name the version they were ranked with). A process still loading
-    the version before the current one finds its folder: at least two are kept."""
+    stay: recommendations name the version they were ranked with), and orphaned folders. A
+    process still loading the version before the current one finds its folder: at least two
+    are kept."""
+    versions = settings.data_dir / "zoo" / "versions"
     with session_scope(settings.resolved_database_url()) as session:
         rows = session.scalars(_largest_first()).all()
         keep = {Path(r.zoo) for r in rows[: settings.zoo_versions_kept]}
-        old = {Path(r.zoo) for r in rows[settings.zoo_versions_kept :]} - keep
+        named = {Path(r.zoo) for r in rows}
+    now = time.time()
     removed = []
-    for folder in sorted(old):
-        if folder.is_dir() and folder.is_relative_to(settings.data_dir / "zoo" / "versions"):
+    for folder in sorted(versions.iterdir()) if versions.is_dir() else []:
+        orphan = folder not in named and now - folder.stat().st_mtime > ORPHAN_SECONDS
+        if folder.is_dir() and folder not in keep and (folder in named or orphan):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
+
+
+def _write_version(settings: Settings, zoo: Zoo, content: str) -> Path:
+    """The version's folder (zoo and FAISS index), named by its content. It is written under a
+    private name and renamed into place, so a reader never sees half a folder, and two workers
+    publishing the same content at once both succeed (the second rename finds the first)."""
+    versions = settings.data_dir / "zoo" / "versions"
+    folder = versions / content
+    if (folder / "zoo.json").is_file():
+        return folder
+    tmp = versions / f".{content}.{uuid.uuid4().hex}"
+    try:
+        zoo.save(tmp)
+        zoo.index().save(tmp / INDEX_FILE)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "zoo.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def ensure_published(settings: Settings, base_folder: Path) -> Version:
@@ -465,7 +485,7 @@ def evaluate_expert(settings: Settings, name: str, progress: Progress | None = N
             progress("downloading weights", 0, 1)
         stored = _fetch(spec.weights, settings.max_upload_bytes, settings)
         _mark(settings, Expert, name, weights=str(stored))
-        spec = ExpertSpec(**{**asdict(spec), "weights": str(stored)})
+        spec = replace(spec, weights=str(stored))
     load_expert(spec)  # weights that do not load fail here, before any evaluation
     add_entries(settings, [(t, expert_id) for t in tasks if t not in have], progress)
     _mark(settings, Expert, name, status=ZooItemStatus.ready, error=None)
@@ -507,10 +527,25 @@ def add_zoo_task(
 def fail_item(
     settings: Settings, model: type[ZooTask] | type[Expert], name: str, error: dict[str, Any]
 ) -> None:
-    """A job for an expert or zoo task failed: the item stays out of the zoo, with why."""
+    """A job for an expert or zoo task failed: the item stays out of the zoo, with why.
+
+    An item already in the current version stays ready (a redelivered job that failed must
+    not take it out); one marked ready whose publish then failed is failed, so later versions
+    leave it out and its name can be registered again."""
+    version = current_version(settings)
+    served = set() if version is None else _names(version.folder, model)
     with session_scope(settings.resolved_database_url()) as session:
         row = cast(
             "ZooTask | Expert | None", session.scalar(select(model).where(model.name == name))
         )
-        if row is not None and row.status != ZooItemStatus.ready:
+        if row is not None and not (row.status == ZooItemStatus.ready and name in served):
             row.status, row.error = ZooItemStatus.failed, error
+
+
+def _names(folder: Path, model: type[ZooTask] | type[Expert]) -> set[str]:
+    """Names of the experts or tasks in a version folder."""
+    try:
+        manifest = json.loads((folder / "zoo.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    return {item["name"] for item in manifest["experts" if model is Expert else "tasks"]}

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app import catalog
 from app.catalog import Version
 from app.settings import Settings
@@ -80,18 +82,23 @@ class ZooState:
 class ZooStates:
     """The zoo version a process serves, swapped for a newer one without a restart.
 
-    At most every ``poll_seconds`` it asks the database for the current version. A newer one
-    is loaded in a background thread while requests go on with the old one (``background``,
-    for the API), or at once (for workers, which should compute with the newest). On first
-    use, when nothing is published yet, the configured zoo is imported and published.
+    At most every ``zoo_poll_seconds`` it asks the database for the current version (the
+    database orders them: ``app.catalog``). When it changed, the new one is loaded in a
+    background thread while requests go on with the old one (``background``, for the API), or
+    at once (for workers, which should compute with the newest). Only the version last asked
+    for is installed, so loads that finish out of order never go back. On first use, when
+    nothing is published yet, the configured zoo is imported and published; concurrent first
+    requests wait for one load.
     """
 
     def __init__(self, background: bool = True) -> None:
         self.background = background
         self._lock = threading.Lock()
+        self._first_load = threading.Lock()
         self._state: ZooState | None = None
+        self._wanted: Version | None = None
         self._checked = -float("inf")
-        self._loading: int | None = None
+        self._loading: Version | None = None
 
     def current(self, settings: Settings) -> ZooState:
         now = time.monotonic()
@@ -100,38 +107,54 @@ class ZooStates:
             if state is not None and now - self._checked < settings.zoo_poll_seconds:
                 return state
             self._checked = now
-        version = catalog.current_version(settings) or self._first_version(settings)
-        if state is not None and version.id == state.version.id:
+        if state is None:
+            with self._first_load:
+                return self._state or self._install(self._load_current(settings))
+        try:
+            version = catalog.current_version(settings)
+        except SQLAlchemyError:
+            log.exception("cannot look for a new zoo version; serving %s", state.version.content)
             return state
-        if state is None or not self.background:
-            loaded = ZooState.load(version)
-            with self._lock:
-                self._state = loaded
-            return loaded
+        if version is None or version == state.version:
+            return state
         with self._lock:
-            if self._loading != version.id:
-                self._loading = version.id
+            self._wanted = version
+        if not self.background:
+            return self._install(ZooState.load(version))
+        with self._lock:
+            if self._loading != version:
+                self._loading = version
                 threading.Thread(target=self._swap, args=(version,), daemon=True).start()
         return state
 
+    def _load_current(self, settings: Settings) -> ZooState:
+        version = catalog.current_version(settings) or self._first_version(settings)
+        with self._lock:
+            self._wanted = version
+        return ZooState.load(version)
+
+    def _install(self, loaded: ZooState) -> ZooState:
+        with self._lock:
+            if self._state is None or loaded.version == self._wanted:
+                self._state = loaded
+            return self._state
+
     def _swap(self, version: Version) -> None:
         try:
-            loaded = ZooState.load(version)
+            served = self._install(ZooState.load(version))
         except Exception:
             log.exception("zoo version %s did not load; still serving the previous one", version.id)
-            with self._lock:
-                self._loading = None
-            return
+            served = None
         with self._lock:
-            if self._state is None or self._state.version.id != version.id:
-                self._state = loaded
-            self._loading = None
-        log.info(
-            "now serving zoo version %s (%d tasks, %d experts)",
-            version.content,
-            version.tasks,
-            version.experts,
-        )
+            if self._loading == version:
+                self._loading = None
+        if served is not None and served.version == version:
+            log.info(
+                "now serving zoo version %s (%d tasks, %d experts)",
+                version.content,
+                version.tasks,
+                version.experts,
+            )
 
     @staticmethod
     def _first_version(settings: Settings) -> Version:

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     zoo_poll_seconds: float = Field(default=2.0, ge=0)
     #: Published zoo versions whose folders are kept on disk (older ones are deleted).
     zoo_versions_kept: int = Field(default=3, ge=2)
+    #: A folder whose weight files an expert may name by path (``weights_uri``); unset, the
+    #: weights are uploaded or named by URL.
+    weights_import_dir: Path | None = None
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.jobs import PROBLEM_BASE
 
 MEDIA_TYPE = "application/problem+json"
+log = logging.getLogger(__name__)
 
 
 class ProblemError(Exception):
@@ -46,6 +48,18 @@ def problem_response(
 
 
 def install(app: FastAPI) -> None:
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        """Anything unforeseen still answers problem+json (and is logged with its trace)."""
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem_response(
+            500,
+            "internal",
+            "Internal error",
+            "the service failed on this request; the error is logged",
+            instance=request.url.path,
+        )
+
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
         return problem_response(

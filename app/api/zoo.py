@@ -8,6 +8,7 @@ computes the matrix entries and publishes a new version, which the API then swap
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -36,7 +37,7 @@ router = APIRouter(prefix="/v1")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 Limit = Annotated[int, Query(ge=1, le=500)]
-Offset = Annotated[int, Query(ge=0)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 
 
 def _check_name(what: str, name: str) -> None:
@@ -198,7 +199,7 @@ def _floats(field: str, raw: str | None, default: tuple[float, float, float]) ->
         values = [float(v) for v in raw.split(",")]
     except ValueError:
         values = []
-    if len(values) != 3 or any(v != v for v in values):
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
         raise ProblemError(
             422, "invalid-expert", "Invalid expert", f"{field}: three comma-separated numbers"
         )
@@ -238,16 +239,39 @@ async def _weights(
         return uri
     if architecture in PROBES and (uri == "imagenet" or uri.startswith("random")):
         return uri
-    path = Path(uri.removeprefix("file://"))
-    if not path.is_file():
-        raise ProblemError(
-            422,
-            "invalid-expert",
-            "Invalid expert",
-            f"weights_uri {uri!r}: not an http(s) URL, a readable file, or (for "
-            f"{', '.join(PROBES)}) 'imagenet' / 'random:N'",
+    return str(await run_in_threadpool(_import_weights, settings, uri))
+
+
+def _import_weights(settings: Settings, uri: str) -> Path:
+    """A weight file named by path: only under ``weights_import_dir`` (a folder the operator
+    shares for this), at most ``max_upload_bytes``; copied into the data directory."""
+
+    def refuse(why: str) -> ProblemError:
+        return ProblemError(422, "invalid-expert", "Invalid expert", f"weights_uri {uri!r}: {why}")
+
+    root = settings.weights_import_dir
+    if root is None:
+        raise refuse(
+            f"not an http(s) URL or (for {', '.join(PROBES)}) 'imagenet' / 'random:N'; "
+            "weight files are uploaded as `weights`, or named by path when the service sets "
+            "T2V_WEIGHTS_IMPORT_DIR"
         )
-    return str(await run_in_threadpool(catalog.store_weights, settings, path))
+    try:
+        path = Path(uri.removeprefix("file://")).resolve()
+        inside = path.is_relative_to(root.resolve())
+        size = path.stat().st_size if inside and path.is_file() else None
+    except (OSError, ValueError):
+        size, inside = None, False
+    if not inside:
+        raise refuse(f"not a file under the weights import folder {str(root)!r}")
+    if size is None:
+        raise refuse("no such file in the weights import folder")
+    if size > settings.max_upload_bytes:
+        raise refuse(f"larger than the limit of {settings.max_upload_bytes} bytes")
+    try:
+        return catalog.store_weights(settings, path)
+    except OSError as exc:
+        raise refuse(f"cannot be read ({exc.strerror})") from None
 
 
 def _check_loads(spec: ExpertSpec) -> None:
@@ -260,30 +284,35 @@ def _check_loads(spec: ExpertSpec) -> None:
 def _register(settings: Settings, row: Expert | ZooTask) -> tuple[str, str]:
     """Commit a new expert or zoo task and the job that computes its matrix entries, then
     send the job. A failed item of the same name is replaced, with its entries."""
-    is_expert = isinstance(row, Expert)
+    name, is_expert = row.name, isinstance(row, Expert)
     model: type[Expert] | type[ZooTask] = Expert if is_expert else ZooTask
     kind = "expert" if is_expert else "zoo-task"
     try:
         with session_scope(settings.resolved_database_url()) as session:
             old = cast(
                 "Expert | ZooTask | None",
-                session.scalar(select(model).where(model.name == row.name)),
+                session.scalar(select(model).where(model.name == name)),
             )
             if old is not None:
-                _refuse_taken(kind, row.name, old.status)
+                _refuse_taken(kind, name, old.status)
                 column = MatrixEntry.expert_id if is_expert else MatrixEntry.zoo_task_id
                 session.execute(delete(MatrixEntry).where(column == old.id))
                 session.delete(old)
                 session.flush()
             session.add(row)
-            job = jobs.create(session, kind, None, **{kind.replace("-", "_"): row.name})
+            job = jobs.create(session, kind, None, **{kind.replace("-", "_"): name})
             row.job_id = job.id
             job_id, status = job.id, job.status
     except IntegrityError:
         what = kind.replace("-", " ")
-        detail = f"{what} {row.name!r} was registered at the same time"
+        detail = f"{what} {name!r} was registered at the same time"
         raise ProblemError(409, f"{kind}-exists", f"The {what} exists", detail) from None
-    send(settings, job_id)
+    try:
+        send(settings, job_id)
+    except ProblemError as exc:  # the job failed unsent: so does the item, freeing its name
+        error = jobs.problem(exc.status, exc.kind, exc.title, exc.detail)
+        catalog.fail_item(settings, model, name, error)
+        raise
     return job_id, status
 
 
@@ -301,7 +330,11 @@ async def register_expert(
     weights: Annotated[UploadFile | None, File(description="a state_dict (.pt)")] = None,
     weights_uri: Annotated[
         str | None,
-        Form(description="http(s) URL, file path, or 'imagenet' / 'random:N' for probes"),
+        Form(
+            max_length=1000,
+            description="http(s) URL, a path under the weights import folder, or "
+            "'imagenet' / 'random:N' for the probe networks",
+        ),
     ] = None,
     mean: Annotated[str | None, Form(description="normalisation mean, 'r,g,b'")] = None,
     std: Annotated[str | None, Form(description="normalisation std, 'r,g,b'")] = None,

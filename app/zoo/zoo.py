@@ -185,10 +185,10 @@ class Zoo:
             weights = spec["weights"]
             if weights.startswith("experts/"):
                 spec = {**spec, "weights": str(folder / weights)}
-            experts.append(_expert_from_json(spec))
+            experts.append(expert_from_json(spec))
         return cls(
             embed_config=EmbedConfig(**manifest["embed_config"]),
-            tasks=[_task_from_json(t) for t in manifest["tasks"]],
+            tasks=[task_from_json(t) for t in manifest["tasks"]],
             embeddings=[
                 Embedding(h, s, json.loads(str(m)))
                 for h, s, m in zip(hessians, scales, metas, strict=True)
@@ -200,7 +200,7 @@ class Zoo:
         )
 
 
-def _task_from_json(raw: dict[str, Any]) -> TaskSpec:
+def task_from_json(raw: dict[str, Any]) -> TaskSpec:
     return TaskSpec(
         name=raw["name"],
         source=raw["source"],
@@ -213,7 +213,7 @@ def _task_from_json(raw: dict[str, Any]) -> TaskSpec:
     )
 
 
-def _expert_from_json(raw: dict[str, Any]) -> ExpertSpec:
+def expert_from_json(raw: dict[str, Any]) -> ExpertSpec:
     return ExpertSpec(
         name=raw["name"],
         architecture=raw["architecture"],

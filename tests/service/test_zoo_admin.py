@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from app import catalog, jobs
 from app.api.main import create_app
 from app.db.models import Expert, IndexVersionRow, Job, MatrixEntry, Recommendation, ZooTask
 from app.db.session import session_scope
+from app.ranking import ZooStates
 from app.settings import Settings
 from app.zoo.experts import SmallCNN
 from app.zoo.presets import tiny
@@ -172,9 +174,15 @@ def test_weights_by_file_path_and_by_url(
     settings.zoo_versions_kept = 2
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "w.pt").write_bytes(_weights(seed=1))
-    by_path = client.post(
-        "/v1/experts", data=_expert_form("by-path", weights_uri=str(tmp_path / "www" / "w.pt"))
-    )
+    (tmp_path / "secret.pt").write_bytes(_weights(seed=1))
+    by_path = _expert_form("by-path", weights_uri=str(tmp_path / "www" / "w.pt"))
+    refused = client.post("/v1/experts", data=by_path)
+    assert "T2V_WEIGHTS_IMPORT_DIR" in _problem(refused, 422, "invalid-expert")["detail"]
+    settings.weights_import_dir = tmp_path / "www"
+    outside = _expert_form("by-path", weights_uri=str(tmp_path / "www" / ".." / "secret.pt"))
+    escaped = client.post("/v1/experts", data=outside)
+    assert "not a file under" in _problem(escaped, 422, "invalid-expert")["detail"]
+    by_path = client.post("/v1/experts", data=by_path)
     assert by_path.status_code == 202, by_path.text
     _run(settings, sent[-1])
 
@@ -240,9 +248,10 @@ def test_bad_registrations_are_refused_and_store_nothing(
     assert "/does/not/exist.pt" in _problem(no_file, 422, "invalid-expert")["detail"]
     source = post(data=_expert_form("a", source_task="nope"), files={"weights": weights})
     _problem(source, 422, "invalid-expert")
-    _problem(
-        post(data=_expert_form("a", mean="1,2"), files={"weights": weights}), 422, "invalid-expert"
-    )
+    for mean in ("1,2", "1e999,0,0", "nan,0,0"):
+        form = _expert_form("a", mean=mean)
+        _problem(post(data=form, files={"weights": weights}), 422, "invalid-expert")
+    _problem(post(data=_expert_form("a", weights_uri="x" * 1001)), 422, "invalid-request")
     taken = client.get("/v1/experts").json()["items"][0]["id"]
     _problem(post(data=_expert_form(taken), files={"weights": weights}), 409, "expert-exists")
 
@@ -262,6 +271,26 @@ def test_bad_registrations_are_refused_and_store_nothing(
     with session_scope(settings.resolved_database_url()) as session:
         assert imported == {Path(w) for w in session.scalars(select(Expert.weights)) if "/" in w}
     assert not list((settings.data_dir / "uploads").rglob("*.archive"))
+    leftovers = [p for p in settings.data_dir.rglob("*") if p.suffix in (".tmp", ".download")]
+    assert leftovers == []
+
+
+def test_a_dead_broker_fails_the_item_and_frees_its_name(
+    client: TestClient, settings: Settings, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _serving(client, 8, 3)
+
+    def refuse(job: Job, broker: str) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(jobs, "dispatch", refuse)
+    form, files = _expert_form("later"), {"weights": ("w.pt", _weights())}
+    down = client.post("/v1/experts", data=form, files=files)
+    assert "broker down" in _problem(down, 503, "broker-unavailable")["detail"]
+    assert client.get("/v1/experts/later").json()["status"] == "failed"
+    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: sent.append(job.id))
+    assert client.post("/v1/experts", data=form, files=files).status_code == 202
+    assert client.get("/v1/experts/later").json()["status"] == "pending"
 
 
 def test_publish_fills_missing_entries_and_never_goes_back(
@@ -302,3 +331,13 @@ def test_publish_fills_missing_entries_and_never_goes_back(
             )
         )
     assert catalog.current_version(settings) == version
+
+
+def test_a_late_load_of_an_older_version_is_never_installed() -> None:
+    """Background loads may finish out of order: only the version last asked for goes in."""
+    states = ZooStates()
+    old, older, newest = (SimpleNamespace(version=v) for v in ("v1", "v2", "v3"))
+    states._state, states._wanted = old, "v3"  # type: ignore[assignment]
+    assert states._install(older) is old  # type: ignore[arg-type]
+    assert states._install(newest) is newest  # type: ignore[arg-type]
+    assert states._install(older) is newest  # type: ignore[arg-type]
