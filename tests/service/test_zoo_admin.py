@@ -293,6 +293,31 @@ def test_a_dead_broker_fails_the_item_and_frees_its_name(
     assert client.get("/v1/experts/later").json()["status"] == "pending"
 
 
+def test_an_expert_and_a_task_added_at_once(
+    client: TestClient, settings: Settings, sent: list[str]
+) -> None:
+    """Two workers at once: each computes only what it sees as ready, and the later publish
+    fills the entry between the new task and the new expert."""
+    _serving(client, 8, 3)
+    form, files = _expert_form("concurrent"), {"weights": ("w.pt", _weights(seed=3))}
+    assert client.post("/v1/experts", data=form, files=files).status_code == 202
+    base = tiny()[2]
+    spec = TaskSpec("concurrent-task", base.source, base.groups, base.group_names, 80, seed=5)
+    upload = {"file": ("t.npz", _npz(spec))}
+    assert client.post("/v1/zoo/tasks", data={"name": spec.name}, files=upload).status_code == 202
+    threads = [threading.Thread(target=_run, args=(settings, job_id)) for job_id in sent]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for job_id in sent:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "succeeded", job
+    _serving(client, 9, 4)
+    with session_scope(settings.resolved_database_url()) as session:
+        assert len(session.scalars(select(MatrixEntry)).all()) == 9 * 4
+
+
 def test_publish_fills_missing_entries_and_never_goes_back(
     client: TestClient, settings: Settings
 ) -> None:
