@@ -166,8 +166,25 @@ class ZooStates:
             )
         return catalog.ensure_published(settings, folder)
 
-    def loaded(self) -> bool:
-        return self._state is not None
+    @property
+    def served(self) -> ZooState | None:
+        """The version being served now, without looking for a newer one."""
+        return self._state
+
+    def follow(self, settings: Settings, stop: threading.Event) -> None:
+        """Look for new versions every poll interval until ``stop`` is set, so the API swaps
+        even when no request comes (and loads the zoo at start, not on the first request).
+        A failure is logged once until it changes; requests report it as they come."""
+        last_error = ""
+        while not stop.is_set():
+            try:
+                self.current(settings)
+                last_error = ""
+            except Exception as exc:
+                if repr(exc) != last_error:
+                    log.warning("the zoo is not available: %s", exc)
+                    last_error = repr(exc)
+            stop.wait(max(settings.zoo_poll_seconds, 0.5))
 
 
 def ranking_items(ranking: list[Ranked], k: int) -> list[dict[str, Any]]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,11 +30,27 @@ def _check_broker(settings: Settings) -> None:
         connection.ensure_connection(max_retries=1, timeout=2)
 
 
+@asynccontextmanager
+async def _following_the_zoo(app: FastAPI) -> AsyncIterator[None]:
+    """A thread that keeps the served zoo version current while the app runs."""
+    stop = threading.Event()
+    follower = threading.Thread(
+        target=app.state.zoos.follow, args=(app.state.settings, stop), daemon=True
+    )
+    follower.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        follower.join(timeout=10)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="Task2Vec model recommendation",
         version="1.0.0",
         description="Upload a labelled image dataset; get the zoo's experts ranked for it.",
+        lifespan=_following_the_zoo,
     )
     app.state.settings = settings or get_settings()
     app.state.zoos = ZooStates()

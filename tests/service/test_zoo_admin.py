@@ -111,6 +111,12 @@ def test_register_an_expert_and_the_api_swaps_to_the_new_version(
     assert (job["result"]["tasks"], job["result"]["experts"]) == (8, 4)
     assert "matrix" in job["timings"]
 
+    # The API swaps by itself, with no request asking for the zoo.
+    zoos: ZooStates = client.app.state.zoos  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while (served := zoos.served) is None or served.version.experts != 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     second = _serving(client, 8, 4)
     assert second["version"] != first["version"]
     ready = client.get("/v1/experts/cnn-4x1-random").json()
