@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.task2vec.datasets import ArchiveLimits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="T2V_", env_file=".env", extra="ignore")
@@ -27,6 +29,18 @@ class Settings(BaseSettings):
     zoo: str = "starter"
     #: Largest accepted upload, in bytes.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    #: Upload limits (``app.task2vec.datasets.ArchiveLimits``): archive members, bytes per
+    #: member and in all once uncompressed, compression ratio per member, pixels per image,
+    #: classes, the fewest images per class, and the largest fraction of undecodable images
+    #: that is skipped (reported) rather than refused.
+    max_archive_members: int = Field(default=200_000, gt=0)
+    max_member_bytes: int = Field(default=64 * 1024**2, gt=0)
+    max_uncompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
+    max_compression_ratio: float = Field(default=200.0, gt=1)
+    max_image_pixels: int = Field(default=32 * 1024**2, gt=0)
+    max_classes: int = Field(default=1_000, ge=2)
+    min_images_per_class: int = Field(default=2, ge=1)
+    max_skipped_fraction: float = Field(default=0.1, ge=0, le=1)
     #: Longest ``wait`` a client may ask for on POST /v1/recommendations, in seconds.
     max_wait_seconds: float = Field(default=600.0, ge=0)
     #: How often (seconds) the API and the workers look for a newly published zoo version.
@@ -38,6 +52,18 @@ class Settings(BaseSettings):
     weights_import_dir: Path | None = None
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
+
+    def dataset_limits(self) -> ArchiveLimits:
+        return ArchiveLimits(
+            max_members=self.max_archive_members,
+            max_total_bytes=self.max_uncompressed_bytes,
+            max_member_bytes=self.max_member_bytes,
+            max_compression_ratio=self.max_compression_ratio,
+            max_image_pixels=self.max_image_pixels,
+            max_classes=self.max_classes,
+            min_images_per_class=self.min_images_per_class,
+            max_skipped_fraction=self.max_skipped_fraction,
+        )
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'task2vec.db').resolve()}"

@@ -26,7 +26,7 @@ from app.ranking import ZooStates, ranking_items
 from app.settings import Settings, get_settings
 from app.task2vec.datasets import LabelledImages, load_dataset
 from app.task2vec.embedding import EmbedConfig, Embedding, difficulty, embed
-from app.task2vec.errors import Task2VecError
+from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.probes import ProbeNetwork, load_probe
 from workers.celery_app import app
 
@@ -89,7 +89,8 @@ def _recorded(
         yield recorder, _job_params(url, job_id)
         return
     except Task2VecError as exc:
-        error = problem(422, invalid, f"Failed while {doing}", str(exc))
+        kind = exc.kind if isinstance(exc, DatasetError) else invalid
+        error = problem(422, kind, f"Failed while {doing}", str(exc))
     except Exception as exc:
         log.exception("job %s failed while %s", job_id, doing)
         error = problem(500, "internal", f"Internal error while {doing}", repr(exc))
@@ -104,7 +105,9 @@ def run_embed(job_id: str, settings: Settings) -> None:
         zoo = ZOOS.current(settings).zoo
         config = replace(zoo.embed_config, device=settings.device)  # type: ignore[arg-type]
         recorder.stage("loading dataset")
-        data = load_dataset(dataset_path, image_size=config.image_size)
+        data = load_dataset(
+            dataset_path, image_size=config.image_size, limits=settings.dataset_limits()
+        )
         started = time.perf_counter()
         embedding = embed(data, config, probe=_probe(config), progress=recorder.progress)
         seconds = time.perf_counter() - started
@@ -131,7 +134,11 @@ def run_rank(job_id: str, settings: Settings) -> None:
         task_id, dataset_path = _task_context(settings.resolved_database_url(), job_id)
         state = ZOOS.current(settings)
         recorder.stage("loading dataset")
-        data = load_dataset(dataset_path, image_size=state.zoo.embed_config.image_size)
+        data = load_dataset(
+            dataset_path,
+            image_size=state.zoo.embed_config.image_size,
+            limits=settings.dataset_limits(),
+        )
         embedding = Embedding.load(embedding_path(settings, task_id))
         recorder.stage(f"ranking ({params['method']})")
         items = ranking_items(state.rank(params["method"], embedding, data), len(state.zoo.experts))

@@ -93,6 +93,7 @@ def _task_view(settings: Settings, task_id: str) -> dict[str, Any]:
                 "num_images": d.num_images,
                 "classes": d.classes,
                 "class_counts": d.class_counts,
+                "skipped": d.skipped or [],
             },
             "embedding": None
             if e is None
@@ -145,6 +146,7 @@ async def create_task(
             "task_id": submitted.task_id,
             "job_id": submitted.job_id,
             "status": submitted.job_status,
+            "skipped": submitted.skipped,
             "links": {
                 "job": f"/v1/jobs/{submitted.job_id}",
                 "task": f"/v1/tasks/{submitted.task_id}",

@@ -26,7 +26,7 @@ from app.settings import Settings
 from app.storage import StoredFile, UploadTooLargeError, store_stream
 from app.task2vec.datasets import LabelledImages, load_dataset
 from app.task2vec.embedding import EmbedConfig
-from app.task2vec.errors import Task2VecError
+from app.task2vec.errors import DatasetError, Task2VecError
 
 CHUNK = 1024 * 1024
 
@@ -42,6 +42,7 @@ class Submitted:
     job_id: str
     job_status: str
     new_job: bool
+    skipped: list[dict[str, str]]
 
 
 async def chunks(upload: UploadFile) -> AsyncIterator[bytes]:
@@ -67,14 +68,15 @@ def validate(
     """The stored upload as a dataset, or a 422 naming the problem; a rejected file that no
     dataset row holds is removed (nothing half-stored)."""
     try:
-        return load_dataset(stored.path, image_size=image_size)
+        return load_dataset(stored.path, image_size=image_size, limits=settings.dataset_limits())
     except Task2VecError as exc:
         with session_scope(settings.resolved_database_url()) as session:
             known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256))
         if known is None:
             stored.path.unlink(missing_ok=True)
         detail = str(exc).replace(stored.path.name, filename)
-        raise ProblemError(422, "invalid-dataset", "The dataset cannot be read", detail) from None
+        kind = exc.kind if isinstance(exc, DatasetError) else "invalid-dataset"
+        raise ProblemError(422, kind, "The dataset cannot be used", detail) from None
 
 
 def _dataset_row(
@@ -91,10 +93,16 @@ def _dataset_row(
         num_images=len(data),
         classes=list(data.classes),
         class_counts=[int(c) for c in data.class_counts()],
+        skipped=skipped_view(data),
     )
     session.add(row)
     session.flush()
     return row
+
+
+def skipped_view(data: LabelledImages) -> list[dict[str, str]]:
+    """The members left out of a dataset, as the API shows them."""
+    return [{"member": name, "reason": why} for name, why in data.skipped]
 
 
 def _task_row(session: Session, dataset: Dataset, config: EmbedConfig) -> Task:
@@ -128,7 +136,7 @@ def _register(
                 new = job is None
                 if job is None:
                     job = jobs.create(session, "embed", task.id)
-                result = Submitted(task.id, job.id, job.status, new)
+                result = Submitted(task.id, job.id, job.status, new, skipped_view(data))
             break
         except IntegrityError:
             if attempt:

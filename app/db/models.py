@@ -49,6 +49,8 @@ class Dataset(Base):
     num_images: Mapped[int | None] = mapped_column(Integer)
     classes: Mapped[list[Any] | None] = mapped_column(JSON)
     class_counts: Mapped[list[Any] | None] = mapped_column(JSON)
+    #: Members left out (not images, undecodable): [{"member": ..., "reason": ...}].
+    skipped: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -8,12 +8,16 @@ Accepted inputs (the formats users upload):
   relative to the manifest's folder);
 * an ``.npz`` file with ``x`` (N,H,W or N,H,W,C uint8, C = 1 or 3) and ``y`` (N labels).
 
-Archives are read member by member in memory: nothing is extracted and no member name is ever
-used as a filesystem path. Member count, total size and compression ratio are capped, and every
-image must decode. Images are kept at their stored resolution (grey stays one channel) and are
-resized and normalised batch by batch, so a 10,000-image task costs its decoded size, not
-10,000 x 3 x 224 x 224 floats; archive images larger than the probe's input are shrunk as they
-are decoded.
+The format is sniffed from the bytes, never taken from the file name. Archives are read member
+by member in memory: nothing is extracted and no member name is ever used as a filesystem path.
+Member count, total size, compression ratio, pixels per image, classes and images per class are
+capped (``ArchiveLimits``); links, devices, duplicate or unsafe names are refused; members that
+are not images (or nested archives, never opened) and images that do not decode are skipped and
+reported, up to a bound. Every refusal is a ``DatasetError`` whose ``kind`` names it.
+
+Images are kept at their stored resolution (grey stays one channel) and are resized and
+normalised batch by batch, so a 10,000-image task costs its decoded size, not 10,000 x 3 x 224 x
+224 floats; archive images larger than the probe's input are shrunk as they are decoded.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import tarfile
 import warnings
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +46,18 @@ MANIFEST_NAME = "labels.csv"
 
 @dataclass(frozen=True)
 class ArchiveLimits:
-    """Caps that keep a hostile archive from exhausting memory or time."""
+    """Caps that keep a hostile upload from exhausting memory or time, and the least a
+    classification task needs."""
 
     max_members: int = 200_000
     max_total_bytes: int = 4 * 1024**3
     max_member_bytes: int = 64 * 1024**2
     max_compression_ratio: float = 200.0
     max_image_pixels: int = 32 * 1024 * 1024
+    max_classes: int = 1_000
+    min_images_per_class: int = 2
+    #: Undecodable images are skipped while they are at most this fraction of the images.
+    max_skipped_fraction: float = 0.1
 
 
 DEFAULT_LIMITS = ArchiveLimits()
@@ -66,6 +75,8 @@ class LabelledImages:
     images: np.ndarray
     labels: np.ndarray
     classes: tuple[str, ...]
+    #: Members left out, each with why ("not an image", "cannot be decoded: ...").
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -81,50 +92,97 @@ class LabelledImages:
         return LabelledImages(self.images[indices], self.labels[indices], self.classes)
 
 
-def from_arrays(images: np.ndarray, labels: np.ndarray) -> LabelledImages:
+def from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray,
+    limits: ArchiveLimits = DEFAULT_LIMITS,
+    skipped: tuple[tuple[str, str], ...] = (),
+) -> LabelledImages:
     """Validate in-memory arrays (N,H,W[,C] uint8, N labels) and map labels to class indices."""
     if images.dtype != np.uint8:
-        raise DatasetError(f"images must be uint8, got {images.dtype}")
+        raise DatasetError(f"images must be uint8, got {images.dtype}", "invalid-npz")
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DatasetError(
-            f"images must have shape (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}"
+            f"images must have shape (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}",
+            "invalid-npz",
         )
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DatasetError(
             f"expected one label per image: {images.shape[0]} images, labels of shape "
-            f"{labels.shape}"
+            f"{labels.shape}",
+            "invalid-npz",
         )
     if images.shape[0] == 0:
-        raise DatasetError("the dataset holds no images")
+        raise DatasetError("the dataset holds no images", "no-images")
+    if images.shape[1] == 0 or images.shape[2] == 0:
+        raise DatasetError(f"images of shape {images.shape[1:3]} hold no pixels", "invalid-npz")
+    if images.shape[1] * images.shape[2] > limits.max_image_pixels:
+        raise DatasetError(
+            f"images of {images.shape[1]}x{images.shape[2]} pixels, over the limit of "
+            f"{limits.max_image_pixels}",
+            "image-too-large",
+        )
     if labels.dtype.kind not in "iuU":
-        raise DatasetError(f"labels must be integers or strings, got {labels.dtype}")
-    values, index = np.unique(labels, return_inverse=True)
+        raise DatasetError(f"labels must be integers or strings, got {labels.dtype}", "invalid-npz")
+    values, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if len(values) < 2:
         raise DatasetError(
-            f"a classification task needs at least 2 classes; found only {values[0]!r}"
+            f"a classification task needs at least 2 classes; found only {values[0]!r}",
+            "too-few-classes",
+        )
+    if len(values) > limits.max_classes:
+        raise DatasetError(
+            f"{len(values)} classes, over the limit of {limits.max_classes}", "too-many-classes"
         )
     classes = tuple(str(v) for v in values)
-    return LabelledImages(np.ascontiguousarray(images), index.astype(np.int64), classes)
+    for name in classes:
+        _check_label(name)
+    if counts.min() < limits.min_images_per_class:
+        few = [f"{c!r} ({n})" for c, n in zip(classes, counts, strict=True)]
+        few = [f for f, n in zip(few, counts, strict=True) if n < limits.min_images_per_class]
+        raise DatasetError(
+            f"every class needs at least {limits.min_images_per_class} images; "
+            f"{', '.join(few[:5])}{' ...' if len(few) > 5 else ''} have fewer",
+            "too-few-images-per-class",
+        )
+    return LabelledImages(
+        np.ascontiguousarray(images), index.astype(np.int64), classes, tuple(skipped)
+    )
 
 
-def load_npz(path: Path) -> LabelledImages:
+def _check_label(label: str) -> None:
+    """A class name must be printable text: it is shown in every answer about the task."""
+    if not label.strip() or len(label) > 200 or not label.isprintable():
+        raise DatasetError(
+            f"class name {label[:80]!r} is empty, too long or not printable text",
+            "bad-label",
+        )
+
+
+def load_npz(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> LabelledImages:
+    """``x`` and ``y`` from an .npz, without pickles and within the archive limits."""
+    # Sizes, ratios and names are checked before any array loads; an array may be as large
+    # as the whole upload.
+    with _Archive(path, replace(limits, max_member_bytes=limits.max_total_bytes)):
+        pass
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = {"x", "y"} - set(data.files)
             if missing:
                 raise DatasetError(
                     f"{path.name}: an .npz dataset needs arrays 'x' and 'y'; missing "
-                    f"{', '.join(sorted(missing))} (found: {', '.join(data.files) or 'none'})"
+                    f"{', '.join(sorted(missing))} (found: {', '.join(data.files) or 'none'})",
+                    "invalid-npz",
                 )
             x, y = data["x"], data["y"]
     except DatasetError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{path.name}: not a readable .npz file ({exc})") from exc
-    return from_arrays(x, y)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{path.name}: not a readable .npz file ({exc})", "invalid-npz") from exc
+    return from_arrays(x, y, limits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +201,15 @@ def _check_name(raw: str) -> str:
     name = raw.replace("\\", "/")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
-        raise DatasetError(f"archive member {raw!r} has an unsafe path (absolute or '..')")
+        raise DatasetError(
+            f"archive member {raw!r} has an unsafe path (absolute or '..')", "unsafe-member-path"
+        )
+    if any(not p.isprintable() for p in parts):
+        raise DatasetError(
+            f"archive member {raw!r} has a name that is not printable text (non-UTF-8 bytes or "
+            "control characters)",
+            "bad-member-name",
+        )
     return "/".join(parts)
 
 
@@ -162,10 +228,18 @@ class _Archive:
                 self._zip = zipfile.ZipFile(path)  # closed in close()
             elif tarfile.is_tarfile(path):
                 self._tar = tarfile.open(path, mode="r:*")  # noqa: SIM115
+            elif _starts_like_an_archive(path):
+                raise DatasetError(
+                    f"{path.name}: a damaged or truncated archive", "corrupt-archive"
+                )
             else:
-                raise DatasetError(f"{path.name}: not a zip or tar archive, nor an .npz file")
-        except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
-            raise DatasetError(f"{path.name}: unreadable archive ({exc})") from exc
+                raise DatasetError(
+                    f"{path.name}: not a zip or tar archive, nor an .npz file", "not-a-dataset"
+                )
+        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+            raise DatasetError(
+                f"{path.name}: unreadable archive ({exc})", "corrupt-archive"
+            ) from exc
         self.members = self._list()
 
     def close(self) -> None:
@@ -187,45 +261,65 @@ class _Archive:
         try:
             if self._zip is not None:
                 for zinfo in self._zip.infolist():
+                    kind = _zip_special(zinfo)
                     entries.append(
-                        (zinfo.filename, zinfo.file_size, zinfo.compress_size, zinfo.is_dir(), None)
+                        (zinfo.filename, zinfo.file_size, zinfo.compress_size, zinfo.is_dir(), kind)
                     )
+                    if len(entries) > self.limits.max_members:
+                        break
                     self._zip_names[_check_name(zinfo.filename)] = zinfo.filename
             else:
                 assert self._tar is not None
                 for info in self._tar:
-                    kind = None if info.isfile() or info.isdir() else "a link or special file"
+                    kind = None if info.isfile() or info.isdir() else _tar_kind(info)
                     entries.append((info.name, info.size, info.size, info.isdir(), kind))
+                    if len(entries) > self.limits.max_members:
+                        break
                     if info.isfile():
                         self._tar_members[_check_name(info.name)] = info
-        except (OSError, tarfile.TarError, EOFError) as exc:
-            raise DatasetError(f"{self.path.name}: corrupt archive ({exc})") from exc
+        except (OSError, tarfile.TarError, EOFError, zipfile.BadZipFile) as exc:
+            raise DatasetError(
+                f"{self.path.name}: corrupt archive ({exc})", "corrupt-archive"
+            ) from exc
         if len(entries) > self.limits.max_members:
             raise DatasetError(
-                f"{self.path.name}: {len(entries)} members, more than the limit of "
-                f"{self.limits.max_members}"
+                f"{self.path.name}: more than the limit of {self.limits.max_members} members",
+                "too-many-members",
             )
+        seen: set[str] = set()
         for raw, size, compressed, is_dir, kind in entries:
             name = _check_name(raw)
             if kind is not None:
-                raise DatasetError(f"archive member {raw!r} is {kind}; only regular files count")
+                raise DatasetError(
+                    f"archive member {raw!r} is {kind}; only regular files count",
+                    "unsupported-member",
+                )
             if is_dir or not name:
                 continue
+            if name in seen:
+                raise DatasetError(
+                    f"archive member {raw!r} appears more than once: which one is meant?",
+                    "duplicate-member",
+                )
+            seen.add(name)
             if size > self.limits.max_member_bytes:
                 raise DatasetError(
                     f"archive member {raw!r} is {size} bytes, over the per-file limit of "
-                    f"{self.limits.max_member_bytes}"
+                    f"{self.limits.max_member_bytes}",
+                    "member-too-large",
                 )
             if compressed > 0 and size / compressed > self.limits.max_compression_ratio:
                 raise DatasetError(
                     f"archive member {raw!r} expands {size / compressed:.0f}x, over the "
-                    f"compression-ratio limit of {self.limits.max_compression_ratio:.0f}x"
+                    f"compression-ratio limit of {self.limits.max_compression_ratio:.0f}x",
+                    "compression-bomb",
                 )
             total += size
             if total > self.limits.max_total_bytes:
                 raise DatasetError(
                     f"{self.path.name}: more than {self.limits.max_total_bytes} bytes "
-                    "uncompressed, over the limit"
+                    "uncompressed, over the limit",
+                    "too-large-uncompressed",
                 )
             members.append(_Member(name, size, compressed))
         return members
@@ -240,14 +334,48 @@ class _Archive:
                 assert self._tar is not None
                 handle = self._tar.extractfile(self._tar_members[member.name])
                 if handle is None:
-                    raise DatasetError(f"archive member {member.name!r} cannot be read")
+                    raise DatasetError(
+                        f"archive member {member.name!r} cannot be read", "corrupt-archive"
+                    )
                 with handle:
                     data = handle.read(member.size + 1)
-        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-            raise DatasetError(f"archive member {member.name!r} is corrupt ({exc})") from exc
+        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, RuntimeError) as exc:
+            raise DatasetError(
+                f"archive member {member.name!r} is corrupt or encrypted ({exc})",
+                "corrupt-archive",
+            ) from exc
         if len(data) > member.size:
-            raise DatasetError(f"archive member {member.name!r} is larger than it declares")
+            raise DatasetError(
+                f"archive member {member.name!r} is larger than it declares", "corrupt-archive"
+            )
         return data
+
+
+#: Leading bytes of zip, gzip, bzip2 and xz files: such a file that does not open is damaged.
+_ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _starts_like_an_archive(path: Path) -> bool:
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    return head.startswith(_ARCHIVE_MAGIC)
+
+
+def _zip_special(info: zipfile.ZipInfo) -> str | None:
+    """What a zip member is when not a regular file or folder (zip stores Unix file types in
+    its external attributes: symlinks, devices, fifos)."""
+    mode = (info.external_attr >> 16) & 0o170000
+    if mode in (0, 0o100000, 0o040000):
+        return None
+    return {0o120000: "a symbolic link"}.get(mode, "a device, fifo or socket")
+
+
+def _tar_kind(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return "a symbolic link"
+    if info.islnk():
+        return "a hard link"
+    return "a device, fifo or socket"
 
 
 def _is_ignorable(name: str) -> bool:
@@ -272,11 +400,15 @@ def _decode(name: str, data: bytes, limits: ArchiveLimits) -> np.ndarray:
                 else:
                     array = np.asarray(image.convert("RGB"))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DatasetError(f"image {name!r} is too large to decode safely ({exc})") from exc
+        raise DatasetError(
+            f"image {name!r} is too large to decode safely ({exc})", "image-too-large"
+        ) from exc
     except Exception as exc:  # PIL raises many types for broken files
-        raise DatasetError(f"image {name!r} cannot be decoded ({exc})") from exc
+        raise DatasetError(
+            f"image {name!r} cannot be decoded ({exc})", "undecodable-images"
+        ) from exc
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise DatasetError(f"image {name!r} is empty")
+        raise DatasetError(f"image {name!r} is empty", "undecodable-images")
     return array
 
 
@@ -291,20 +423,61 @@ def _strip_common_root(names: list[str]) -> str:
     return ""
 
 
+#: Spreadsheet programs run cells that start with these as formulas ("CSV injection"); a
+#: label must never become one when the task is exported.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _manifest_rows(archive: _Archive, manifest: _Member) -> list[tuple[str, str]]:
-    text = archive.read(manifest).decode("utf-8-sig", errors="strict")
+    try:
+        text = archive.read(manifest).decode("utf-8-sig", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{manifest.name}: not UTF-8 text ({exc})", "bad-manifest") from exc
     reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if header is None or [h.strip().lower() for h in header[:2]] != ["path", "label"]:
-        raise DatasetError(f"{manifest.name}: the first row must be the header 'path,label'")
-    rows: list[tuple[str, str]] = []
-    for line, row in enumerate(reader, start=2):
-        if not row or all(not cell.strip() for cell in row):
-            continue
-        if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise DatasetError(f"{manifest.name} line {line}: expected 'path,label', got {row!r}")
-        rows.append((row[0].strip(), row[1].strip()))
+    try:
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header] != ["path", "label"]:
+            raise DatasetError(
+                f"{manifest.name}: the first row must be exactly the header 'path,label'",
+                "bad-manifest",
+            )
+        rows: list[tuple[str, str]] = []
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise DatasetError(
+                    f"{manifest.name} line {line}: expected two cells 'path,label', got {row!r}",
+                    "bad-manifest",
+                )
+            label = row[1].strip()
+            if label.startswith(_FORMULA_START) and not _is_number(label):
+                raise DatasetError(
+                    f"{manifest.name} line {line}: label {label!r} looks like a spreadsheet "
+                    "formula",
+                    "bad-manifest",
+                )
+            rows.append((row[0].strip(), label))
+    except csv.Error as exc:
+        raise DatasetError(f"{manifest.name}: not valid CSV ({exc})", "bad-manifest") from exc
     return rows
+
+
+_ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".npz")
+
+
+def _why_not_an_image(name: str) -> str:
+    if name.lower().endswith(_ARCHIVE_EXTENSIONS):
+        return "an archive inside the archive (not opened)"
+    return "not an image file"
 
 
 def load_archive(
@@ -313,13 +486,14 @@ def load_archive(
     with _Archive(path, limits) as archive:
         members = [m for m in archive.members if not _is_ignorable(m.name)]
         if not members:
-            raise DatasetError(f"{path.name}: the archive is empty")
+            raise DatasetError(f"{path.name}: the archive is empty", "bad-layout")
         by_name = {m.name: m for m in members}
         manifests = sorted(
             (m for m in members if posixpath.basename(m.name) == MANIFEST_NAME),
             key=lambda m: m.name.count("/"),
         )
         pairs: list[tuple[_Member, str]] = []
+        skipped: list[tuple[str, str]] = []
         if manifests:
             manifest = manifests[0]
             base = posixpath.dirname(manifest.name)
@@ -329,14 +503,23 @@ def load_archive(
                 if member is None:
                     raise DatasetError(
                         f"{MANIFEST_NAME} labels {rel!r} as {label!r}, but the archive has no "
-                        "such image"
+                        "such image",
+                        "bad-manifest",
                     )
                 pairs.append((member, label))
+            listed = {m.name for m, _ in pairs} | {manifest.name}
+            skipped += [
+                (m.name, f"not listed in {MANIFEST_NAME}") for m in members if m.name not in listed
+            ]
         else:
             images = [m for m in members if _is_image(m.name)]
+            skipped += [
+                (m.name, _why_not_an_image(m.name)) for m in members if not _is_image(m.name)
+            ]
             if not images:
                 raise DatasetError(
-                    f"{path.name}: no image files (and no {MANIFEST_NAME}) in the archive"
+                    f"{path.name}: no image files (and no {MANIFEST_NAME}) in the archive",
+                    "bad-layout",
                 )
             root = _strip_common_root([m.name for m in images])
             for member in images:
@@ -344,14 +527,33 @@ def load_archive(
                 if "/" not in rel:
                     raise DatasetError(
                         f"image {member.name!r} is not inside a class folder; use "
-                        f"<label>/<image> or a {MANIFEST_NAME} manifest"
+                        f"<label>/<image> or a {MANIFEST_NAME} manifest",
+                        "bad-layout",
                     )
                 pairs.append((member, rel.split("/", 1)[0]))
         if not pairs:
-            raise DatasetError(f"{path.name}: {MANIFEST_NAME} lists no images")
-        decoded = [_bound(_decode(m.name, archive.read(m), limits), image_size) for m, _ in pairs]
-    labels = np.array([label for _, label in pairs])
-    return from_arrays(_stack(decoded, image_size), labels)
+            raise DatasetError(f"{path.name}: {MANIFEST_NAME} lists no images", "bad-layout")
+        decoded, labels, broken = [], [], []
+        for member, label in pairs:
+            try:
+                image = _decode(member.name, archive.read(member), limits)
+            except DatasetError as exc:
+                if exc.kind != "undecodable-images":
+                    raise
+                broken.append((member.name, str(exc)))
+                continue
+            decoded.append(_bound(image, image_size))
+            labels.append(label)
+    if len(broken) > limits.max_skipped_fraction * len(pairs):
+        names = ", ".join(repr(n) for n, _ in broken[:3])
+        raise DatasetError(
+            f"{len(broken)} of {len(pairs)} images cannot be decoded ({names}"
+            f"{', ...' if len(broken) > 3 else ''}): more than the "
+            f"{limits.max_skipped_fraction:.0%} that are skipped",
+            "undecodable-images",
+        )
+    skipped += [(name, why.removeprefix(f"image {name!r} ")) for name, why in broken]
+    return from_arrays(_stack(decoded, image_size), np.array(labels), limits, tuple(skipped))
 
 
 def _stack(images: list[np.ndarray], image_size: int) -> np.ndarray:
@@ -392,12 +594,22 @@ def load_dataset(
     """
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"dataset file {str(path)!r} does not exist")
+        raise DatasetError(f"dataset file {str(path)!r} does not exist", "not-a-dataset")
     if path.stat().st_size == 0:
-        raise DatasetError(f"{path.name}: the file is empty")
-    if path.suffix.lower() == ".npz":
-        return load_npz(path)
+        raise DatasetError(f"{path.name}: the file is empty", "empty-file")
+    if _is_npz(path):
+        return load_npz(path, limits)
     return load_archive(path, image_size, limits)
+
+
+def _is_npz(path: Path) -> bool:
+    """An .npz is a zip of .npy arrays: told apart by its members, not by its file name."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile, EOFError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
 
 
 # --------------------------------------------------------------------------------------------

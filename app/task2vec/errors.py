@@ -10,7 +10,15 @@ class Task2VecError(Exception):
 
 
 class DatasetError(Task2VecError):
-    """The dataset cannot be read, or is not a usable labelled image classification task."""
+    """The dataset cannot be read, or is not a usable labelled image classification task.
+
+    ``kind`` names the problem in a stable, machine-readable way (the service turns it into
+    the problem type URI); the message says it in words.
+    """
+
+    def __init__(self, message: str, kind: str = "invalid-dataset") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class ProbeWeightsError(Task2VecError):

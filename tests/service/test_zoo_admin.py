@@ -263,7 +263,7 @@ def test_bad_registrations_are_refused_and_store_nothing(
 
     zoo_post = partial(client.post, "/v1/zoo/tasks")
     bad = zoo_post(data={"name": "broken"}, files={"file": ("b.zip", b"not an archive")})
-    _problem(bad, 422, "invalid-dataset")
+    _problem(bad, 422, "not-a-dataset")
     existing = client.get("/v1/zoo/tasks").json()["items"][0]["name"]
     dup = zoo_post(data={"name": existing}, files={"file": ("s.npz", _npz(tiny()[1]))})
     _problem(dup, 409, "zoo-task-exists")

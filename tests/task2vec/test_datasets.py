@@ -38,20 +38,22 @@ def test_class_folders(tmp_path: Path, writer, prefix: str) -> None:  # type: ig
 
 
 def test_manifest_with_paths_relative_to_it(tmp_path: Path) -> None:
-    images = random_images(4, size=8, seed=2, channels=3)
-    members = [(f"set/img/{i}.png", png_bytes(images[i])) for i in range(4)]
-    members.append(("set/labels.csv", b"path,label\nimg/0.png,a\nimg/1.png,b\nimg/2.png,a\n"))
+    images = random_images(5, size=8, seed=2, channels=3)
+    members = [(f"set/img/{i}.png", png_bytes(images[i])) for i in range(5)]
+    rows = b"path,label\nimg/0.png,a\nimg/1.png,b\nimg/2.png,a\nimg/3.png,b\n"
+    members.append(("set/labels.csv", rows))
     data = load_dataset(write_zip(tmp_path / "m.zip", members))
-    assert len(data) == 3  # img/3.png is not listed: not part of the task
-    assert data.images.shape == (3, 8, 8, 3)
+    assert len(data) == 4  # img/4.png is not listed: not part of the task, and reported
+    assert data.images.shape == (4, 8, 8, 3)
     assert data.classes == ("a", "b")
+    assert data.skipped == (("set/img/4.png", "not listed in labels.csv"),)
     np.testing.assert_array_equal(data.images[0], images[0])
 
 
 def test_npz(tmp_path: Path) -> None:
-    np.savez(tmp_path / "d.npz", x=random_images(5, size=9), y=np.array([1, 1, 2, 2, 7]))
+    np.savez(tmp_path / "d.npz", x=random_images(6, size=9), y=np.array([1, 1, 2, 2, 7, 7]))
     data = load_dataset(tmp_path / "d.npz")
-    assert data.images.shape == (5, 9, 9, 1)
+    assert data.images.shape == (6, 9, 9, 1)
     assert data.classes == ("1", "2", "7")
 
 
@@ -59,9 +61,9 @@ def test_mixed_sizes_and_modes_are_unified(tmp_path: Path) -> None:
     grey = png_bytes(random_images(1, size=20)[0])
     rgb = png_bytes(random_images(1, size=30, channels=3)[0])
     big = png_bytes(random_images(1, size=300, channels=3)[0])
-    path = write_zip(tmp_path / "d.zip", [("a/1.png", grey), ("b/2.png", rgb), ("b/3.png", big)])
-    data = load_dataset(path, image_size=32)
-    assert data.images.shape == (3, 32, 32, 3)
+    members = [("a/1.png", grey), ("a/4.png", grey), ("b/2.png", rgb), ("b/3.png", big)]
+    data = load_dataset(write_zip(tmp_path / "d.zip", members), image_size=32)
+    assert data.images.shape == (4, 32, 32, 3)
 
 
 def test_probe_input_is_three_channels_at_the_probe_size() -> None:
@@ -119,9 +121,10 @@ def _file(tmp_path: Path, name: str, content: bytes) -> Path:
         (lambda p: _zip(p, [("readme.txt", b"hello")]), "no image files"),
         (_tar_with_symlink, "link"),
         (_bomb, "compression-ratio"),
-        (lambda p: _file(p, "junk.zip", b"PK\x03\x04garbage"), "not a zip or tar"),
+        (lambda p: _file(p, "junk.zip", b"PK\x03\x04garbage"), "damaged or truncated"),
+        (lambda p: _file(p, "junk.zip", b"plain text"), "not a zip or tar"),
         (lambda p: _file(p, "empty.npz", b""), "empty"),
-        (lambda p: _file(p, "bad.npz", b"garbage"), "not a readable .npz"),
+        (lambda p: _file(p, "bad.npz", b"garbage"), "not a zip or tar archive, nor an .npz"),
         (lambda p: p / "missing.zip", "does not exist"),
     ],
 )
