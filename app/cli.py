@@ -328,7 +328,85 @@ def serve_command(
     """Run the HTTP API (workers run separately: `task2vec worker`)."""
     import uvicorn
 
+    _key_policy(host)
     uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+
+
+def _key_policy(host: str) -> None:
+    """Decide whether the API needs keys, tell the user, and pass it on to the app (which
+    reads its settings from the environment). Without keys only loopback is allowed."""
+    import ipaddress
+    import os
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    policy = get_settings().api_keys
+    if policy == "auto":
+        policy = "off" if loopback else "required"
+    if policy == "off" and not loopback:
+        raise _fail(
+            ValueError(
+                f"T2V_API_KEYS=off is only allowed on a loopback address, not {host}: create "
+                "keys with `task2vec keys create` and leave T2V_API_KEYS unset"
+            )
+        )
+    os.environ["T2V_API_KEYS"] = policy
+    if policy == "off":
+        err.print(
+            f"API keys: off. Only this machine can reach {host}; every request acts as the "
+            "tenant 'local'. Listening on another address requires keys."
+        )
+    else:
+        err.print("API keys: required (Authorization: Bearer <key>; `task2vec keys create`)")
+
+
+keys_app = typer.Typer(help="API keys: each bound to a tenant and scopes.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the tenant whose data the key reaches")],
+    scope: Annotated[
+        list[str],
+        typer.Option(help="tasks:read, tasks:write, zoo:admin (repeat for several)"),
+    ],
+    name: Annotated[str | None, typer.Option(help="a note: who or what uses it")] = None,
+) -> None:
+    """Create a key; the token is printed once and never stored."""
+    from app.api.auth import create_key
+
+    try:
+        row, token = create_key(get_settings(), tenant, scope, name)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    err.print(f"key {row.id} for tenant {row.tenant!r}, scopes {', '.join(row.scopes)}")
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key: id, tenant, scopes, created, revoked."""
+    from app.api.auth import list_keys
+
+    for row in list_keys(get_settings()):
+        revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+        print(
+            f"{row.id}  {row.tenant:20}  {','.join(row.scopes):32}  "
+            f"{row.created_at:%Y-%m-%d %H:%M}  {revoked}  {row.name or ''}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")]) -> None:
+    """Revoke a key: it stops working at once."""
+    from app.api.auth import revoke_key
+
+    if not revoke_key(get_settings(), key_id):
+        raise _fail(ValueError(f"no active key {key_id!r}"))
+    err.print(f"key {key_id} revoked")
 
 
 @app.command("worker")
@@ -373,6 +451,7 @@ def run_command(
     err.print(
         f"zoo version {version.content[:12]}: {version.tasks} tasks, {version.experts} experts"
     )
+    _key_policy(host)
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     base = f"http://{host}:{port}"
     err.print(

@@ -23,8 +23,8 @@ def problem(status: int, kind: str, title: str, detail: str) -> dict[str, Any]:
     return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
 
 
-def create(session: Session, kind: str, task_id: str | None, **params: Any) -> Job:
-    job = Job(kind=kind, task_id=task_id, params=params, status=JobStatus.queued)
+def create(session: Session, kind: str, task_id: str | None, *, tenant: str, **params: Any) -> Job:
+    job = Job(kind=kind, task_id=task_id, tenant=tenant, params=params, status=JobStatus.queued)
     session.add(job)
     session.flush()
     return job

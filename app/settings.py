@@ -9,6 +9,7 @@ machine must see the same data directory (a shared volume).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,6 +51,10 @@ class Settings(BaseSettings):
     #: A folder whose weight files an expert may name by path (``weights_uri``); unset, the
     #: weights are uploaded or named by URL.
     weights_import_dir: Path | None = None
+    #: API keys: "required", "off" (every request is the tenant "local"; only allowed on a
+    #: loopback address), or "auto" (off on loopback, required elsewhere; decided by
+    #: ``task2vec serve``/``run``, and required when the app is started any other way).
+    api_keys: Literal["auto", "required", "off"] = "auto"
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
 

@@ -60,15 +60,15 @@ def _job_params(url: str, job_id: str) -> dict[str, Any]:
         return dict(job.params)
 
 
-def _task_context(url: str, job_id: str) -> tuple[str, str]:
-    """The id and dataset file of the user task a job is about."""
+def _task_context(url: str, job_id: str) -> tuple[str, str, str]:
+    """The id, dataset file and tenant of the user task a job is about."""
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         if job is None or job.task_id is None:
             raise LookupError(f"job {job_id} does not exist or names no task")
         task = session.get(Task, job.task_id)
         assert task is not None
-        return task.id, task.dataset.path
+        return task.id, task.dataset.path, task.tenant
 
 
 @contextmanager
@@ -101,7 +101,7 @@ def _recorded(
 
 def run_embed(job_id: str, settings: Settings) -> None:
     with _recorded(job_id, settings, "embedding") as (recorder, _):
-        task_id, dataset_path = _task_context(settings.resolved_database_url(), job_id)
+        task_id, dataset_path, _ = _task_context(settings.resolved_database_url(), job_id)
         zoo = ZOOS.current(settings).zoo
         config = replace(zoo.embed_config, device=settings.device)  # type: ignore[arg-type]
         recorder.stage("loading dataset")
@@ -131,7 +131,7 @@ def run_embed(job_id: str, settings: Settings) -> None:
 
 def run_rank(job_id: str, settings: Settings) -> None:
     with _recorded(job_id, settings, "ranking") as (recorder, params):
-        task_id, dataset_path = _task_context(settings.resolved_database_url(), job_id)
+        task_id, dataset_path, tenant = _task_context(settings.resolved_database_url(), job_id)
         state = ZOOS.current(settings)
         recorder.stage("loading dataset")
         data = load_dataset(
@@ -145,6 +145,7 @@ def run_rank(job_id: str, settings: Settings) -> None:
         with session_scope(settings.resolved_database_url()) as session:
             session.add(
                 Recommendation(
+                    tenant=tenant,
                     task_id=task_id,
                     method=params["method"],
                     ranking=items,

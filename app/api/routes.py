@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from app import jobs
+from app.api.auth import Reader, Writer
 from app.api.deps import SettingsDep, ZooDep
 from app.api.problems import ProblemError
 from app.api.submit import send, submit
@@ -68,19 +69,20 @@ def _job_view(job: Job) -> dict[str, Any]:
     }
 
 
-def _get_job(settings: Settings, job_id: str) -> Job:
+def _get_job(settings: Settings, job_id: str, tenant: str) -> Job:
+    """The tenant's job; another tenant's id answers 404, as if it did not exist."""
     with session_scope(settings.resolved_database_url()) as session:
         job = session.get(Job, job_id)
-        if job is None:
+        if job is None or job.tenant != tenant:
             raise ProblemError(404, "not-found", "No such job", f"job {job_id!r} does not exist")
         return job
 
 
-def _task_view(settings: Settings, task_id: str) -> dict[str, Any]:
-    """A plain view of the task (the session closes before the view is used)."""
+def _task_view(settings: Settings, task_id: str, tenant: str) -> dict[str, Any]:
+    """A plain view of the tenant's task (the session closes before the view is used)."""
     with session_scope(settings.resolved_database_url()) as session:
         task = session.get(Task, task_id)
-        if task is None:
+        if task is None or task.tenant != tenant:
             raise ProblemError(404, "not-found", "No such task", f"task {task_id!r} does not exist")
         d, e = task.dataset, task.embedding
         view = {
@@ -112,8 +114,8 @@ def _task_view(settings: Settings, task_id: str) -> dict[str, Any]:
         return view
 
 
-def _embedding(settings: Settings, task_id: str) -> Embedding:
-    view = _task_view(settings, task_id)
+def _embedding(settings: Settings, task_id: str, tenant: str) -> Embedding:
+    view = _task_view(settings, task_id, tenant)
     if view["embedding"] is None:
         with session_scope(settings.resolved_database_url()) as session:
             job = session.scalar(
@@ -137,9 +139,10 @@ def _accepted(job_id: str, body: dict[str, Any]) -> JSONResponse:
 async def create_task(
     settings: SettingsDep,
     zoo: ZooDep,
+    caller: Writer,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
 ) -> JSONResponse:
-    submitted = await submit(file, settings, zoo.zoo.embed_config)
+    submitted = await submit(file, settings, zoo.zoo.embed_config, caller.tenant)
     return _accepted(
         submitted.job_id,
         {
@@ -156,34 +159,37 @@ async def create_task(
 
 
 @router.get("/jobs/{job_id}", summary="A job's status, progress, timings, result or error")
-def get_job(job_id: str, settings: SettingsDep) -> dict[str, Any]:
-    return _job_view(_get_job(settings, job_id))
+def get_job(job_id: str, settings: SettingsDep, caller: Reader) -> dict[str, Any]:
+    return _job_view(_get_job(settings, job_id, caller.tenant))
 
 
 @router.get("/tasks/{task_id}", summary="A task: dataset, probe, embedding")
-def get_task(task_id: str, settings: SettingsDep) -> dict[str, Any]:
-    view = _task_view(settings, task_id)
+def get_task(task_id: str, settings: SettingsDep, caller: Reader) -> dict[str, Any]:
+    view = _task_view(settings, task_id, caller.tenant)
     if view["embedding"] is not None:
         view["embedding"].pop("path")
     return view
 
 
 @router.get("/tasks/{task_id}/neighbors", summary="Nearest zoo tasks (symmetric distance)")
-def neighbours(task_id: str, settings: SettingsDep, zoo: ZooDep, k: K = 10) -> dict[str, Any]:
-    embedding = _embedding(settings, task_id)
+def neighbours(
+    task_id: str, settings: SettingsDep, zoo: ZooDep, caller: Reader, k: K = 10
+) -> dict[str, Any]:
+    embedding = _embedding(settings, task_id, caller.tenant)
     return {"task_id": task_id, "neighbors": zoo.neighbours(embedding, k)}
 
 
 def _rank_now(
-    settings: Settings, zoo: ZooState, task_id: str, method: str, k: int
+    settings: Settings, zoo: ZooState, task_id: str, method: str, k: int, tenant: str
 ) -> dict[str, Any]:
-    embedding = _embedding(settings, task_id)
+    embedding = _embedding(settings, task_id, tenant)
     started = time.perf_counter()
     ranking = ranking_items(zoo.rank(method, embedding), k)
     seconds = time.perf_counter() - started
     with session_scope(settings.resolved_database_url()) as session:
         session.add(
             Recommendation(
+                tenant=tenant,
                 task_id=task_id,
                 method=method,
                 ranking=ranking,
@@ -199,28 +205,33 @@ def _rank_now(
     }
 
 
-def _queue_rank(settings: Settings, task_id: str, method: str, k: int) -> Job:
-    _embedding(settings, task_id)  # 409 until the embedding exists
+def _queue_rank(settings: Settings, task_id: str, method: str, k: int, tenant: str) -> Job:
+    _embedding(settings, task_id, tenant)  # 409 until the embedding exists
     with session_scope(settings.resolved_database_url()) as session:
-        job = jobs.create(session, "rank", task_id, method=method, k=k)
+        job = jobs.create(session, "rank", task_id, tenant=tenant, method=method, k=k)
     send(settings, job.id)
     return job
 
 
 @router.get("/tasks/{task_id}/recommendations", summary="The zoo's experts, ranked for the task")
 def recommendations(
-    task_id: str, settings: SettingsDep, zoo: ZooDep, k: K = 5, method: Method = "learned"
+    task_id: str,
+    settings: SettingsDep,
+    zoo: ZooDep,
+    caller: Reader,
+    k: K = 5,
+    method: Method = "learned",
 ) -> Any:
     _check_method(method)
     if method in WORKER_METHODS:
-        job = _queue_rank(settings, task_id, method, k)
+        job = _queue_rank(settings, task_id, method, k, caller.tenant)
         return _accepted(job.id, {"job_id": job.id, "status": job.status})
-    return _rank_now(settings, zoo, task_id, method, k)
+    return _rank_now(settings, zoo, task_id, method, k, caller.tenant)
 
 
-async def _wait_for(settings: Settings, job_id: str, deadline: float) -> Job:
+async def _wait_for(settings: Settings, job: Job, deadline: float) -> Job:
     while True:
-        job = await run_in_threadpool(_get_job, settings, job_id)
+        job = await run_in_threadpool(_get_job, settings, job.id, job.tenant)
         if job.status in (JobStatus.succeeded, JobStatus.failed) or time.monotonic() >= deadline:
             return job
         await asyncio.sleep(0.1)
@@ -242,6 +253,7 @@ def _failed(job: Job) -> ProblemError:
 async def recommend_upload(
     settings: SettingsDep,
     zoo: ZooDep,
+    caller: Writer,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
     k: K = 5,
     method: Method = "learned",
@@ -250,18 +262,23 @@ async def recommend_upload(
     _check_method(method)
     started = time.monotonic()
     deadline = started + min(wait, settings.max_wait_seconds)
-    submitted = await submit(file, settings, zoo.zoo.embed_config)
+    submitted = await submit(file, settings, zoo.zoo.embed_config, caller.tenant)
     uploaded = time.monotonic()
-    job = await _wait_for(settings, submitted.job_id, deadline)
+    job = await run_in_threadpool(_get_job, settings, submitted.job_id, caller.tenant)
+    job = await _wait_for(settings, job, deadline)
     if job.status == JobStatus.failed:
         raise _failed(job)
     if job.status != JobStatus.succeeded:
         return _accepted(job.id, {"task_id": submitted.task_id, "job_id": job.id})
     if method in FAST_METHODS:
-        body = await run_in_threadpool(_rank_now, settings, zoo, submitted.task_id, method, k)
+        body = await run_in_threadpool(
+            _rank_now, settings, zoo, submitted.task_id, method, k, caller.tenant
+        )
     else:
-        rank_job = await run_in_threadpool(_queue_rank, settings, submitted.task_id, method, k)
-        rank_job = await _wait_for(settings, rank_job.id, deadline)
+        rank_job = await run_in_threadpool(
+            _queue_rank, settings, submitted.task_id, method, k, caller.tenant
+        )
+        rank_job = await _wait_for(settings, rank_job, deadline)
         if rank_job.status == JobStatus.failed:
             raise _failed(rank_job)
         if rank_job.status != JobStatus.succeeded:

@@ -80,12 +80,15 @@ def validate(
 
 
 def _dataset_row(
-    session: Session, stored: StoredFile, filename: str, data: LabelledImages
+    session: Session, stored: StoredFile, filename: str, data: LabelledImages, tenant: str
 ) -> Dataset:
-    row = session.scalar(select(Dataset).where(Dataset.sha256 == stored.sha256))
+    row = session.scalar(
+        select(Dataset).where(Dataset.tenant == tenant, Dataset.sha256 == stored.sha256)
+    )
     if row is not None:
         return row
     row = Dataset(
+        tenant=tenant,
         sha256=stored.sha256,
         path=str(stored.path),
         filename=filename,
@@ -111,20 +114,27 @@ def _task_row(session: Session, dataset: Dataset, config: EmbedConfig) -> Task:
         select(Task).where(Task.dataset_id == dataset.id, Task.config_hash == digest)
     )
     if row is None:
-        row = Task(dataset_id=dataset.id, probe=config.probe, config_hash=digest)
+        row = Task(
+            tenant=dataset.tenant, dataset_id=dataset.id, probe=config.probe, config_hash=digest
+        )
         session.add(row)
         session.flush()
     return row
 
 
 def _register(
-    settings: Settings, stored: StoredFile, filename: str, data: LabelledImages, config: EmbedConfig
+    settings: Settings,
+    stored: StoredFile,
+    filename: str,
+    data: LabelledImages,
+    config: EmbedConfig,
+    tenant: str,
 ) -> Submitted:
     url = settings.resolved_database_url()
     for attempt in range(2):  # a concurrent identical upload may win the unique constraint
         try:
             with session_scope(url) as session:
-                dataset = _dataset_row(session, stored, filename, data)
+                dataset = _dataset_row(session, stored, filename, data, tenant)
                 task = _task_row(session, dataset, config)
                 job = session.scalar(
                     select(Job)
@@ -135,7 +145,7 @@ def _register(
                 )
                 new = job is None
                 if job is None:
-                    job = jobs.create(session, "embed", task.id)
+                    job = jobs.create(session, "embed", task.id, tenant=tenant)
                 result = Submitted(task.id, job.id, job.status, new, skipped_view(data))
             break
         except IntegrityError:
@@ -164,9 +174,11 @@ def send(settings: Settings, job_id: str) -> None:
             ) from None
 
 
-async def submit(upload: UploadFile, settings: Settings, config: EmbedConfig) -> Submitted:
+async def submit(
+    upload: UploadFile, settings: Settings, config: EmbedConfig, tenant: str
+) -> Submitted:
     """Store, check and register an uploaded dataset; queue its embedding unless known."""
     filename = upload.filename or "upload"
     stored = await store_upload(upload, settings)
     data = await run_in_threadpool(validate, settings, stored, filename, config.image_size)
-    return await run_in_threadpool(_register, settings, stored, filename, data, config)
+    return await run_in_threadpool(_register, settings, stored, filename, data, config, tenant)

@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from app import catalog, jobs
+from app.api.auth import Admin, CallerDep
 from app.api.deps import SettingsDep, ZooDep
 from app.api.problems import ProblemError
 from app.api.submit import chunks, send, store_upload, validate
@@ -63,7 +64,7 @@ def _links(kind: str, name: str, job_id: str | None) -> dict[str, str]:
 
 
 @router.get("/zoo", summary="The zoo version being served, and what is still being added")
-def zoo_version(settings: SettingsDep, zoo: ZooDep) -> dict[str, Any]:
+def zoo_version(settings: SettingsDep, zoo: ZooDep, _: CallerDep) -> dict[str, Any]:
     v = zoo.version
     with session_scope(settings.resolved_database_url()) as session:
         pending = {
@@ -103,7 +104,7 @@ def _expert_view(row: Expert, zoo: ZooState) -> dict[str, Any]:
 
 @router.get("/experts", summary="The zoo's experts (paginated), with their status")
 def experts(
-    settings: SettingsDep, zoo: ZooDep, limit: Limit = 100, offset: Offset = 0
+    settings: SettingsDep, zoo: ZooDep, _: CallerDep, limit: Limit = 100, offset: Offset = 0
 ) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url()) as session:
         total = session.scalar(select(func.count()).select_from(Expert)) or 0
@@ -113,7 +114,7 @@ def experts(
 
 
 @router.get("/experts/{expert_id}", summary="One expert")
-def expert(expert_id: str, settings: SettingsDep, zoo: ZooDep) -> dict[str, Any]:
+def expert(expert_id: str, settings: SettingsDep, zoo: ZooDep, _: CallerDep) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url()) as session:
         row = session.scalar(select(Expert).where(Expert.name == expert_id))
         if row is None:
@@ -141,7 +142,7 @@ def _zoo_task_view(row: ZooTask, zoo: ZooState) -> dict[str, Any]:
 
 @router.get("/zoo/tasks", summary="The zoo's tasks (paginated), with their status")
 def zoo_tasks(
-    settings: SettingsDep, zoo: ZooDep, limit: Limit = 100, offset: Offset = 0
+    settings: SettingsDep, zoo: ZooDep, _: CallerDep, limit: Limit = 100, offset: Offset = 0
 ) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url()) as session:
         total = session.scalar(select(func.count()).select_from(ZooTask)) or 0
@@ -151,7 +152,7 @@ def zoo_tasks(
 
 
 @router.get("/zoo/tasks/{name}", summary="One zoo task")
-def zoo_task(name: str, settings: SettingsDep, zoo: ZooDep) -> dict[str, Any]:
+def zoo_task(name: str, settings: SettingsDep, zoo: ZooDep, _: CallerDep) -> dict[str, Any]:
     with session_scope(settings.resolved_database_url()) as session:
         row = session.scalar(select(ZooTask).where(ZooTask.name == name))
         if row is None:
@@ -281,7 +282,7 @@ def _check_loads(spec: ExpertSpec) -> None:
         raise ProblemError(422, "invalid-expert", "The expert does not load", str(exc)) from None
 
 
-def _register(settings: Settings, row: Expert | ZooTask) -> tuple[str, str]:
+def _register(settings: Settings, row: Expert | ZooTask, tenant: str) -> tuple[str, str]:
     """Commit a new expert or zoo task and the job that computes its matrix entries, then
     send the job. A failed item of the same name is replaced, with its entries."""
     name, is_expert = row.name, isinstance(row, Expert)
@@ -300,7 +301,7 @@ def _register(settings: Settings, row: Expert | ZooTask) -> tuple[str, str]:
                 session.delete(old)
                 session.flush()
             session.add(row)
-            job = jobs.create(session, kind, None, **{kind.replace("-", "_"): name})
+            job = jobs.create(session, kind, None, tenant=tenant, **{kind.replace("-", "_"): name})
             row.job_id = job.id
             job_id, status = job.id, job.status
     except IntegrityError:
@@ -324,6 +325,7 @@ def _register(settings: Settings, row: Expert | ZooTask) -> tuple[str, str]:
 async def register_expert(
     settings: SettingsDep,
     zoo: ZooDep,
+    caller: Admin,
     name: Annotated[str, Form(description="unique name: letters, digits, '.', '_', '-'")],
     architecture: Annotated[str, Form(description="cnn-<width>x<depth>, or a probe network")],
     input_size: Annotated[int, Form(ge=8, le=1024, description="input resolution")],
@@ -363,7 +365,9 @@ async def register_expert(
     try:
         if not catalog.remote_weights(where):  # remote weights are checked once downloaded
             await run_in_threadpool(_check_loads, spec)
-        job_id, status = await run_in_threadpool(_register, settings, catalog.expert_row(spec))
+        job_id, status = await run_in_threadpool(
+            _register, settings, catalog.expert_row(spec), caller.tenant
+        )
     except ProblemError:
         await run_in_threadpool(_discard_weights, settings, where)
         raise
@@ -388,6 +392,7 @@ def _discard_weights(settings: Settings, where: str) -> None:
 async def add_zoo_task(
     settings: SettingsDep,
     zoo: ZooDep,
+    caller: Admin,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
     name: Annotated[str, Form(description="unique zoo task name")],
     domain: Annotated[str | None, Form(description="what the images show")] = None,
@@ -400,5 +405,7 @@ async def add_zoo_task(
         validate, settings, stored, filename, zoo.zoo.embed_config.image_size
     )
     spec = uploaded_task(name, str(stored.path), data, (domain or "").strip()[:64] or None)
-    job_id, status = await run_in_threadpool(_register, settings, catalog.zoo_task_row(spec))
+    job_id, status = await run_in_threadpool(
+        _register, settings, catalog.zoo_task_row(spec), caller.tenant
+    )
     return _accepted("zoo/tasks", name, job_id, status)

@@ -36,13 +36,37 @@ class Base(DeclarativeBase):
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
+#: The tenant of requests made without API keys (the embedded default on loopback).
+LOCAL_TENANT = "local"
+
+
+class ApiKey(Base):
+    """An API key: the secret is shown once at creation and stored only as its sha256 (keys
+    are 256 random bits, so a fast hash is enough). Bound to a tenant and scopes."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # the key's public prefix
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(String(64))
+    scopes: Mapped[list[Any]] = mapped_column(JSON)
+    name: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Dataset(Base):
-    """An uploaded labelled dataset, stored once per content (sha256)."""
+    """An uploaded labelled dataset, stored once per tenant and content (sha256): the file on
+    disk is shared, the row (and what it reveals) is the tenant's own."""
 
     __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("tenant", "sha256", name="uq_datasets_tenant_sha256"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(
+        String(64), default=LOCAL_TENANT, server_default=LOCAL_TENANT, index=True
+    )
+    sha256: Mapped[str] = mapped_column(String(64))
     path: Mapped[str] = mapped_column(String(1024))
     filename: Mapped[str] = mapped_column(String(255))
     bytes: Mapped[int] = mapped_column(Integer)
@@ -61,6 +85,9 @@ class Task(Base):
     __table_args__ = (UniqueConstraint("dataset_id", "config_hash"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(
+        String(64), default=LOCAL_TENANT, server_default=LOCAL_TENANT, index=True
+    )
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
     probe: Mapped[str] = mapped_column(String(64))
     config_hash: Mapped[str] = mapped_column(String(64))
@@ -161,6 +188,9 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant: Mapped[str] = mapped_column(
+        String(64), default=LOCAL_TENANT, server_default=LOCAL_TENANT, index=True
+    )
     kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
     stage: Mapped[str | None] = mapped_column(String(64))
@@ -181,6 +211,9 @@ class Recommendation(Base):
     __tablename__ = "recommendations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(
+        String(64), default=LOCAL_TENANT, server_default=LOCAL_TENANT, index=True
+    )
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
     method: Mapped[str] = mapped_column(String(32))
     index_version_id: Mapped[int | None] = mapped_column(ForeignKey("index_versions.id"))

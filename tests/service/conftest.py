@@ -61,6 +61,7 @@ def service_settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Setti
         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
         zoo="tiny",
         zoo_poll_seconds=0,
+        api_keys="off",  # as on loopback; tests/service/test_access.py turns keys on
     )
 
 

@@ -1,0 +1,128 @@
+"""API keys: who is calling, for which tenant, with which scopes.
+
+A key reads ``t2v_<id>_<secret>``; the service keeps the id and the secret's sha256, never the
+secret. Each key belongs to one tenant and carries scopes: ``tasks:write`` (upload datasets,
+ask for rankings), ``tasks:read`` (read one's own tasks, jobs and rankings), ``zoo:admin``
+(add experts and zoo tasks). The zoo and its experts are readable with any key.
+
+With ``T2V_API_KEYS=off`` (allowed only when the API listens on loopback: ``task2vec serve``
+and ``run`` refuse otherwise) every request is the tenant ``local`` with every scope.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+
+from app.api.problems import ProblemError
+from app.db.models import LOCAL_TENANT, ApiKey
+from app.db.session import session_scope
+from app.settings import Settings
+
+SCOPES = ("tasks:read", "tasks:write", "zoo:admin")
+PREFIX = "t2v_"
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: str
+    scopes: frozenset[str]
+    key_id: str | None = None
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_key(
+    settings: Settings, tenant: str, scopes: list[str], name: str | None = None
+) -> tuple[ApiKey, str]:
+    """A new key for ``tenant``; returns its row and the token, which is shown only now."""
+    unknown = set(scopes) - set(SCOPES)
+    if unknown or not scopes:
+        raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes)}")
+    if not tenant or len(tenant) > 64 or not tenant.replace("-", "").replace("_", "").isalnum():
+        raise ValueError("a tenant is 1-64 letters, digits, '-' or '_'")
+    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    row = ApiKey(
+        id=key_id,
+        secret_sha256=_digest(secret),
+        tenant=tenant,
+        scopes=sorted(set(scopes)),
+        name=name,
+    )
+    with session_scope(settings.resolved_database_url()) as session:
+        session.add(row)
+    return row, f"{PREFIX}{key_id}_{secret}"
+
+
+def revoke_key(settings: Settings, key_id: str) -> bool:
+    with session_scope(settings.resolved_database_url()) as session:
+        row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            return False
+        row.revoked_at = datetime.now(UTC)
+        return True
+
+
+def list_keys(settings: Settings) -> list[ApiKey]:
+    with session_scope(settings.resolved_database_url()) as session:
+        return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+
+def _unauthorized(detail: str) -> ProblemError:
+    error = ProblemError(401, "unauthorized", "An API key is needed", detail)
+    error.headers["WWW-Authenticate"] = 'Bearer realm="task2vec"'
+    return error
+
+
+def caller_of(request: Request) -> Caller:
+    settings: Settings = request.app.state.settings
+    if settings.api_keys == "off":
+        return Caller(LOCAL_TENANT, frozenset(SCOPES))
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("send 'Authorization: Bearer <key>' (task2vec keys create)")
+    key_id, _, secret = token.strip().removeprefix(PREFIX).partition("_")
+    with session_scope(settings.resolved_database_url()) as session:
+        row = session.get(ApiKey, key_id) if key_id and secret else None
+        valid = (
+            row is not None
+            and row.revoked_at is None
+            and hmac.compare_digest(row.secret_sha256, _digest(secret))
+        )
+        if not valid or row is None:
+            raise _unauthorized("the API key is unknown or revoked")
+        return Caller(row.tenant, frozenset(row.scopes), row.id)
+
+
+CallerDep = Annotated[Caller, Depends(caller_of)]
+
+
+def require(scope: str) -> Any:
+    """A dependency: the caller, who must hold ``scope``."""
+
+    def check(caller: CallerDep) -> Caller:
+        if scope not in caller.scopes:
+            raise ProblemError(
+                403,
+                "insufficient-scope",
+                "The API key lacks a scope",
+                f"this needs the scope {scope!r}; the key has {', '.join(sorted(caller.scopes))}",
+            )
+        return caller
+
+    return Depends(check)
+
+
+Reader = Annotated[Caller, require("tasks:read")]
+Writer = Annotated[Caller, require("tasks:write")]
+Admin = Annotated[Caller, require("zoo:admin")]
