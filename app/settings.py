@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     #: loopback address), or "auto" (off on loopback, required elsewhere; decided by
     #: ``task2vec serve``/``run``, and required when the app is started any other way).
     api_keys: Literal["auto", "required", "off"] = "auto"
+    #: Requests per minute and key (a token bucket of that size per API process); 0: no limit.
+    rate_limit_per_minute: int = Field(default=600, ge=0)
+    #: Origins allowed to call the API from a browser; empty (the default): CORS stays off.
+    cors_origins: list[str] = Field(default_factory=list)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
 

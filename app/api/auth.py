@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -104,7 +107,49 @@ def caller_of(request: Request) -> Caller:
         return Caller(row.tenant, frozenset(row.scopes), row.id)
 
 
-CallerDep = Annotated[Caller, Depends(caller_of)]
+class RateLimiter:
+    """A token bucket per key: ``per_minute`` requests a minute, bursts up to that many. Kept
+    in the API process, so with several replicas each allows its own share."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, last refill)
+
+    def wait_needed(self, key: str, per_minute: int) -> float:
+        """0 when the request may go now (and spend a token), else seconds to wait."""
+        now = time.monotonic()
+        rate = per_minute / 60.0
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+def limited_caller(request: Request, caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
+    """The caller, unless its key has spent its requests for now (429 with Retry-After)."""
+    settings: Settings = request.app.state.settings
+    if caller.key_id is None or settings.rate_limit_per_minute == 0:
+        return caller
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.wait_needed(caller.key_id, settings.rate_limit_per_minute)
+    if wait > 0:
+        error = ProblemError(
+            429,
+            "rate-limited",
+            "Too many requests",
+            f"this key may make {settings.rate_limit_per_minute} requests a minute; "
+            f"retry in {math.ceil(wait)} s",
+        )
+        error.headers["Retry-After"] = str(math.ceil(wait))
+        raise error
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(limited_caller)]
 
 
 def require(scope: str) -> Any:

@@ -9,9 +9,11 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
 from app.api import problems, zoo
+from app.api.auth import RateLimiter
 from app.api.routes import router
 from app.db.session import engine_for
 from app.ranking import ZooStates
@@ -54,6 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings or get_settings()
     app.state.zoos = ZooStates()
+    app.state.rate_limiter = RateLimiter()
+    if app.state.settings.cors_origins:  # off unless origins are named
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=app.state.settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Idempotency-Key", "Content-Type"],
+        )
     problems.install(app)
     app.include_router(router)
     app.include_router(zoo.router)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Query, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
@@ -15,12 +16,14 @@ from sqlalchemy import select
 from app import jobs
 from app.api.auth import Reader, Writer
 from app.api.deps import SettingsDep, ZooDep
+from app.api.idempotency import fingerprint, key_of, remember, replay
 from app.api.problems import ProblemError
-from app.api.submit import send, submit
+from app.api.submit import discard_unreferenced, register, send, store_upload
 from app.db.models import Job, JobStatus, Recommendation, Task
 from app.db.session import session_scope
 from app.ranking import FAST_METHODS, METHODS, WORKER_METHODS, ZooState, ranking_items
 from app.settings import Settings
+from app.storage import StoredFile
 from app.task2vec.embedding import Embedding
 
 router = APIRouter(prefix="/v1")
@@ -135,27 +138,61 @@ def _accepted(job_id: str, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
+async def _idempotent(
+    request: Request,
+    settings: Settings,
+    tenant: str,
+    key: str | None,
+    stored: StoredFile,
+    answer: Callable[[], Awaitable[JSONResponse]],
+    ignore: tuple[str, ...] = (),
+) -> JSONResponse:
+    """``answer()``, or the recorded answer when the Idempotency-Key was seen with the same
+    request (422 when with another; the upload is then not kept)."""
+    if key is None:
+        return await answer()
+    print_ = fingerprint(request, ignore, file=stored.sha256)
+    try:
+        replayed = await run_in_threadpool(replay, settings, tenant, key, print_)
+    except ProblemError:
+        await run_in_threadpool(discard_unreferenced, settings, stored)
+        raise
+    if replayed is not None:
+        return replayed
+    response = await answer()
+    return await run_in_threadpool(remember, settings, tenant, key, print_, response)
+
+
 @router.post("/tasks", status_code=202, summary="Upload a labelled dataset to embed")
 async def create_task(
+    request: Request,
     settings: SettingsDep,
     zoo: ZooDep,
     caller: Writer,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
 ) -> JSONResponse:
-    submitted = await submit(file, settings, zoo.zoo.embed_config, caller.tenant)
-    return _accepted(
-        submitted.job_id,
-        {
-            "task_id": submitted.task_id,
-            "job_id": submitted.job_id,
-            "status": submitted.job_status,
-            "skipped": submitted.skipped,
-            "links": {
-                "job": f"/v1/jobs/{submitted.job_id}",
-                "task": f"/v1/tasks/{submitted.task_id}",
+    key = key_of(request)
+    stored = await store_upload(file, settings)
+
+    async def answer() -> JSONResponse:
+        submitted = await register(
+            stored, file.filename or "upload", settings, zoo.zoo.embed_config, caller.tenant
+        )
+        return _accepted(
+            submitted.job_id,
+            {
+                "task_id": submitted.task_id,
+                "job_id": submitted.job_id,
+                "status": submitted.job_status,
+                "skipped": submitted.skipped,
+                "links": {
+                    "job": f"/v1/jobs/{submitted.job_id}",
+                    "task": f"/v1/tasks/{submitted.task_id}",
+                },
             },
-        },
-    )
+        )
+
+    return await _idempotent(request, settings, caller.tenant, key, stored, answer)
 
 
 @router.get("/jobs/{job_id}", summary="A job's status, progress, timings, result or error")
@@ -251,6 +288,7 @@ def _failed(job: Job) -> ProblemError:
 
 @router.post("/recommendations", summary="Upload a dataset and get the ranking in one call")
 async def recommend_upload(
+    request: Request,
     settings: SettingsDep,
     zoo: ZooDep,
     caller: Writer,
@@ -261,10 +299,42 @@ async def recommend_upload(
 ) -> Any:
     _check_method(method)
     started = time.monotonic()
+    key = key_of(request)
+    stored = await store_upload(file, settings)
+
+    async def answer() -> JSONResponse:
+        return await _recommend(
+            settings,
+            zoo,
+            caller.tenant,
+            stored,
+            file.filename or "upload",
+            k,
+            method,
+            wait,
+            started,
+        )
+
+    return await _idempotent(
+        request, settings, caller.tenant, key, stored, answer, ignore=("wait",)
+    )
+
+
+async def _recommend(
+    settings: Settings,
+    zoo: ZooState,
+    tenant: str,
+    stored: StoredFile,
+    filename: str,
+    k: int,
+    method: str,
+    wait: float,
+    started: float,
+) -> JSONResponse:
     deadline = started + min(wait, settings.max_wait_seconds)
-    submitted = await submit(file, settings, zoo.zoo.embed_config, caller.tenant)
+    submitted = await register(stored, filename, settings, zoo.zoo.embed_config, tenant)
     uploaded = time.monotonic()
-    job = await run_in_threadpool(_get_job, settings, submitted.job_id, caller.tenant)
+    job = await run_in_threadpool(_get_job, settings, submitted.job_id, tenant)
     job = await _wait_for(settings, job, deadline)
     if job.status == JobStatus.failed:
         raise _failed(job)
@@ -272,11 +342,11 @@ async def recommend_upload(
         return _accepted(job.id, {"task_id": submitted.task_id, "job_id": job.id})
     if method in FAST_METHODS:
         body = await run_in_threadpool(
-            _rank_now, settings, zoo, submitted.task_id, method, k, caller.tenant
+            _rank_now, settings, zoo, submitted.task_id, method, k, tenant
         )
     else:
         rank_job = await run_in_threadpool(
-            _queue_rank, settings, submitted.task_id, method, k, caller.tenant
+            _queue_rank, settings, submitted.task_id, method, k, tenant
         )
         rank_job = await _wait_for(settings, rank_job, deadline)
         if rank_job.status == JobStatus.failed:
@@ -303,4 +373,4 @@ async def recommend_upload(
         "job_stages": job.timings,
         "total_s": round(time.monotonic() - started, 3),
     }
-    return body
+    return JSONResponse(body)

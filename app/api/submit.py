@@ -70,13 +70,18 @@ def validate(
     try:
         return load_dataset(stored.path, image_size=image_size, limits=settings.dataset_limits())
     except Task2VecError as exc:
-        with session_scope(settings.resolved_database_url()) as session:
-            known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256))
-        if known is None:
-            stored.path.unlink(missing_ok=True)
+        discard_unreferenced(settings, stored)
         detail = str(exc).replace(stored.path.name, filename)
         kind = exc.kind if isinstance(exc, DatasetError) else "invalid-dataset"
         raise ProblemError(422, kind, "The dataset cannot be used", detail) from None
+
+
+def discard_unreferenced(settings: Settings, stored: StoredFile) -> None:
+    """Remove a stored upload that no dataset row holds (a refused request keeps nothing)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256).limit(1))
+    if known is None:
+        stored.path.unlink(missing_ok=True)
 
 
 def _dataset_row(
@@ -174,11 +179,17 @@ def send(settings: Settings, job_id: str) -> None:
             ) from None
 
 
+async def register(
+    stored: StoredFile, filename: str, settings: Settings, config: EmbedConfig, tenant: str
+) -> Submitted:
+    """Check and register a stored upload; queue its embedding unless known."""
+    data = await run_in_threadpool(validate, settings, stored, filename, config.image_size)
+    return await run_in_threadpool(_register, settings, stored, filename, data, config, tenant)
+
+
 async def submit(
     upload: UploadFile, settings: Settings, config: EmbedConfig, tenant: str
 ) -> Submitted:
     """Store, check and register an uploaded dataset; queue its embedding unless known."""
-    filename = upload.filename or "upload"
     stored = await store_upload(upload, settings)
-    data = await run_in_threadpool(validate, settings, stored, filename, config.image_size)
-    return await run_in_threadpool(_register, settings, stored, filename, data, config, tenant)
+    return await register(stored, upload.filename or "upload", settings, config, tenant)

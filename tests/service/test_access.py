@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -141,3 +142,56 @@ def test_no_keys_only_on_loopback(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2
     assert "only allowed on a loopback address" in refused.stderr
+
+
+def test_idempotency_key_replays_or_refuses(keyed: Settings) -> None:
+    acme = _auth(keyed, "acme", "tasks:read", "tasks:write")
+    with TestClient(create_app(keyed)) as client:
+
+        def post(key: str, upload: bytes) -> Any:
+            headers = {**acme, "Idempotency-Key": key}
+            return client.post("/v1/tasks", headers=headers, files={"file": ("a.npz", upload)})
+
+        first = post("retry-1", npz_upload(1))
+        assert first.status_code == 202
+        again = post("retry-1", npz_upload(1))  # a new multipart boundary, the same request
+        assert again.status_code == 202
+        assert again.json() == first.json()
+        assert again.headers["idempotent-replayed"] == "true"
+        assert again.headers["location"] == first.headers["location"]
+        uploads = sorted((keyed.data_dir / "uploads").rglob("*.*"))
+        reused = post("retry-1", npz_upload(3))
+        assert reused.status_code == 422
+        assert reused.json()["type"].endswith("/idempotency-key-reused")
+        assert sorted((keyed.data_dir / "uploads").rglob("*.*")) == uploads  # nothing kept
+        # Keys are per tenant: another tenant's same key is its own.
+        globex = _auth(keyed, "globex", "tasks:write")
+        other = client.post(
+            "/v1/tasks",
+            headers={**globex, "Idempotency-Key": "retry-1"},
+            files={"file": ("b.npz", npz_upload(3))},
+        )
+        assert other.status_code == 202
+        bad = post("x" * 300, npz_upload(1))
+        assert bad.json()["type"].endswith("/invalid-idempotency-key")
+
+
+def test_rate_limit_per_key_and_cors_off_by_default(keyed: Settings) -> None:
+    limited = keyed.model_copy(update={"rate_limit_per_minute": 3})
+    reader = _auth(limited, "acme", "tasks:read")
+    other = _auth(limited, "acme", "tasks:read")
+    with TestClient(create_app(limited)) as client:
+        for _ in range(3):
+            assert client.get("/v1/experts", headers=reader).status_code == 200
+        refused = client.get("/v1/experts", headers=reader)
+        assert refused.status_code == 429
+        assert refused.json()["type"].endswith("/rate-limited")
+        assert 1 <= int(refused.headers["retry-after"]) <= 20
+        assert client.get("/v1/experts", headers=other).status_code == 200  # per key
+        browser = client.get("/v1/zoo", headers={**other, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in browser.headers
+    allowed = keyed.model_copy(update={"cors_origins": ["https://ui.example"]})
+    with TestClient(create_app(allowed)) as client:
+        headers = {**_auth(allowed, "acme", "tasks:read"), "Origin": "https://ui.example"}
+        answer = client.get("/v1/zoo", headers=headers)
+        assert answer.headers["access-control-allow-origin"] == "https://ui.example"
