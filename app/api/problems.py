@@ -8,12 +8,48 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.jobs import PROBLEM_BASE
 
 MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger(__name__)
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, as every error of this API is answered."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error answers (problem+json), for a route's ``responses``."""
+    content = {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {
+        status: {"model": Problem, "content": content, "description": _REASONS[status]}
+        for status in statuses
+    }
+
+
+_REASONS = {
+    400: "Bad request",
+    401: "No valid API key",
+    403: "The key lacks a scope",
+    404: "Not found (or another tenant's)",
+    409: "Conflict with the current state",
+    413: "Upload too large",
+    422: "Invalid request or data",
+    429: "Rate limited",
+    500: "Internal error",
+    503: "A dependency is unavailable",
+}
 
 
 class ProblemError(Exception):

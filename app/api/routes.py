@@ -17,7 +17,7 @@ from app import jobs
 from app.api.auth import Reader, Writer
 from app.api.deps import SettingsDep, ZooDep
 from app.api.idempotency import fingerprint, key_of, remember, replay
-from app.api.problems import ProblemError
+from app.api.problems import ProblemError, documented
 from app.api.submit import discard_unreferenced, register, send, store_upload
 from app.db.models import Job, JobStatus, Recommendation, Task
 from app.db.session import session_scope
@@ -26,7 +26,7 @@ from app.settings import Settings
 from app.storage import StoredFile
 from app.task2vec.embedding import Embedding
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=documented(401, 403, 404, 409, 413, 422, 429, 500, 503))
 
 Method = Annotated[str, Query(description=f"one of: {', '.join(METHODS)}")]
 K = Annotated[int, Query(ge=1, le=1000, description="how many items to return")]

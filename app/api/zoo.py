@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from app import catalog, jobs
 from app.api.auth import Admin, CallerDep
 from app.api.deps import SettingsDep, ZooDep
-from app.api.problems import ProblemError
+from app.api.problems import ProblemError, documented
 from app.api.submit import chunks, send, store_upload, validate
 from app.db.models import Expert, MatrixEntry, ZooItemStatus, ZooTask
 from app.db.session import session_scope
@@ -34,7 +34,7 @@ from app.task2vec.probes import PROBES
 from app.zoo.experts import ExpertSpec, load_expert
 from app.zoo.tasks import uploaded_task
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=documented(401, 403, 404, 409, 413, 422, 429, 500, 503))
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 Limit = Annotated[int, Query(ge=1, le=500)]
