@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -89,3 +91,32 @@ def remember(
     except IntegrityError:
         return replay(settings, tenant, key, print_) or response
     return response
+
+
+async def idempotent(
+    request: Request,
+    settings: Settings,
+    tenant: str,
+    key: str | None,
+    parts: dict[str, Any],
+    answer: Callable[[], Awaitable[JSONResponse]],
+    refused: Callable[[], None] | None = None,
+    ignore: tuple[str, ...] = (),
+) -> JSONResponse:
+    """``answer()``, or the recorded answer when ``key`` was seen with the same request (the
+    route, its query but ``ignore``, and ``parts``: form fields, uploaded files' sha256). The
+    same key with another request is refused with 422, after ``refused()`` drops what the
+    request stored."""
+    if key is None:
+        return await answer()
+    print_ = fingerprint(request, ignore, **parts)
+    try:
+        replayed = await run_in_threadpool(replay, settings, tenant, key, print_)
+    except ProblemError:
+        if refused is not None:
+            await run_in_threadpool(refused)
+        raise
+    if replayed is not None:
+        return replayed
+    response = await answer()
+    return await run_in_threadpool(remember, settings, tenant, key, print_, response)

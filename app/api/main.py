@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from app.api import problems, zoo
 from app.api.auth import RateLimiter
+from app.api.limits import RequestLength
 from app.api.routes import router
 from app.db.session import engine_for
 from app.ranking import ZooStates
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or get_settings()
     app.state.zoos = ZooStates()
     app.state.rate_limiter = RateLimiter()
+    app.add_middleware(RequestLength, settings=app.state.settings)
     if app.state.settings.cors_origins:  # off unless origins are named
         app.add_middleware(
             CORSMiddleware,

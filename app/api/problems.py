@@ -44,6 +44,7 @@ _REASONS = {
     403: "The key lacks a scope",
     404: "Not found (or another tenant's)",
     409: "Conflict with the current state",
+    411: "Length required",
     413: "Upload too large",
     422: "Invalid request or data",
     429: "Rate limited",

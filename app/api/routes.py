@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
@@ -16,7 +15,7 @@ from sqlalchemy import select
 from app import jobs
 from app.api.auth import Reader, Writer
 from app.api.deps import SettingsDep, ZooDep
-from app.api.idempotency import fingerprint, key_of, remember, replay
+from app.api.idempotency import idempotent, key_of
 from app.api.problems import ProblemError, documented
 from app.api.submit import discard_unreferenced, register, send, store_upload
 from app.db.models import Job, JobStatus, Recommendation, Task
@@ -26,7 +25,9 @@ from app.settings import Settings
 from app.storage import StoredFile
 from app.task2vec.embedding import Embedding
 
-router = APIRouter(prefix="/v1", responses=documented(401, 403, 404, 409, 413, 422, 429, 500, 503))
+router = APIRouter(
+    prefix="/v1", responses=documented(400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503)
+)
 
 Method = Annotated[str, Query(description=f"one of: {', '.join(METHODS)}")]
 K = Annotated[int, Query(ge=1, le=1000, description="how many items to return")]
@@ -138,31 +139,6 @@ def _accepted(job_id: str, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job_id}"})
 
 
-async def _idempotent(
-    request: Request,
-    settings: Settings,
-    tenant: str,
-    key: str | None,
-    stored: StoredFile,
-    answer: Callable[[], Awaitable[JSONResponse]],
-    ignore: tuple[str, ...] = (),
-) -> JSONResponse:
-    """``answer()``, or the recorded answer when the Idempotency-Key was seen with the same
-    request (422 when with another; the upload is then not kept)."""
-    if key is None:
-        return await answer()
-    print_ = fingerprint(request, ignore, file=stored.sha256)
-    try:
-        replayed = await run_in_threadpool(replay, settings, tenant, key, print_)
-    except ProblemError:
-        await run_in_threadpool(discard_unreferenced, settings, stored)
-        raise
-    if replayed is not None:
-        return replayed
-    response = await answer()
-    return await run_in_threadpool(remember, settings, tenant, key, print_, response)
-
-
 @router.post("/tasks", status_code=202, summary="Upload a labelled dataset to embed")
 async def create_task(
     request: Request,
@@ -192,7 +168,15 @@ async def create_task(
             },
         )
 
-    return await _idempotent(request, settings, caller.tenant, key, stored, answer)
+    return await idempotent(
+        request,
+        settings,
+        caller.tenant,
+        key,
+        {"file": stored.sha256},
+        answer,
+        refused=lambda: discard_unreferenced(settings, stored),
+    )
 
 
 @router.get("/jobs/{job_id}", summary="A job's status, progress, timings, result or error")
@@ -315,8 +299,15 @@ async def recommend_upload(
             started,
         )
 
-    return await _idempotent(
-        request, settings, caller.tenant, key, stored, answer, ignore=("wait",)
+    return await idempotent(
+        request,
+        settings,
+        caller.tenant,
+        key,
+        {"file": stored.sha256},
+        answer,
+        refused=lambda: discard_unreferenced(settings, stored),
+        ignore=("wait",),
     )
 
 

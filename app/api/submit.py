@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.api.problems import ProblemError
-from app.db.models import Dataset, Job, JobStatus, Task
+from app.db.models import Dataset, Job, JobStatus, Task, ZooTask
 from app.db.session import session_scope
 from app.settings import Settings
 from app.storage import StoredFile, UploadTooLargeError, store_stream
@@ -77,10 +77,15 @@ def validate(
 
 
 def discard_unreferenced(settings: Settings, stored: StoredFile) -> None:
-    """Remove a stored upload that no dataset row holds (a refused request keeps nothing)."""
+    """Remove a stored upload that no dataset row and no zoo task holds (a refused request
+    keeps nothing)."""
     with session_scope(settings.resolved_database_url()) as session:
         known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256).limit(1))
-    if known is None:
+        in_zoo = any(
+            spec.get("dataset") == str(stored.path)
+            for spec in session.scalars(select(ZooTask.spec))
+        )
+    if known is None and not in_zoo:
         stored.path.unlink(missing_ok=True)
 
 

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, cast
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import delete, func, select
@@ -22,8 +22,9 @@ from sqlalchemy.exc import IntegrityError
 from app import catalog, jobs
 from app.api.auth import Admin, CallerDep
 from app.api.deps import SettingsDep, ZooDep
+from app.api.idempotency import idempotent, key_of
 from app.api.problems import ProblemError, documented
-from app.api.submit import chunks, send, store_upload, validate
+from app.api.submit import chunks, discard_unreferenced, send, store_upload, validate
 from app.db.models import Expert, MatrixEntry, ZooItemStatus, ZooTask
 from app.db.session import session_scope
 from app.ranking import ZooState
@@ -34,7 +35,9 @@ from app.task2vec.probes import PROBES
 from app.zoo.experts import ExpertSpec, load_expert
 from app.zoo.tasks import uploaded_task
 
-router = APIRouter(prefix="/v1", responses=documented(401, 403, 404, 409, 413, 422, 429, 500, 503))
+router = APIRouter(
+    prefix="/v1", responses=documented(400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503)
+)
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 Limit = Annotated[int, Query(ge=1, le=500)]
@@ -323,6 +326,7 @@ def _register(settings: Settings, row: Expert | ZooTask, tenant: str) -> tuple[s
     summary="Register an expert and evaluate it on every zoo task (admin)",
 )
 async def register_expert(
+    request: Request,
     settings: SettingsDep,
     zoo: ZooDep,
     caller: Admin,
@@ -344,34 +348,51 @@ async def register_expert(
     tags: Annotated[str | None, Form(description="comma-separated tags")] = None,
 ) -> JSONResponse:
     _check_name("expert", name)
-    await run_in_threadpool(_check_free, settings, Expert, name)
-    if source_task and source_task not in {t.name for t in zoo.zoo.tasks}:
-        detail = f"source_task {source_task!r} is not a zoo task"
-        raise ProblemError(422, "invalid-expert", "Invalid expert", detail)
-    default = ExpertSpec("", "", "", 0)
-    spec_mean = _floats("mean", mean, default.mean)
-    spec_std = _floats("std", std, default.std)
+    key = key_of(request)
+    if key is None:  # 409 before anything is stored (a retry with a key may be a replay)
+        await run_in_threadpool(_check_free, settings, Expert, name)
     where = await _weights(settings, architecture, weights_uri, weights)
-    spec = ExpertSpec(
-        name=name,
-        architecture=architecture,
-        weights=where,
-        input_size=input_size,
-        mean=(spec_mean[0], spec_mean[1], spec_mean[2]),
-        std=(spec_std[0], spec_std[1], spec_std[2]),
-        source_task=source_task or None,
-        tags=tuple(t.strip() for t in (tags or "").split(",") if t.strip()),
-    )
-    try:
+    fields = {
+        "name": name,
+        "architecture": architecture,
+        "input_size": input_size,
+        "weights": where,
+        "mean": mean,
+        "std": std,
+        "source_task": source_task,
+        "tags": tags,
+    }
+
+    async def answer() -> JSONResponse:
+        await run_in_threadpool(_check_free, settings, Expert, name)
+        if source_task and source_task not in {t.name for t in zoo.zoo.tasks}:
+            detail = f"source_task {source_task!r} is not a zoo task"
+            raise ProblemError(422, "invalid-expert", "Invalid expert", detail)
+        default = ExpertSpec("", "", "", 0)
+        spec_mean = _floats("mean", mean, default.mean)
+        spec_std = _floats("std", std, default.std)
+        spec = ExpertSpec(
+            name=name,
+            architecture=architecture,
+            weights=where,
+            input_size=input_size,
+            mean=(spec_mean[0], spec_mean[1], spec_mean[2]),
+            std=(spec_std[0], spec_std[1], spec_std[2]),
+            source_task=source_task or None,
+            tags=tuple(t.strip() for t in (tags or "").split(",") if t.strip()),
+        )
         if not catalog.remote_weights(where):  # remote weights are checked once downloaded
             await run_in_threadpool(_check_loads, spec)
         job_id, status = await run_in_threadpool(
             _register, settings, catalog.expert_row(spec), caller.tenant
         )
+        return _accepted("experts", name, job_id, status)
+
+    try:
+        return await idempotent(request, settings, caller.tenant, key, fields, answer)
     except ProblemError:
         await run_in_threadpool(_discard_weights, settings, where)
         raise
-    return _accepted("experts", name, job_id, status)
 
 
 def _discard_weights(settings: Settings, where: str) -> None:
@@ -390,6 +411,7 @@ def _discard_weights(settings: Settings, where: str) -> None:
     summary="Add a labelled dataset to the zoo: its embedding and matrix row (admin)",
 )
 async def add_zoo_task(
+    request: Request,
     settings: SettingsDep,
     zoo: ZooDep,
     caller: Admin,
@@ -398,14 +420,26 @@ async def add_zoo_task(
     domain: Annotated[str | None, Form(description="what the images show")] = None,
 ) -> JSONResponse:
     _check_name("zoo task", name)
-    await run_in_threadpool(_check_free, settings, ZooTask, name)
+    key = key_of(request)
+    if key is None:  # 409 before anything is stored (a retry with a key may be a replay)
+        await run_in_threadpool(_check_free, settings, ZooTask, name)
     filename = file.filename or "upload"
     stored = await store_upload(file, settings)
-    data = await run_in_threadpool(
-        validate, settings, stored, filename, zoo.zoo.embed_config.image_size
-    )
-    spec = uploaded_task(name, str(stored.path), data, (domain or "").strip()[:64] or None)
-    job_id, status = await run_in_threadpool(
-        _register, settings, catalog.zoo_task_row(spec), caller.tenant
-    )
-    return _accepted("zoo/tasks", name, job_id, status)
+
+    async def answer() -> JSONResponse:
+        await run_in_threadpool(_check_free, settings, ZooTask, name)
+        data = await run_in_threadpool(
+            validate, settings, stored, filename, zoo.zoo.embed_config.image_size
+        )
+        spec = uploaded_task(name, str(stored.path), data, (domain or "").strip()[:64] or None)
+        job_id, status = await run_in_threadpool(
+            _register, settings, catalog.zoo_task_row(spec), caller.tenant
+        )
+        return _accepted("zoo/tasks", name, job_id, status)
+
+    fields = {"name": name, "domain": domain, "file": stored.sha256}
+    try:
+        return await idempotent(request, settings, caller.tenant, key, fields, answer)
+    except ProblemError:
+        await run_in_threadpool(discard_unreferenced, settings, stored)
+        raise

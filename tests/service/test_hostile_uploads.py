@@ -443,3 +443,20 @@ def test_an_npz_is_recognised_by_its_content_not_its_name(
     monkeypatch.setattr(jobs, "dispatch", lambda job, broker: None)
     response = client.post("/v1/tasks", files={"file": ("upload.zip", npz_upload())})
     assert response.status_code == 202, response.text
+
+
+def test_a_body_must_say_its_length_and_a_huge_one_is_refused_at_once(
+    client: TestClient, hardened: Settings
+) -> None:
+    before = _stored(hardened)
+    request = client.build_request("POST", "/v1/tasks", content=b"x")
+    del request.headers["content-length"]
+    unsized = client.send(request)
+    assert unsized.status_code == 411
+    assert unsized.json()["type"].endswith("/length-required")
+    request = client.build_request("POST", "/v1/tasks", content=b"x")
+    request.headers["content-length"] = str(10**12)
+    huge = client.send(request)
+    assert huge.status_code == 413
+    assert str(hardened.max_upload_bytes) in huge.json()["detail"]
+    assert _stored(hardened) == before

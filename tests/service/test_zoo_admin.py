@@ -372,3 +372,20 @@ def test_a_late_load_of_an_older_version_is_never_installed() -> None:
     assert states._install(older) is old  # type: ignore[arg-type]
     assert states._install(newest) is newest  # type: ignore[arg-type]
     assert states._install(older) is newest  # type: ignore[arg-type]
+
+
+def test_idempotency_key_on_zoo_management(
+    client: TestClient, settings: Settings, sent: list[str]
+) -> None:
+    _serving(client, 8, 3)
+    weights = {"weights": ("w.pt", _weights(seed=4))}
+    headers = {"Idempotency-Key": "expert-1"}
+    first = client.post("/v1/experts", data=_expert_form("idem"), files=weights, headers=headers)
+    again = client.post("/v1/experts", data=_expert_form("idem"), files=weights, headers=headers)
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json() == first.json()
+    assert len(sent) == 1
+    other = client.post("/v1/experts", data=_expert_form("idem2"), files=weights, headers=headers)
+    assert _problem(other, 422, "idempotency-key-reused")
+    without = client.post("/v1/experts", data=_expert_form("idem"), files=weights)
+    _problem(without, 409, "expert-exists")
