@@ -29,7 +29,10 @@ def keyed(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
 
 
 def _run(settings: Settings, job_id: str, kind: str) -> None:
-    (tasks.run_embed if kind == "embed" else tasks.run_rank)(job_id, settings)
+    """Embeddings and rankings run at once; zoo management jobs stay queued here."""
+    runners = {"embed": tasks.run_embed, "rank": tasks.run_rank}
+    if kind in runners:
+        runners[kind](job_id, settings)
 
 
 def _auth(settings: Settings, tenant: str, *scopes: str) -> dict[str, str]:
@@ -195,3 +198,18 @@ def test_rate_limit_per_key_and_cors_off_by_default(keyed: Settings) -> None:
         headers = {**_auth(allowed, "acme", "tasks:read"), "Origin": "https://ui.example"}
         answer = client.get("/v1/zoo", headers=headers)
         assert answer.headers["access-control-allow-origin"] == "https://ui.example"
+
+
+def test_zoo_management_jobs_are_their_tenants_own(keyed: Settings) -> None:
+    admin = _auth(keyed, "platform", "zoo:admin", "tasks:read")
+    other = _auth(keyed, "acme", "tasks:read")
+    with TestClient(create_app(keyed)) as client:
+        form = {"name": "iso", "architecture": "resnet18", "input_size": "32"}
+        registered = client.post(
+            "/v1/experts", headers=admin, data={**form, "weights_uri": "random:3"}
+        )
+        assert registered.status_code == 202, registered.text
+        job = registered.headers["location"]
+        assert client.get(job, headers=admin).status_code == 200
+        assert client.get(job, headers=other).status_code == 404
+        assert client.get("/v1/experts/iso", headers=other).status_code == 200  # the zoo is shared

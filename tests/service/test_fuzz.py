@@ -16,13 +16,16 @@ from app.api.main import create_app
 from tests.service.conftest import fresh_database, service_settings
 
 
+@pytest.mark.parametrize("api_keys", ["off", "required"])
 def test_every_operation_conforms_to_its_schema(
-    tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, api_keys: str
 ) -> None:
+    """With keys off every operation does its work; with keys required (and none sent) every
+    one must refuse as documented."""
     monkeypatch.setattr(jobs, "dispatch", lambda job, broker: None)  # jobs stay queued
     with fresh_database("sqlite", tmp_path) as url:
         settings = service_settings(tiny_zoo, url, tmp_path).model_copy(
-            update={"max_wait_seconds": 0, "rate_limit_per_minute": 0}
+            update={"max_wait_seconds": 0, "rate_limit_per_minute": 0, "api_keys": api_keys}
         )
     app = create_app(settings)
     app.state.zoos.current(settings)  # the zoo loaded, as after start-up
