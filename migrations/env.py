@@ -26,6 +26,12 @@ def run_online() -> None:
 
         engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
+        if url.startswith("sqlite"):
+            # SQLite rebuilds a table to change its constraints (batch mode): with foreign
+            # keys enforced, dropping a referenced table fails. Off for the migration (it must
+            # be set outside a transaction), checked after, on again at the end.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,
@@ -34,6 +40,12 @@ def run_online() -> None:
         )
         with context.begin_transaction():
             context.run_migrations()
+        if url.startswith("sqlite"):
+            broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
+            if broken:
+                raise RuntimeError(f"foreign keys broken by the migration: {broken[:5]}")
 
 
 if context.is_offline_mode():

@@ -43,22 +43,22 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     for table in TENANT_TABLES:
-        with op.batch_alter_table(table, naming_convention=SQLITE_NAMING) as batch:
-            batch.add_column(
-                sa.Column("tenant", sa.String(length=64), server_default="local", nullable=False)
-            )
-            batch.create_index(f"ix_{table}_tenant", ["tenant"])
-            if table == "datasets":
-                batch.drop_constraint(_old_unique(), type_="unique")
-                batch.create_unique_constraint("uq_datasets_tenant_sha256", ["tenant", "sha256"])
+        op.add_column(
+            table,
+            sa.Column("tenant", sa.String(length=64), server_default="local", nullable=False),
+        )
+        op.create_index(f"ix_{table}_tenant", table, ["tenant"])
+    with op.batch_alter_table("datasets", naming_convention=SQLITE_NAMING) as batch:
+        batch.drop_constraint(_old_unique(), type_="unique")
+        batch.create_unique_constraint("uq_datasets_tenant_sha256", ["tenant", "sha256"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("datasets", naming_convention=SQLITE_NAMING) as batch:
+        batch.drop_constraint("uq_datasets_tenant_sha256", type_="unique")
+        batch.create_unique_constraint(_old_unique(), ["sha256"])
     for table in TENANT_TABLES:
-        with op.batch_alter_table(table, naming_convention=SQLITE_NAMING) as batch:
-            if table == "datasets":
-                batch.drop_constraint("uq_datasets_tenant_sha256", type_="unique")
-                batch.create_unique_constraint(_old_unique(), ["sha256"])
-            batch.drop_index(f"ix_{table}_tenant")
+        op.drop_index(f"ix_{table}_tenant", table_name=table)
+        with op.batch_alter_table(table) as batch:
             batch.drop_column("tenant")
     op.drop_table("api_keys")
