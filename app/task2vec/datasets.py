@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import posixpath
 import tarfile
 import warnings
@@ -168,6 +169,7 @@ def load_npz(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> LabelledImag
     # as the whole upload.
     with _Archive(path, replace(limits, max_member_bytes=limits.max_total_bytes)):
         pass
+    _check_npy_headers(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             missing = {"x", "y"} - set(data.files)
@@ -183,6 +185,49 @@ def load_npz(path: Path, limits: ArchiveLimits = DEFAULT_LIMITS) -> LabelledImag
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"{path.name}: not a readable .npz file ({exc})", "invalid-npz") from exc
     return from_arrays(x, y, limits)
+
+
+#: What each array of an .npz dataset may hold (numpy dtype kinds): images are bytes, labels
+#: integers or text.
+_NPY_KINDS = {"x": "u", "y": "iuU"}
+
+
+def _check_npy_headers(path: Path) -> None:
+    """Read every array's header before numpy allocates anything: a few hundred bytes can
+    declare a terabyte-sized shape. The declared size must fit in the member's (already
+    capped) uncompressed size, and the dtypes must be plain numbers or text."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename.removesuffix(".npy")
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+                    else:
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+                if dtype.hasobject or dtype.fields is not None:
+                    raise DatasetError(
+                        f"{path.name}: array {name!r} has dtype {dtype}; object and structured "
+                        "arrays are not accepted",
+                        "invalid-npz",
+                    )
+                if name in _NPY_KINDS and dtype.kind not in _NPY_KINDS[name]:
+                    want = "x must hold uint8 images" if name == "x" else "y: integers or text"
+                    raise DatasetError(
+                        f"{path.name}: array {name!r} has dtype {dtype}; {want}", "invalid-npz"
+                    )
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > info.file_size:
+                    raise DatasetError(
+                        f"{path.name}: array {name!r} declares shape {shape} ({declared} bytes) "
+                        f"but holds {info.file_size} bytes",
+                        "invalid-npz",
+                    )
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"{path.name}: not a readable .npz file ({exc})", "invalid-npz") from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,6 +103,17 @@ def manifest(rows: str, extra: list[tuple[str, bytes]] | None = None) -> bytes:
     return zipped([*members, *(extra or []), ("labels.csv", rows.encode())])
 
 
+def npz_declaring(shape: tuple[int, ...]) -> bytes:
+    """An .npz whose x.npy header declares ``shape`` but holds no data (a memory bomb)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
+    y = io.BytesIO()
+    np.save(y, np.array([0, 1]))
+    return zipped([("x.npy", header.getvalue()), ("y.npy", y.getvalue())])
+
+
 GOOD_ROWS = "path,label\nimg/0.png,a\nimg/1.png,a\nimg/2.png,b\nimg/3.png,b\n"
 
 
@@ -332,6 +343,20 @@ CASES: list[tuple[str, str, Callable[[], bytes], int, str]] = [
         lambda: b"PK\x03\x04" + bytes(100),
         422,
         "corrupt-archive",
+    ),
+    (
+        "npz header declaring a terabyte",
+        "d.npz",
+        lambda: npz_declaring((2**20, 2**10, 2**10)),
+        422,
+        "invalid-npz",
+    ),
+    (
+        "npz structured labels",
+        "d.npz",
+        lambda: npz(x=images(4), y=np.zeros(4, dtype=[("a", "i4"), ("b", "f4")])),
+        422,
+        "invalid-npz",
     ),
     ("one class", "d.npz", lambda: npz(x=images(4), y=np.zeros(4, int)), 422, "too-few-classes"),
     (
