@@ -22,16 +22,20 @@ normalised batch by batch, so a 10,000-image task costs its decoded size, not 10
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import io
+import lzma
 import math
 import posixpath
 import tarfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -271,8 +275,8 @@ class _Archive:
         try:
             if zipfile.is_zipfile(path):
                 self._zip = zipfile.ZipFile(path)  # closed in close()
-            elif tarfile.is_tarfile(path):
-                self._tar = tarfile.open(path, mode="r:*")  # noqa: SIM115
+            elif (tar := _open_tar(path, limits)) is not None:
+                self._tar = tar
             elif _starts_like_an_archive(path):
                 raise DatasetError(
                     f"{path.name}: a damaged or truncated archive", "corrupt-archive"
@@ -394,6 +398,96 @@ class _Archive:
                 f"archive member {member.name!r} is larger than it declares", "corrupt-archive"
             )
         return data
+
+
+class _BoundedStream(io.RawIOBase):
+    """A (decompressed) tar stream that refuses to go further than the limits allow.
+
+    ``tarfile`` reads GNU long names and pax headers whole and decompresses everything it
+    skips; through this view no single read exceeds the largest member, and no position goes
+    beyond the uncompressed total or the compression ratio allowed for the file's size.
+    """
+
+    def __init__(self, raw: Any, name: str, limits: ArchiveLimits, compressed: int | None) -> None:
+        self.raw, self.name = raw, name
+        self.max_read = limits.max_member_bytes + 2 * tarfile.BLOCKSIZE
+        slack = 1024 * 1024 + 2 * tarfile.BLOCKSIZE * limits.max_members  # headers, padding
+        self.max_total = limits.max_total_bytes + slack
+        self.max_ratio = (
+            None if compressed is None else limits.max_compression_ratio * compressed + slack
+        )
+        self.ratio = limits.max_compression_ratio
+
+    def _check(self, position: int) -> None:
+        if self.max_ratio is not None and position > self.max_ratio:
+            raise DatasetError(
+                f"{self.name}: expands more than {self.ratio:.0f}x, over the compression-ratio "
+                "limit",
+                "compression-bomb",
+            )
+        if position > self.max_total:
+            raise DatasetError(
+                f"{self.name}: more than {self.max_total} bytes uncompressed, over the limit",
+                "too-large-uncompressed",
+            )
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self.max_read:
+            raise DatasetError(
+                f"{self.name}: a header or member of more than {self.max_read} bytes",
+                "member-too-large",
+            )
+        data: bytes = self.raw.read(size)
+        self._check(self.raw.tell())
+        return data
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self.raw.tell() + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR):
+            raise OSError("only absolute and relative seeks")
+        self._check(target)
+        position: int = self.raw.seek(target)
+        return position
+
+    def tell(self) -> int:
+        position: int = self.raw.tell()
+        return position
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+_DECOMPRESSORS: dict[bytes, Callable[..., Any]] = {
+    b"\x1f\x8b": gzip.GzipFile,
+    b"BZh": bz2.BZ2File,
+    b"\xfd7zXZ\x00": lzma.LZMAFile,
+}
+
+
+def _open_tar(path: Path, limits: ArchiveLimits) -> tarfile.TarFile | None:
+    """The file as a tar archive read through ``_BoundedStream``, or None if it is not one."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    opener = next((o for magic, o in _DECOMPRESSORS.items() if head.startswith(magic)), None)
+    # Closed with the stream (by the archive, or below when it is not a tar).
+    raw = opener(path, "rb") if opener is not None else path.open("rb")
+    compressed = path.stat().st_size if opener is not None else None
+    stream = _BoundedStream(raw, path.name, limits, compressed)
+    try:
+        return tarfile.open(fileobj=stream, mode="r:")
+    except tarfile.ReadError:
+        stream.close()
+        return None
+    except BaseException:
+        stream.close()
+        raise
 
 
 #: Leading bytes of zip, gzip, bzip2 and xz files: such a file that does not open is damaged.

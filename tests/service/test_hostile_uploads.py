@@ -103,6 +103,17 @@ def manifest(rows: str, extra: list[tuple[str, bytes]] | None = None) -> bytes:
     return zipped([*members, *(extra or []), ("labels.csv", rows.encode())])
 
 
+def tar_bomb(mode: str, member: tuple[str, bytes]) -> bytes:
+    """A compressed GNU tar with one extra member (a huge name, or a long run of zeros)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode, format=tarfile.GNU_FORMAT) as t:
+        for name, data in [*good_members(), member]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def npz_declaring(shape: tuple[int, ...]) -> bytes:
     """An .npz whose x.npy header declares ``shape`` but holds no data (a memory bomb)."""
     header = io.BytesIO()
@@ -250,6 +261,27 @@ CASES: list[tuple[str, str, Callable[[], bytes], int, str]] = [
         lambda: zipped([*good_members(), *((f"b/x{i}.png", b"not a png") for i in range(3))]),
         422,
         "undecodable-images",
+    ),
+    (
+        "tar.bz2 with a huge member name",
+        "d.tbz",
+        lambda: tar_bomb("w:bz2", ("a/" + "x" * 3_000_000 + ".png", png())),
+        422,
+        "member-too-large",
+    ),
+    (
+        "tar.gz bomb",
+        "d.tgz",
+        lambda: tar_bomb("w:gz", ("a/zeros.png", bytes(5_000_000))),
+        422,
+        "compression-bomb",
+    ),
+    (
+        "tar.xz bomb",
+        "d.txz",
+        lambda: tar_bomb("w:xz", ("a/zeros.png", bytes(5_000_000))),
+        422,
+        "compression-bomb",
     ),
     ("empty zip", "d.zip", lambda: zipped([]), 422, "bad-layout"),
     (
