@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
 import threading
@@ -80,6 +81,15 @@ def list_keys(settings: Settings) -> list[ApiKey]:
         return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
 
 
+def _from_loopback(request: Request) -> bool:
+    """Whether the peer is this machine (test clients, which name no address, count as it)."""
+    host = request.client.host if request.client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in ("", "testclient", "localhost")
+
+
 def _unauthorized(detail: str) -> ProblemError:
     error = ProblemError(401, "unauthorized", "An API key is needed", detail)
     error.headers["WWW-Authenticate"] = 'Bearer realm="task2vec"'
@@ -89,6 +99,8 @@ def _unauthorized(detail: str) -> ProblemError:
 def caller_of(request: Request) -> Caller:
     settings: Settings = request.app.state.settings
     if settings.api_keys == "off":
+        if not _from_loopback(request):
+            raise _unauthorized("this service runs without keys and answers only its own machine")
         return Caller(LOCAL_TENANT, frozenset(SCOPES))
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

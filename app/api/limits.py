@@ -1,10 +1,12 @@
 """Request size at the door: before any byte of a body is read, a POST must say how long it
-is (Content-Length, or chunked transfer, whose size the upload counts while streaming), and a
-declared length over the upload limit is refused at once instead of after the transfer."""
+is (Content-Length, or chunked transfer), a declared length over the upload limit is refused
+at once, and a body that streams past it is cut off (413). With keys on, a POST without an
+Authorization header is refused before its body is read."""
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import problem_response
 from app.settings import Settings
@@ -44,7 +46,41 @@ class RequestLength:
                         f"the request declares {int(length)} bytes; uploads are limited to "
                         f"{self.settings.max_upload_bytes} bytes",
                     )
+            elif self.settings.api_keys != "off" and b"authorization" not in headers:
+                # No key, no body: an anonymous client cannot make the service spool bytes.
+                response = problem_response(
+                    401,
+                    "unauthorized",
+                    "An API key is needed",
+                    "send 'Authorization: Bearer <key>' (task2vec keys create)",
+                    headers={"WWW-Authenticate": 'Bearer realm="task2vec"'},
+                )
             if response is not None:
                 await response(scope, receive, send)
                 return
+            receive = self._counted(receive)
         await self.app(scope, receive, send)
+
+    def _counted(self, receive: Receive) -> Receive:
+        """``receive`` that stops a body (chunked ones included) past the upload limit."""
+        limit = self.settings.max_upload_bytes + FORM_OVERHEAD
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(self.settings.max_upload_bytes)
+            return message
+
+        return counted
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a body streams in: an HTTP exception, so the form parser passes it on and
+    the API answers 413 ``upload-too-large``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the upload is larger than the limit of {limit} bytes")

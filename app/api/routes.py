@@ -245,6 +245,13 @@ def recommendations(
 ) -> Any:
     _check_method(method)
     if method in WORKER_METHODS:
+        if "tasks:write" not in caller.scopes:
+            raise ProblemError(
+                403,
+                "insufficient-scope",
+                "The API key lacks a scope",
+                f"ranking with {method} queues a worker job: it needs the scope 'tasks:write'",
+            )
         job = _queue_rank(settings, task_id, method, k, caller.tenant)
         return _accepted(job.id, {"job_id": job.id, "status": job.status})
     return _rank_now(settings, zoo, task_id, method, k, caller.tenant)

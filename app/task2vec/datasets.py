@@ -30,7 +30,6 @@ import lzma
 import math
 import posixpath
 import tarfile
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -159,11 +158,16 @@ def from_arrays(
 
 
 def _check_label(label: str) -> None:
-    """A class name must be printable text: it is shown in every answer about the task."""
+    """A class name must be printable text (it is shown in every answer about the task) and
+    must not read as a spreadsheet formula when exported."""
     if not label.strip() or len(label) > 200 or not label.isprintable():
         raise DatasetError(
             f"class name {label[:80]!r} is empty, too long or not printable text",
             "bad-label",
+        )
+    if _looks_like_formula(label):
+        raise DatasetError(
+            f"class name {label[:80]!r} looks like a spreadsheet formula", "bad-label"
         )
 
 
@@ -501,8 +505,10 @@ def _starts_like_an_archive(path: Path) -> bool:
 
 
 def _zip_special(info: zipfile.ZipInfo) -> str | None:
-    """What a zip member is when not a regular file or folder (zip stores Unix file types in
-    its external attributes: symlinks, devices, fifos)."""
+    """What a zip member is when not a regular file or folder (zips made on Unix store file
+    types in their external attributes: symlinks, devices, fifos)."""
+    if info.create_system != 3:  # not made on Unix: the attributes mean something else
+        return None
     mode = (info.external_attr >> 16) & 0o170000
     if mode in (0, 0o100000, 0o040000):
         return None
@@ -527,17 +533,28 @@ def _is_image(name: str) -> bool:
 
 
 def _decode(name: str, data: bytes, limits: ArchiveLimits) -> np.ndarray:
-    """Decode one image to (H, W, 1) or (H, W, 3) uint8, refusing bombs and broken files."""
-    Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+    """Decode one image to (H, W, 1) or (H, W, 3) uint8, refusing bombs and broken files.
+
+    The size in the image's header is checked before any pixel is decoded (no global PIL
+    setting and no warning filter: decoding runs in several threads at once)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                image.load()
-                if image.mode in ("1", "L", "I;16", "I", "F"):
-                    array = np.asarray(image.convert("L"))[..., None]
-                else:
-                    array = np.asarray(image.convert("RGB"))
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            frames = getattr(image, "n_frames", 1)
+            if width * height * max(frames, 1) > limits.max_image_pixels:
+                raise DatasetError(
+                    f"image {name!r} is {width}x{height} pixels"
+                    f"{f' x {frames} frames' if frames > 1 else ''}, over the limit of "
+                    f"{limits.max_image_pixels}",
+                    "image-too-large",
+                )
+            image.load()
+            if image.mode in ("1", "L", "I;16", "I", "F"):
+                array = np.asarray(image.convert("L"))[..., None]
+            else:
+                array = np.asarray(image.convert("RGB"))
+    except DatasetError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DatasetError(
             f"image {name!r} is too large to decode safely ({exc})", "image-too-large"
@@ -562,9 +579,17 @@ def _strip_common_root(names: list[str]) -> str:
     return ""
 
 
-#: Spreadsheet programs run cells that start with these as formulas ("CSV injection"); a
-#: label must never become one when the task is exported.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+def _looks_like_formula(label: str) -> bool:
+    """Whether a spreadsheet would run the label as a formula when the task is exported ("CSV
+    injection"): '=…', '@…', or a sign followed by operators ('+cmd|…!A0', '-2+3'); '-1' and
+    '-ve' are ordinary labels."""
+    if label.startswith(("=", "@", "\t", "\r")):
+        return True
+    return (
+        label.startswith(("+", "-"))
+        and not _is_number(label)
+        and any(c in label[1:] for c in "()!|=+-*/&^")
+    )
 
 
 def _is_number(text: str) -> bool:
@@ -589,6 +614,7 @@ def _manifest_rows(archive: _Archive, manifest: _Member) -> list[tuple[str, str]
                 "bad-manifest",
             )
         rows: list[tuple[str, str]] = []
+        listed: set[str] = set()
         for line, row in enumerate(reader, start=2):
             if not row or all(not cell.strip() for cell in row):
                 continue
@@ -598,12 +624,18 @@ def _manifest_rows(archive: _Archive, manifest: _Member) -> list[tuple[str, str]
                     "bad-manifest",
                 )
             label = row[1].strip()
-            if label.startswith(_FORMULA_START) and not _is_number(label):
+            if _looks_like_formula(label):
                 raise DatasetError(
                     f"{manifest.name} line {line}: label {label!r} looks like a spreadsheet "
                     "formula",
                     "bad-manifest",
                 )
+            if row[0].strip() in listed:
+                raise DatasetError(
+                    f"{manifest.name} line {line}: {row[0].strip()!r} is listed twice",
+                    "bad-manifest",
+                )
+            listed.add(row[0].strip())
             rows.append((row[0].strip(), label))
     except csv.Error as exc:
         raise DatasetError(f"{manifest.name}: not valid CSV ({exc})", "bad-manifest") from exc
@@ -683,7 +715,7 @@ def load_archive(
                 continue
             decoded.append(_bound(image, image_size))
             labels.append(label)
-    if len(broken) > limits.max_skipped_fraction * len(pairs):
+    if not decoded or len(broken) > limits.max_skipped_fraction * len(pairs):
         names = ", ".join(repr(n) for n, _ in broken[:3])
         raise DatasetError(
             f"{len(broken)} of {len(pairs)} images cannot be decoded ({names}"

@@ -58,6 +58,12 @@ def test_keys_are_required_and_checked(keyed: Settings) -> None:
         admin = client.post("/v1/experts", headers=reader, data={"name": "x"})
         assert admin.status_code == 403
         assert client.get("/healthz").status_code == 200  # probes need no key
+        anonymous = client.post("/v1/tasks", files={"file": ("a.npz", npz_upload())})
+        assert anonymous.status_code == 401  # refused before the body is read
+        logme = client.get(
+            "/v1/tasks/x/recommendations", headers=reader, params={"method": "logme"}
+        )
+        assert logme.status_code == 403  # a worker ranking is work: it needs tasks:write
 
         _, token = create_key(keyed, "acme", ["tasks:read"])
         key_id = token.split("_")[1]

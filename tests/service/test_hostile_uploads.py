@@ -412,6 +412,20 @@ CASES: list[tuple[str, str, Callable[[], bytes], int, str]] = [
         422,
         "bad-label",
     ),
+    (
+        "formula as a class folder",
+        "d.zip",
+        lambda: zipped([(f"=cmd|x!A{i % 2}/{i}.png", png(seed=i)) for i in range(4)]),
+        422,
+        "bad-label",
+    ),
+    (
+        "manifest lists a file twice",
+        "d.zip",
+        lambda: manifest(GOOD_ROWS + "img/0.png,b\n"),
+        422,
+        "bad-manifest",
+    ),
     ("over the upload limit", "d.npz", lambda: bytes(3_000_001), 413, "upload-too-large"),
 ]
 
@@ -516,4 +530,20 @@ def test_a_body_must_say_its_length_and_a_huge_one_is_refused_at_once(
     huge = client.send(request)
     assert huge.status_code == 413
     assert str(hardened.max_upload_bytes) in huge.json()["detail"]
+    assert _stored(hardened) == before
+
+
+def test_a_chunked_body_past_the_limit_is_cut_off(client: TestClient, hardened: Settings) -> None:
+    before = _stored(hardened)
+
+    def body() -> Iterator[bytes]:
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.npz"\r\n\r\n'
+        for _ in range(6):
+            yield bytes(1024 * 1024)
+
+    response = client.post(
+        "/v1/tasks", content=body(), headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 413, response.text
+    assert response.json()["type"].endswith("/upload-too-large")
     assert _stored(hardened) == before
