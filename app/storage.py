@@ -28,9 +28,9 @@ class StoredFile:
     bytes: int
 
 
-def suffix_for(filename: str) -> str:
-    """``.npz`` files are read as arrays; everything else is sniffed as zip or tar."""
-    return ".npz" if filename.lower().endswith(".npz") else ".archive"
+#: Stored uploads share one suffix: the format is sniffed from the bytes, so the same bytes
+#: are one file whatever name they were sent under.
+UPLOAD_SUFFIX = ".upload"
 
 
 def content_path(root: Path, sha256: str, suffix: str) -> Path:
@@ -40,12 +40,11 @@ def content_path(root: Path, sha256: str, suffix: str) -> Path:
 async def store_stream(
     chunks: AsyncIterator[bytes],
     root: Path,
-    filename: str,
     limit: int,
-    suffix: str | None = None,
+    suffix: str = UPLOAD_SUFFIX,
 ) -> StoredFile:
     """Write ``chunks`` under ``root`` by content; refuse more than ``limit`` bytes.
-    ``suffix``: the stored file's, when not the dataset suffix of ``filename``."""
+    ``suffix``: the stored file's."""
     root.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -60,7 +59,7 @@ async def store_stream(
                 digest.update(chunk)
                 out.write(chunk)
         sha = digest.hexdigest()
-        final = content_path(root, sha, suffix or suffix_for(filename))
+        final = content_path(root, sha, suffix)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         return StoredFile(sha, final, size)

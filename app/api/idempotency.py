@@ -47,50 +47,76 @@ def fingerprint(request: Request, ignore: tuple[str, ...] = (), **parts: Any) ->
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def replay(settings: Settings, tenant: str, key: str, print_: str) -> JSONResponse | None:
-    """The recorded answer for this key, or None if the key is new; 422 if it was used for
-    another request."""
-    with session_scope(settings.resolved_database_url()) as session:
-        row = session.scalar(
-            select(IdempotencyRecord).where(
-                IdempotencyRecord.tenant == tenant, IdempotencyRecord.key == key
-            )
+#: ``status`` of a record whose request is still being answered.
+IN_PROGRESS = 0
+
+
+def _recorded(row: IdempotencyRecord, key: str, print_: str) -> JSONResponse:
+    """What a request that finds ``row`` under its key gets: 422 for another request, 409
+    while the first one is still being answered, else the first answer again."""
+    if row.fingerprint != print_:
+        raise ProblemError(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key already used",
+            f"the Idempotency-Key {key!r} was sent with a different request",
         )
-        if row is None:
-            return None
-        if row.fingerprint != print_:
-            raise ProblemError(
-                422,
-                "idempotency-key-reused",
-                "Idempotency-Key already used",
-                f"the Idempotency-Key {key!r} was sent with a different request",
-            )
-        headers = {"Idempotent-Replayed": "true"}
-        if row.location:
-            headers["Location"] = row.location
-        return JSONResponse(row.body, status_code=row.status, headers=headers)
+    if row.status == IN_PROGRESS:
+        error = ProblemError(
+            409,
+            "idempotency-key-in-progress",
+            "The first request with this key is still running",
+            f"a request with the Idempotency-Key {key!r} is being answered; retry shortly",
+        )
+        error.headers["Retry-After"] = "1"
+        raise error
+    headers = {"Idempotent-Replayed": "true"}
+    if row.location:
+        headers["Location"] = row.location
+    return JSONResponse(row.body, status_code=row.status, headers=headers)
 
 
-def remember(
-    settings: Settings, tenant: str, key: str, print_: str, response: JSONResponse
-) -> JSONResponse:
-    """Record the answer; if a concurrent request with the key won, answer as it did."""
-    body = json.loads(bytes(response.body))
+def _select(tenant: str, key: str) -> Any:
+    return select(IdempotencyRecord).where(
+        IdempotencyRecord.tenant == tenant, IdempotencyRecord.key == key
+    )
+
+
+def claim(settings: Settings, tenant: str, key: str, print_: str) -> JSONResponse | None:
+    """Take the key for this request (None), or answer from what holds it already. Claiming
+    before the work makes two concurrent requests with one key do the work once."""
+    url = settings.resolved_database_url()
     try:
-        with session_scope(settings.resolved_database_url()) as session:
+        with session_scope(url) as session:
             session.add(
                 IdempotencyRecord(
-                    tenant=tenant,
-                    key=key,
-                    fingerprint=print_,
-                    status=response.status_code,
-                    body=body,
-                    location=response.headers.get("location"),
+                    tenant=tenant, key=key, fingerprint=print_, status=IN_PROGRESS, body={}
                 )
             )
+        return None
     except IntegrityError:
-        return replay(settings, tenant, key, print_) or response
-    return response
+        with session_scope(url) as session:
+            row = session.scalar(_select(tenant, key))
+            if row is None:  # released meanwhile: the next try claims it
+                return claim(settings, tenant, key, print_)
+            return _recorded(row, key, print_)
+
+
+def complete(settings: Settings, tenant: str, key: str, response: JSONResponse) -> None:
+    with session_scope(settings.resolved_database_url()) as session:
+        row = session.scalar(_select(tenant, key))
+        if row is not None:
+            row.status = response.status_code
+            row.body = json.loads(bytes(response.body))
+            row.location = response.headers.get("location")
+
+
+def release(settings: Settings, tenant: str, key: str) -> None:
+    """The request failed: free the key, so that a retry does the work."""
+    with session_scope(settings.resolved_database_url()) as session:
+        row = session.scalar(_select(tenant, key))
+        if row is not None and row.status == IN_PROGRESS:
+            session.delete(row)
 
 
 async def idempotent(
@@ -106,17 +132,22 @@ async def idempotent(
     """``answer()``, or the recorded answer when ``key`` was seen with the same request (the
     route, its query but ``ignore``, and ``parts``: form fields, uploaded files' sha256). The
     same key with another request is refused with 422, after ``refused()`` drops what the
-    request stored."""
+    request stored; while the first request runs, 409 with Retry-After."""
     if key is None:
         return await answer()
     print_ = fingerprint(request, ignore, **parts)
     try:
-        replayed = await run_in_threadpool(replay, settings, tenant, key, print_)
+        replayed = await run_in_threadpool(claim, settings, tenant, key, print_)
     except ProblemError:
         if refused is not None:
             await run_in_threadpool(refused)
         raise
     if replayed is not None:
         return replayed
-    response = await answer()
-    return await run_in_threadpool(remember, settings, tenant, key, print_, response)
+    try:
+        response = await answer()
+    except BaseException:
+        await run_in_threadpool(release, settings, tenant, key)
+        raise
+    await run_in_threadpool(complete, settings, tenant, key, response)
+    return response

@@ -55,7 +55,6 @@ async def store_upload(upload: UploadFile, settings: Settings) -> StoredFile:
         return await store_stream(
             chunks(upload),
             settings.data_dir / "uploads",
-            upload.filename or "upload",
             settings.max_upload_bytes,
         )
     except UploadTooLargeError as exc:

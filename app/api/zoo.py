@@ -229,7 +229,6 @@ async def _weights(
             stored = await store_stream(
                 chunks(upload),
                 settings.data_dir / "experts",
-                upload.filename or "weights",
                 settings.max_upload_bytes,
                 suffix=".pt",
             )

@@ -14,7 +14,9 @@ from fastapi.testclient import TestClient
 
 from app import jobs
 from app.api.auth import create_key
+from app.api.idempotency import claim, release
 from app.api.main import create_app
+from app.api.problems import ProblemError
 from app.settings import Settings
 from tests.service.conftest import npz_upload
 from workers import tasks
@@ -219,3 +221,16 @@ def test_zoo_management_jobs_are_their_tenants_own(keyed: Settings) -> None:
         assert client.get(job, headers=admin).status_code == 200
         assert client.get(job, headers=other).status_code == 404
         assert client.get("/v1/experts/iso", headers=other).status_code == 200  # the zoo is shared
+
+
+def test_a_key_is_claimed_before_the_work(settings: Settings) -> None:
+    """Two requests with one key at once: the second waits (409) instead of working too."""
+    assert claim(settings, "acme", "k", "print-a") is None
+    with pytest.raises(ProblemError) as running:
+        claim(settings, "acme", "k", "print-a")
+    assert (running.value.status, running.value.kind) == (409, "idempotency-key-in-progress")
+    with pytest.raises(ProblemError) as other:
+        claim(settings, "acme", "k", "print-b")
+    assert other.value.kind == "idempotency-key-reused"
+    release(settings, "acme", "k")  # the first request failed: a retry may do the work
+    assert claim(settings, "acme", "k", "print-b") is None

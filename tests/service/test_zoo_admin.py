@@ -276,7 +276,7 @@ def test_bad_registrations_are_refused_and_store_nothing(
     imported = {p for p in stored if p.suffix == ".pt"}
     with session_scope(settings.resolved_database_url()) as session:
         assert imported == {Path(w) for w in session.scalars(select(Expert.weights)) if "/" in w}
-    assert not list((settings.data_dir / "uploads").rglob("*.archive"))
+    assert not [p for p in (settings.data_dir / "uploads").rglob("*") if p.is_file()]
     leftovers = [p for p in settings.data_dir.rglob("*") if p.suffix in (".tmp", ".download")]
     assert leftovers == []
 
