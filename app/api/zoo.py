@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -41,6 +42,8 @@ router = APIRouter(
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 Limit = Annotated[int, Query(ge=1, le=500)]
+Item = Expert | ZooTask
+View = Callable[[Any, ZooState], dict[str, Any]]
 Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 
 
@@ -105,26 +108,38 @@ def _expert_view(row: Expert, zoo: ZooState) -> dict[str, Any]:
     }
 
 
+def _page(
+    settings: Settings, zoo: ZooState, model: type[Item], view: View, limit: int, offset: int
+) -> dict[str, Any]:
+    """One page of experts or zoo tasks, oldest first, with the total."""
+    with session_scope(settings.resolved_database_url()) as session:
+        total = session.scalar(select(func.count()).select_from(model)) or 0
+        rows = session.scalars(select(model).order_by(model.id).offset(offset).limit(limit))
+        return {"total": total, "items": [view(row, zoo) for row in rows]}
+
+
+def _one(settings: Settings, zoo: ZooState, model: type[Item], view: View, name: str) -> Any:
+    with session_scope(settings.resolved_database_url()) as session:
+        row = session.scalar(select(model).where(model.name == name))
+        if row is None:
+            what = "expert" if model is Expert else "zoo task"
+            raise ProblemError(
+                404, "not-found", f"No such {what}", f"{what} {name!r} does not exist"
+            )
+        return view(row, zoo)
+
+
 @router.get("/experts", summary="The zoo's experts (paginated), with their status")
 def experts(
     settings: SettingsDep, zoo: ZooDep, _: CallerDep, limit: Limit = 100, offset: Offset = 0
 ) -> dict[str, Any]:
-    with session_scope(settings.resolved_database_url()) as session:
-        total = session.scalar(select(func.count()).select_from(Expert)) or 0
-        rows = session.scalars(select(Expert).order_by(Expert.id).offset(offset).limit(limit))
-        items = [_expert_view(row, zoo) for row in rows]
-    return {"total": total, "items": items}
+    return _page(settings, zoo, Expert, _expert_view, limit, offset)
 
 
 @router.get("/experts/{expert_id}", summary="One expert")
 def expert(expert_id: str, settings: SettingsDep, zoo: ZooDep, _: CallerDep) -> dict[str, Any]:
-    with session_scope(settings.resolved_database_url()) as session:
-        row = session.scalar(select(Expert).where(Expert.name == expert_id))
-        if row is None:
-            raise ProblemError(
-                404, "not-found", "No such expert", f"expert {expert_id!r} does not exist"
-            )
-        return _expert_view(row, zoo)
+    view: dict[str, Any] = _one(settings, zoo, Expert, _expert_view, expert_id)
+    return view
 
 
 def _zoo_task_view(row: ZooTask, zoo: ZooState) -> dict[str, Any]:
@@ -147,22 +162,13 @@ def _zoo_task_view(row: ZooTask, zoo: ZooState) -> dict[str, Any]:
 def zoo_tasks(
     settings: SettingsDep, zoo: ZooDep, _: CallerDep, limit: Limit = 100, offset: Offset = 0
 ) -> dict[str, Any]:
-    with session_scope(settings.resolved_database_url()) as session:
-        total = session.scalar(select(func.count()).select_from(ZooTask)) or 0
-        rows = session.scalars(select(ZooTask).order_by(ZooTask.id).offset(offset).limit(limit))
-        items = [_zoo_task_view(row, zoo) for row in rows]
-    return {"total": total, "items": items}
+    return _page(settings, zoo, ZooTask, _zoo_task_view, limit, offset)
 
 
 @router.get("/zoo/tasks/{name}", summary="One zoo task")
 def zoo_task(name: str, settings: SettingsDep, zoo: ZooDep, _: CallerDep) -> dict[str, Any]:
-    with session_scope(settings.resolved_database_url()) as session:
-        row = session.scalar(select(ZooTask).where(ZooTask.name == name))
-        if row is None:
-            raise ProblemError(
-                404, "not-found", "No such zoo task", f"zoo task {name!r} does not exist"
-            )
-        return _zoo_task_view(row, zoo)
+    view: dict[str, Any] = _one(settings, zoo, ZooTask, _zoo_task_view, name)
+    return view
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,14 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
+from app import jobs
+from app.api.main import create_app
 from app.db.migrate import upgrade
-from app.db.session import engine_for
+from app.db.models import Job
+from app.db.session import engine_for, session_scope
 from app.settings import Settings
 from app.zoo.build import ZooBuilder
 from app.zoo.presets import recipe, tiny
 from app.zoo.tasks import materialize
+from workers import tasks
 
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -82,3 +87,34 @@ def npz_upload(task_index: int = 1) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, x=data.images, y=np.array(data.classes)[data.labels])
     return buffer.getvalue()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Job ids the API sends to the broker, in order (nothing is sent)."""
+    ids: list[str] = []
+    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: ids.append(job.id))
+    return ids
+
+
+@pytest.fixture
+def client(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+    """The API on ``settings``; the workers' code (run by ``run_job``) sees the same."""
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def run_job(settings: Settings, job_id: str) -> None:
+    """Run a job with the worker's own code, as the broker would deliver it."""
+    with session_scope(settings.resolved_database_url()) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        kind = job.kind
+    runners = {
+        "embed": tasks.run_embed,
+        "rank": tasks.run_rank,
+        "expert": tasks.run_expert,
+        "zoo-task": tasks.run_zoo_task,
+    }
+    runners[kind](job_id, settings)

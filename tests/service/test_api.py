@@ -4,8 +4,6 @@ real worker processes."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from fastapi.testclient import TestClient
 
@@ -14,31 +12,7 @@ from app.api.main import create_app
 from app.db.models import Job, Recommendation
 from app.db.session import session_scope
 from app.settings import Settings
-from tests.service.conftest import npz_upload
-from workers import tasks
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Job ids the API sends to the broker, in order."""
-    ids: list[str] = []
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: ids.append(job.id))
-    return ids
-
-
-@pytest.fixture
-def client(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
-    with TestClient(create_app(settings)) as c:
-        yield c
-
-
-def _run(settings: Settings, job_id: str) -> None:
-    with session_scope(settings.resolved_database_url()) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        kind = job.kind
-    (tasks.run_embed if kind == "embed" else tasks.run_rank)(job_id, settings)
+from tests.service.conftest import npz_upload, run_job
 
 
 def test_upload_embed_neighbours_and_recommendations(
@@ -57,7 +31,7 @@ def test_upload_embed_neighbours_and_recommendations(
     assert not_ready.status_code == 409
     assert not_ready.headers["content-type"] == "application/problem+json"
 
-    _run(settings, body["job_id"])
+    run_job(settings, body["job_id"])
     job = client.get(f"/v1/jobs/{body['job_id']}").json()
     assert job["status"] == "succeeded", job
     assert job["progress"]["fraction"] == 1.0
@@ -83,7 +57,7 @@ def test_upload_embed_neighbours_and_recommendations(
 
     queued = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "logme"})
     assert queued.status_code == 202
-    _run(settings, sent[-1])
+    run_job(settings, sent[-1])
     result = client.get(queued.headers["location"]).json()
     assert result["status"] == "succeeded"
     assert len(result["result"]["ranking"]) == 3
@@ -101,7 +75,7 @@ def test_upload_embed_neighbours_and_recommendations(
 def test_one_call_recommendation_waits_for_the_job(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: _run(settings, job.id))
+    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: run_job(settings, job.id))
     response = client.post(
         "/v1/recommendations",
         params={"wait": 60, "k": 3},

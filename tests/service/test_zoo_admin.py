@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,7 +20,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 
 from app import catalog, jobs
-from app.api.main import create_app
 from app.db.models import Expert, IndexVersionRow, Job, MatrixEntry, Recommendation, ZooTask
 from app.db.session import session_scope
 from app.ranking import ZooStates
@@ -29,36 +27,7 @@ from app.settings import Settings
 from app.zoo.experts import SmallCNN
 from app.zoo.presets import tiny
 from app.zoo.tasks import TaskSpec, materialize
-from workers import tasks
-
-RUNNERS = {
-    "embed": tasks.run_embed,
-    "rank": tasks.run_rank,
-    "expert": tasks.run_expert,
-    "zoo-task": tasks.run_zoo_task,
-}
-
-
-def _run(settings: Settings, job_id: str) -> None:
-    with session_scope(settings.resolved_database_url()) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
-        kind = job.kind
-    RUNNERS[kind](job_id, settings)
-
-
-@pytest.fixture
-def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    ids: list[str] = []
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: ids.append(job.id))
-    return ids
-
-
-@pytest.fixture
-def client(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
-    with TestClient(create_app(settings)) as c:
-        yield c
+from tests.service.conftest import run_job
 
 
 def _weights(width: int = 4, seed: int = 0) -> bytes:
@@ -105,7 +74,7 @@ def test_register_an_expert_and_the_api_swaps_to_the_new_version(
     assert (pending["status"], pending["in_served_zoo"]) == ("pending", False)
     assert client.get("/v1/zoo").json()["pending"]["experts"] == 1
 
-    _run(settings, sent[-1])
+    run_job(settings, sent[-1])
     job = client.get(f"/v1/jobs/{sent[-1]}").json()
     assert job["status"] == "succeeded", job
     assert (job["result"]["tasks"], job["result"]["experts"]) == (8, 4)
@@ -127,7 +96,7 @@ def test_register_an_expert_and_the_api_swaps_to_the_new_version(
 
     # Users' rankings now include it.
     user = client.post("/v1/tasks", files={"file": ("u.npz", _npz(tiny()[3]))}).json()
-    _run(settings, user["job_id"])
+    run_job(settings, user["job_id"])
     ranked = client.get(
         f"/v1/tasks/{user['task_id']}/recommendations", params={"method": "learned", "k": 10}
     ).json()
@@ -153,7 +122,7 @@ def test_add_a_zoo_task(client: TestClient, settings: Settings, sent: list[str])
     )
     assert response.status_code == 202, response.text
     assert client.get("/v1/zoo/tasks/shoes-again").json()["status"] == "pending"
-    _run(settings, sent[-1])
+    run_job(settings, sent[-1])
     job = client.get(f"/v1/jobs/{sent[-1]}").json()
     assert job["status"] == "succeeded", job
     assert {"features", "fisher", "matrix"} <= set(job["timings"])
@@ -165,7 +134,7 @@ def test_add_a_zoo_task(client: TestClient, settings: Settings, sent: list[str])
     assert added["best_expert"] is not None
     # The same images uploaded by a user: their nearest zoo task is the one just added.
     user = client.post("/v1/tasks", files={"file": ("same.npz", upload)}).json()
-    _run(settings, user["job_id"])
+    run_job(settings, user["job_id"])
     near = client.get(f"/v1/tasks/{user['task_id']}/neighbors", params={"k": 1}).json()
     assert near["neighbors"][0]["task"] == "shoes-again"
     assert near["neighbors"][0]["distance"] == pytest.approx(0.0, abs=1e-9)
@@ -190,7 +159,7 @@ def test_weights_by_file_path_and_by_url(
     assert "not a file under" in _problem(escaped, 422, "invalid-expert")["detail"]
     by_path = client.post("/v1/experts", data=by_path)
     assert by_path.status_code == 202, by_path.text
-    _run(settings, sent[-1])
+    run_job(settings, sent[-1])
 
     handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -199,7 +168,7 @@ def test_weights_by_file_path_and_by_url(
     try:
         missing = client.post("/v1/experts", data=_expert_form("by-url", weights_uri=f"{base}/x"))
         assert missing.status_code == 202  # checked by the worker, which downloads it
-        _run(settings, sent[-1])
+        run_job(settings, sent[-1])
         failed = client.get("/v1/experts/by-url").json()
         assert failed["status"] == "failed"
         assert "cannot be downloaded" in failed["error"]["detail"]
@@ -208,7 +177,7 @@ def test_weights_by_file_path_and_by_url(
         # A failed expert's name can be registered again.
         again = client.post("/v1/experts", data=_expert_form("by-url", weights_uri=f"{base}/w.pt"))
         assert again.status_code == 202, again.text
-        _run(settings, sent[-1])
+        run_job(settings, sent[-1])
     finally:
         server.shutdown()
     _serving(client, 8, 5)
@@ -311,7 +280,7 @@ def test_an_expert_and_a_task_added_at_once(
     spec = TaskSpec("concurrent-task", base.source, base.groups, base.group_names, 80, seed=5)
     upload = {"file": ("t.npz", _npz(spec))}
     assert client.post("/v1/zoo/tasks", data={"name": spec.name}, files=upload).status_code == 202
-    threads = [threading.Thread(target=_run, args=(settings, job_id)) for job_id in sent]
+    threads = [threading.Thread(target=run_job, args=(settings, job_id)) for job_id in sent]
     for thread in threads:
         thread.start()
     for thread in threads:
