@@ -90,7 +90,11 @@ def _from_loopback(request: Request) -> bool:
         return host in ("", "testclient", "localhost")
 
 
-def _unauthorized(detail: str) -> ProblemError:
+#: What to do about a missing key.
+KEY_HINT = "send 'Authorization: Bearer <key>' (task2vec keys create)"
+
+
+def unauthorized(detail: str) -> ProblemError:
     error = ProblemError(401, "unauthorized", "An API key is needed", detail)
     error.headers["WWW-Authenticate"] = 'Bearer realm="task2vec"'
     return error
@@ -100,12 +104,12 @@ def caller_of(request: Request) -> Caller:
     settings: Settings = request.app.state.settings
     if settings.api_keys == "off":
         if not _from_loopback(request):
-            raise _unauthorized("this service runs without keys and answers only its own machine")
+            raise unauthorized("this service runs without keys and answers only its own machine")
         return Caller(LOCAL_TENANT, frozenset(SCOPES))
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise _unauthorized("send 'Authorization: Bearer <key>' (task2vec keys create)")
+        raise unauthorized(KEY_HINT)
     key_id, _, secret = token.strip().removeprefix(PREFIX).partition("_")
     with session_scope(settings.resolved_database_url()) as session:
         row = session.get(ApiKey, key_id) if key_id and secret else None
@@ -115,7 +119,7 @@ def caller_of(request: Request) -> Caller:
             and hmac.compare_digest(row.secret_sha256, _digest(secret))
         )
         if not valid or row is None:
-            raise _unauthorized("the API key is unknown or revoked")
+            raise unauthorized("the API key is unknown or revoked")
         return Caller(row.tenant, frozenset(row.scopes), row.id)
 
 

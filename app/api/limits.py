@@ -8,7 +8,8 @@ from __future__ import annotations
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.problems import problem_response
+from app.api.auth import KEY_HINT, unauthorized
+from app.api.problems import as_response, problem_response
 from app.settings import Settings
 
 #: Room for the multipart framing and form fields around an upload of the largest size.
@@ -48,13 +49,7 @@ class RequestLength:
                     )
             elif self.settings.api_keys != "off" and b"authorization" not in headers:
                 # No key, no body: an anonymous client cannot make the service spool bytes.
-                response = problem_response(
-                    401,
-                    "unauthorized",
-                    "An API key is needed",
-                    "send 'Authorization: Bearer <key>' (task2vec keys create)",
-                    headers={"WWW-Authenticate": 'Bearer realm="task2vec"'},
-                )
+                response = as_response(unauthorized(KEY_HINT))
             if response is not None:
                 await response(scope, receive, send)
                 return

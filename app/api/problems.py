@@ -84,6 +84,20 @@ def problem_response(
     return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
 
 
+def as_response(exc: ProblemError, instance: str | None = None) -> JSONResponse:
+    """The problem+json answer for ``exc`` (also for middleware, which runs outside the
+    exception handlers)."""
+    return problem_response(
+        exc.status,
+        exc.kind,
+        exc.title,
+        exc.detail,
+        instance=instance,
+        headers=exc.headers or None,
+        **exc.extra,
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -99,15 +113,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(
-            exc.status,
-            exc.kind,
-            exc.title,
-            exc.detail,
-            instance=request.url.path,
-            headers=exc.headers or None,
-            **exc.extra,
-        )
+        return as_response(exc, instance=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -43,6 +43,8 @@ router = APIRouter(
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 Limit = Annotated[int, Query(ge=1, le=500)]
 Item = Expert | ZooTask
+#: The name of each kind of zoo item in problem types, job kinds and messages.
+_KIND: dict[type[Item], str] = {Expert: "expert", ZooTask: "zoo-task"}
 View = Callable[[Any, ZooState], dict[str, Any]]
 Offset = Annotated[int, Query(ge=0, le=1_000_000_000)]
 
@@ -122,7 +124,7 @@ def _one(settings: Settings, zoo: ZooState, model: type[Item], view: View, name:
     with session_scope(settings.resolved_database_url()) as session:
         row = session.scalar(select(model).where(model.name == name))
         if row is None:
-            what = "expert" if model is Expert else "zoo task"
+            what = _KIND[model].replace("-", " ")
             raise ProblemError(
                 404, "not-found", f"No such {what}", f"{what} {name!r} does not exist"
             )
@@ -190,7 +192,7 @@ def _check_free(settings: Settings, model: type[Expert] | type[ZooTask], name: s
     decides a race)."""
     with session_scope(settings.resolved_database_url()) as session:
         status = session.scalar(select(model.status).where(model.name == name))
-    _refuse_taken("expert" if model is Expert else "zoo-task", name, status)
+    _refuse_taken(_KIND[model], name, status)
 
 
 def _refuse_taken(kind: str, name: str, status: str | None) -> None:
@@ -295,7 +297,7 @@ def _register(settings: Settings, row: Expert | ZooTask, tenant: str) -> tuple[s
     send the job. A failed item of the same name is replaced, with its entries."""
     name, is_expert = row.name, isinstance(row, Expert)
     model: type[Expert] | type[ZooTask] = Expert if is_expert else ZooTask
-    kind = "expert" if is_expert else "zoo-task"
+    kind = _KIND[model]
     try:
         with session_scope(settings.resolved_database_url()) as session:
             old = cast(

@@ -495,7 +495,7 @@ def _open_tar(path: Path, limits: ArchiveLimits) -> tarfile.TarFile | None:
 
 
 #: Leading bytes of zip, gzip, bzip2 and xz files: such a file that does not open is damaged.
-_ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+_ARCHIVE_MAGIC = (b"PK\x03\x04", *_DECOMPRESSORS)
 
 
 def _starts_like_an_archive(path: Path) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
@@ -22,6 +23,7 @@ from app.db.models import Job
 from app.db.session import engine_for, session_scope
 from app.settings import Settings
 from app.zoo.build import ZooBuilder
+from app.zoo.experts import SmallCNN
 from app.zoo.presets import recipe, tiny
 from app.zoo.tasks import materialize
 from workers import tasks
@@ -118,3 +120,11 @@ def run_job(settings: Settings, job_id: str) -> None:
         "zoo-task": tasks.run_zoo_task,
     }
     runners[kind](job_id, settings)
+
+
+def cnn_weights(width: int = 4, seed: int = 0) -> bytes:
+    """A cnn-<width>x1 expert's state_dict (seeded random weights), as a client uploads it."""
+    torch.manual_seed(seed)
+    buffer = io.BytesIO()
+    torch.save(SmallCNN(width, 1).state_dict(), buffer)
+    return buffer.getvalue()

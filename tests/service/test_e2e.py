@@ -4,7 +4,6 @@ management."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -15,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import redis
-import torch
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.settings import Settings
-from app.zoo.experts import SmallCNN
-from tests.service.conftest import fresh_database, npz_upload, service_settings
+from tests.service.conftest import cnn_weights, fresh_database, npz_upload, service_settings
 
 REDIS = "redis://127.0.0.1:6379/9"
 
@@ -102,7 +99,7 @@ def test_zoo_management_through_a_real_worker(stack: Settings, tmp_path: Path) -
         registered = client.post(
             "/v1/experts",
             data={"name": "cnn-4x1-e2e", "architecture": "cnn-4x1", "input_size": "28"},
-            files={"weights": ("w.pt", _weights())},
+            files={"weights": ("w.pt", cnn_weights())},
         )
         assert registered.status_code == 202, registered.text
         added = client.post(
@@ -120,9 +117,3 @@ def test_zoo_management_through_a_real_worker(stack: Settings, tmp_path: Path) -
         assert expert["status"] == "ready", expert
         task = client.get("/v1/zoo/tasks/uploaded-clothes").json()
         assert task["status"] == "ready", task
-
-
-def _weights() -> bytes:
-    buffer = io.BytesIO()
-    torch.save(SmallCNN(4, 1).state_dict(), buffer)
-    return buffer.getvalue()

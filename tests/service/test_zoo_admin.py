@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 
@@ -24,17 +23,9 @@ from app.db.models import Expert, IndexVersionRow, Job, MatrixEntry, Recommendat
 from app.db.session import session_scope
 from app.ranking import ZooStates
 from app.settings import Settings
-from app.zoo.experts import SmallCNN
 from app.zoo.presets import tiny
 from app.zoo.tasks import TaskSpec, materialize
-from tests.service.conftest import run_job
-
-
-def _weights(width: int = 4, seed: int = 0) -> bytes:
-    torch.manual_seed(seed)
-    buffer = io.BytesIO()
-    torch.save(SmallCNN(width, 1).state_dict(), buffer)
-    return buffer.getvalue()
+from tests.service.conftest import cnn_weights, run_job
 
 
 def _serving(client: TestClient, tasks: int, experts: int) -> dict[str, Any]:
@@ -66,7 +57,7 @@ def test_register_an_expert_and_the_api_swaps_to_the_new_version(
     response = client.post(
         "/v1/experts",
         data=_expert_form("cnn-4x1-random", tags="random,tiny"),
-        files={"weights": ("w.pt", _weights())},
+        files={"weights": ("w.pt", cnn_weights())},
     )
     assert response.status_code == 202, response.text
     assert response.headers["location"] == f"/v1/jobs/{sent[-1]}"
@@ -148,8 +139,8 @@ def test_weights_by_file_path_and_by_url(
     assert first is not None
     settings.zoo_versions_kept = 2
     (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "w.pt").write_bytes(_weights(seed=1))
-    (tmp_path / "secret.pt").write_bytes(_weights(seed=1))
+    (tmp_path / "www" / "w.pt").write_bytes(cnn_weights(seed=1))
+    (tmp_path / "secret.pt").write_bytes(cnn_weights(seed=1))
     by_path = _expert_form("by-path", weights_uri=str(tmp_path / "www" / "w.pt"))
     refused = client.post("/v1/experts", data=by_path)
     assert "T2V_WEIGHTS_IMPORT_DIR" in _problem(refused, 422, "invalid-expert")["detail"]
@@ -207,7 +198,7 @@ def test_bad_registrations_are_refused_and_store_nothing(
     client: TestClient, settings: Settings, sent: list[str]
 ) -> None:
     _serving(client, 8, 3)
-    weights = ("w.pt", _weights())
+    weights = ("w.pt", cnn_weights())
     post = partial(client.post, "/v1/experts")
     _problem(post(data=_expert_form("../x"), files={"weights": weights}), 422, "invalid-name")
     wrong = post(data=_expert_form("a", architecture="vgg"), files={"weights": weights})
@@ -259,7 +250,7 @@ def test_a_dead_broker_fails_the_item_and_frees_its_name(
         raise ConnectionError("broker down")
 
     monkeypatch.setattr(jobs, "dispatch", refuse)
-    form, files = _expert_form("later"), {"weights": ("w.pt", _weights())}
+    form, files = _expert_form("later"), {"weights": ("w.pt", cnn_weights())}
     down = client.post("/v1/experts", data=form, files=files)
     assert "broker down" in _problem(down, 503, "broker-unavailable")["detail"]
     assert client.get("/v1/experts/later").json()["status"] == "failed"
@@ -274,7 +265,7 @@ def test_an_expert_and_a_task_added_at_once(
     """Two workers at once: each computes only what it sees as ready, and the later publish
     fills the entry between the new task and the new expert."""
     _serving(client, 8, 3)
-    form, files = _expert_form("concurrent"), {"weights": ("w.pt", _weights(seed=3))}
+    form, files = _expert_form("concurrent"), {"weights": ("w.pt", cnn_weights(seed=3))}
     assert client.post("/v1/experts", data=form, files=files).status_code == 202
     base = tiny()[2]
     spec = TaskSpec("concurrent-task", base.source, base.groups, base.group_names, 80, seed=5)
@@ -347,7 +338,7 @@ def test_idempotency_key_on_zoo_management(
     client: TestClient, settings: Settings, sent: list[str]
 ) -> None:
     _serving(client, 8, 3)
-    weights = {"weights": ("w.pt", _weights(seed=4))}
+    weights = {"weights": ("w.pt", cnn_weights(seed=4))}
     headers = {"Idempotency-Key": "expert-1"}
     first = client.post("/v1/experts", data=_expert_form("idem"), files=weights, headers=headers)
     again = client.post("/v1/experts", data=_expert_form("idem"), files=weights, headers=headers)
