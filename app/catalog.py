@@ -246,7 +246,9 @@ def add_entries(
             models[expert_id] = load_expert(espec)
         if task_id not in datasets:
             datasets.clear()  # one decoded task in memory at a time
-            datasets[task_id] = materialize(tspec, image_size=version.embed_config.image_size)
+            datasets[task_id] = materialize(
+                tspec, image_size=version.embed_config.image_size, split=version.protocol.split
+            )
         data = datasets[task_id]
         features = extract_features(espec, models[expert_id], data)
         error = holdout_error(features, data.labels, version.protocol)
@@ -509,7 +511,9 @@ def add_zoo_task(
         if row is None:
             raise LookupError(f"no zoo task named {name!r}")
         spec, task_id = task_spec(row), row.id
-    data = materialize(spec, image_size=version.embed_config.image_size)
+    data = materialize(
+        spec, image_size=version.embed_config.image_size, split=version.protocol.split
+    )
     embedding = embed_task(data, version.embed_config)
     embedding.meta["task"] = spec.name
     path = save_zoo_embedding(settings, spec, embedding)

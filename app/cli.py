@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from app.progress import ProgressReporter, err
 from app.settings import get_settings
 from app.task2vec import distances
 from app.task2vec.datasets import load_dataset
@@ -42,7 +41,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 
 _DEFAULTS = EmbedConfig()
 
@@ -117,8 +115,8 @@ def embed_command(
         # Weights first: a missing checkpoint is reported before a long dataset decode.
         probe_net = load_probe(probe, weights=probe_weights, image_size=image_size, seed=seed)
         data = load_dataset(dataset, image_size=image_size)
-        with _progress_bars(quiet) as bars:
-            embedding = embed(data, config, probe=probe_net, progress=_tracker(bars))
+        with ProgressReporter(quiet) as progress:
+            embedding = embed(data, config, probe=probe_net, progress=progress)
         embedding.meta["dataset"] = dataset.name
         embedding.save(out)
     except Task2VecError as exc:
@@ -185,28 +183,6 @@ zoo_app = typer.Typer(help="Build and evaluate expert zoos.", no_args_is_help=Tr
 app.add_typer(zoo_app, name="zoo")
 
 
-def _progress_bars(quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description:>9}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet,
-    )
-
-
-def _tracker(bars: Progress) -> Callable[[str, int, int], None]:
-    tasks: dict[str, TaskID] = {}
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bars.add_task(stage, total=total)
-        bars.update(tasks[stage], completed=done)
-
-    return progress
-
-
 def _zoo(preset_or_path: str, quiet: bool) -> Zoo:
     """A built zoo by preset name (built on first use) or by folder."""
     from app.zoo.build import ZooBuilder, zoo_folder
@@ -218,8 +194,8 @@ def _zoo(preset_or_path: str, quiet: bool) -> Zoo:
     if (folder / "zoo.json").exists():
         return Zoo.load(folder)
     err.print(f"building the {preset_or_path!r} zoo under {folder.parent} (first use)")
-    with _progress_bars(quiet) as bars:
-        return ZooBuilder(recipe(preset_or_path), get_settings().data_dir, _tracker(bars)).build()
+    with ProgressReporter(quiet) as progress:
+        return ZooBuilder(recipe(preset_or_path), get_settings().data_dir, progress).build()
 
 
 @zoo_app.command("build")
@@ -234,8 +210,8 @@ def zoo_build(
     from app.zoo.presets import recipe
 
     try:
-        with _progress_bars(quiet) as bars:
-            zoo = ZooBuilder(recipe(preset), get_settings().data_dir, _tracker(bars)).build()
+        with ProgressReporter(quiet) as progress:
+            zoo = ZooBuilder(recipe(preset), get_settings().data_dir, progress).build()
     except (Task2VecError, ValueError) as exc:
         raise _fail(exc) from None
     print(f"zoo {preset!r}: {len(zoo.tasks)} tasks, {len(zoo.experts)} experts, probe {zoo.probe}")
@@ -249,15 +225,24 @@ def zoo_evaluate(
         str, typer.Option(help="comma-separated recommenders")
     ] = "global-best,task2vec-knn,task2vec-asym,learned,learned-shuffled,logme",
     k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
+    protocols: Annotated[
+        str, typer.Option(help="comma-separated: task (leave-one-task-out), domain")
+    ] = "task,domain",
+    zero_filters: Annotated[
+        str, typer.Option(help="filters with zero Fisher in both embeddings: half or drop")
+    ] = "half",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Leave-one-task-out evaluation of the recommenders over a zoo."""
+    """Leave-one-task-out and leave-one-domain-out evaluation of the recommenders: a fold
+    holds out its tasks and every expert trained on them."""
+    from app.task2vec.distances import zero_filter_convention
     from app.zoo.evaluate import evaluate, write_report
 
     try:
         built = _zoo(zoo, quiet)
-        with _progress_bars(quiet) as bars:
-            results = evaluate(built, methods.split(","), k, _tracker(bars))
+        with ProgressReporter(quiet) as progress, zero_filter_convention(zero_filters):
+            results = evaluate(built, methods.split(","), k, progress, tuple(protocols.split(",")))
+        results["zoo"]["zero_filters"] = zero_filters
         write_report(built, results, out)
     except (Task2VecError, ValueError) as exc:
         raise _fail(exc) from None
@@ -280,8 +265,8 @@ def recommend_command(
         built = _zoo(zoo, quiet)
         config = built.embed_config
         data = load_dataset(dataset, image_size=config.image_size)
-        with _progress_bars(quiet) as bars:
-            embedding = embed(data, config, progress=_tracker(bars))
+        with ProgressReporter(quiet) as progress:
+            embedding = embed(data, config, progress=progress)
         built.check_compatible(embedding)
         available = recommenders(built)
         if method == "learned":

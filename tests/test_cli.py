@@ -135,5 +135,8 @@ def test_zoo_build_recommend_and_evaluate(tmp_path: Path) -> None:
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     results = json.loads((out / "results.json").read_text())
-    assert set(results["recommenders"]) == {"global-best", "task2vec-knn"}
-    assert "rel_error_increase" in results["recommenders"]["global-best"]
+    assert set(results["protocols"]) == {"task", "domain"}
+    for protocol in results["protocols"].values():
+        assert set(protocol["recommenders"]) == {"global-best", "task2vec-knn"}
+        assert "rel_error_increase" in protocol["recommenders"]["global-best"]
+    assert "leave-one-domain-out" in evaluated.stdout

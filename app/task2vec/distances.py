@@ -17,7 +17,9 @@ the per-layer prior of variational ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -53,10 +55,36 @@ def _cosine(u: np.ndarray, v: np.ndarray) -> float:
     return float(1.0 - np.dot(u, v) / (nu * nv))
 
 
+#: Filters whose Fisher is zero in both embeddings ("dead" filters: e.g. after a ReLU that
+#: never fires on the task's images): "half" counts them as 1/2 on each side, "drop" leaves
+#: them out of the cosine, as the reference code does (its 0/0 gives NaN, which it drops).
+ZERO_FILTER_CONVENTIONS = ("half", "drop")
+_zero_filters: ContextVar[str] = ContextVar("zero_filters", default="half")
+
+
+@contextmanager
+def zero_filter_convention(name: str) -> Iterator[None]:
+    """Compute symmetric distances with convention ``name`` inside the block (for measuring
+    one against the other; the default is the one the evaluation found to rank better)."""
+    if name not in ZERO_FILTER_CONVENTIONS:
+        raise ValueError(
+            f"unknown zero-filter convention {name!r}; choose one of: "
+            f"{', '.join(ZERO_FILTER_CONVENTIONS)}"
+        )
+    token = _zero_filters.set(name)
+    try:
+        yield
+    finally:
+        _zero_filters.reset(token)
+
+
 def _relative(ha: np.ndarray, hb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """h_a/(h_a+h_b), h_b/(h_a+h_b); a filter that is zero in both counts as 1/2 each."""
+    """h_a/(h_a+h_b), h_b/(h_a+h_b), with filters zero in both handled by the convention."""
     total = ha + hb
     empty = total <= 0
+    if empty.any() and _zero_filters.get() == "drop":
+        ha, hb, total = ha[~empty], hb[~empty], total[~empty]
+        empty = np.zeros(total.shape, dtype=bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         ra = ha / total
     if empty.any():

@@ -66,8 +66,16 @@ class ProbeNetwork(nn.Module):
         self.feature_dim = feature_dim
         self.classifier = nn.Linear(feature_dim, 1)
         self.weights_source = weights_source
+        #: Probe state-dict key → the architecture's key (filled in by ``load_probe``).
+        self.source_names: dict[str, str] = {}
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def source_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trunk's weights under the architecture's own names: what ``load_probe`` reads
+        from a file (e.g. a probe fine-tuned as an expert)."""
+        state = self.state_dict()
+        return {name: state[key].detach().cpu() for key, name in self.source_names.items()}
 
     def reset_classifier(self, num_classes: int, generator: torch.Generator) -> None:
         """Replace the head by a fresh ``num_classes``-way linear layer drawn from ``generator``."""
@@ -369,6 +377,12 @@ def load_probe(
         if hasattr(module, "inplace"):
             setattr(module, "inplace", False)  # noqa: B010
     probe = ProbeNetwork(spec.name, layers, feature_dim, spec.mean, spec.std, source)
+    # The probe's tensors are the architecture's own: remember their names there, so that a
+    # probe trained further can be saved as a state dict this function loads again.
+    own = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    probe.source_names = {
+        k: own[id(t)] for k, t in probe.state_dict(keep_vars=True).items() if id(t) in own
+    }
     probe.eval()
     probe.requires_grad_(False)
     return probe

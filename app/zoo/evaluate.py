@@ -1,16 +1,32 @@
-"""Meta-evaluation: leave-one-task-out over a zoo, the way the Task2Vec paper measured.
+"""Meta-evaluation: how well each recommender ranks a zoo's experts for a task it has not seen.
 
-For every zoo task, every recommender ranks the experts with that task's row of the
-performance matrix (and its index entry) hidden; the ranking is compared with the task's true
-errors:
+Two protocols, both built so that the recommender cannot see the answer:
+
+* **leave-one-task-out**: each zoo task in turn is the query;
+* **leave-one-domain-out**: all tasks of one domain are held out at once (the case of a user
+  whose data looks like nothing in the zoo), each of them queried in turn.
+
+A fold holds out its tasks *and every expert trained on one of them*: a new user's dataset
+never has an expert trained on it, so such an expert is neither a candidate, nor the oracle,
+nor in the learned scorer's fit. The recommender is handed ``Zoo.subset`` of the remaining
+tasks and experts (its own FAISS index, matrix and scorer fit) and the held-out task's
+embedding as the query, computed from the task's images as a user's upload would be. Images
+cannot leak either: the zoo's ``ImageSplit`` keeps every evaluation image out of every
+expert's training set, and domains do not share images.
+
+Per query, against the task's true errors over the experts of the fold:
 
 * relative error increase of the top pick over the best expert (the oracle), in percent:
   100·(err_chosen − err_best) / err_best. A zero oracle error is floored at one held-out image
   (1 / held-out count), so a perfect oracle does not divide by zero;
+* regret: err_chosen − err_best in error points (percent of images);
 * weighted Kendall τ (``scipy.stats.weightedtau``, hyperbolic weights) between the scores and
   the true accuracies, over the experts the recommender ranks;
 * top-1: the pick is (one of) the best;
 * seconds per recommendation (a trained model's fitting is not counted).
+
+LogME needs each expert's features of the query's images; its score of an expert on a task
+depends on nothing else, so it is computed once per (task, expert) and read by every fold.
 """
 
 from __future__ import annotations
@@ -18,6 +34,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +42,9 @@ import numpy as np
 from scipy.stats import weightedtau
 
 from app.task2vec.distances import distance_matrix
+from app.task2vec.embedding import Embedding
+from app.task2vec.errors import ConfigError
+from app.zoo.experts import extract_features
 from app.zoo.index import recall_at_k
 from app.zoo.recommenders import (
     LearnedScorer,
@@ -32,30 +52,71 @@ from app.zoo.recommenders import (
     Ranked,
     Recommender,
     Task2VecKNN,
-    recommenders,
+    global_best,
+    logme,
+    ranked,
+    task2vec_asym,
 )
-from app.zoo.tasks import materialize
 from app.zoo.zoo import Zoo
 
-NEEDS_IMAGES = {"logme", "brute-force"}
 #: The learned scorer trained and queried with the embeddings dealt out to the wrong tasks:
 #: what it scores without task information. The gap to ``learned`` is what the embeddings add.
 SHUFFLED_CONTROL = "learned-shuffled"
+METHODS = ("global-best", "task2vec-knn", "task2vec-asym", "learned", SHUFFLED_CONTROL, "logme")
+PROTOCOLS = ("task", "domain")
+PROTOCOL_TITLES = {"task": "leave-one-task-out", "domain": "leave-one-domain-out"}
+METRICS = ("rel_error_increase", "regret", "weighted_tau", "top1", "seconds")
 Progress = Callable[[str, int, int], None]
 
 
-def _metrics(zoo: Zoo, task: int, ranking: list[Ranked]) -> dict[str, float]:
-    errors = zoo.errors[task]
-    column = {e.name: i for i, e in enumerate(zoo.experts)}
+@dataclass(frozen=True)
+class Fold:
+    """One round of an evaluation: tasks held out, and the experts that stay candidates."""
+
+    name: str
+    held_out: tuple[int, ...]
+    experts: tuple[int, ...]
+
+    def visible(self, zoo: Zoo) -> list[int]:
+        return [t for t in range(len(zoo.tasks)) if t not in self.held_out]
+
+
+def folds(zoo: Zoo, protocol: str) -> list[Fold]:
+    """The folds of ``protocol`` ("task" or "domain"). Experts trained on a held-out task
+    leave with it; experts with no source task in the zoo (ImageNet, random) always stay."""
+    groups: list[tuple[str, tuple[int, ...]]]
+    if protocol == "task":
+        groups = [(task.name, (t,)) for t, task in enumerate(zoo.tasks)]
+    elif protocol == "domain":
+        domains = sorted({t.domain for t in zoo.tasks})
+        if len(domains) < 2:
+            raise ValueError("leave-one-domain-out needs a zoo of at least two domains")
+        groups = [
+            (d, tuple(t for t, task in enumerate(zoo.tasks) if task.domain == d)) for d in domains
+        ]
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
+    out = []
+    for name, held in groups:
+        names = {zoo.tasks[t].name for t in held}
+        kept = tuple(e for e, x in enumerate(zoo.experts) if x.source_task not in names)
+        out.append(Fold(name, held, kept))
+    return out
+
+
+def _metrics(zoo: Zoo, task: int, fold: Fold, ranking: list[Ranked]) -> dict[str, float]:
+    errors = zoo.errors[task, list(fold.experts)]
+    column = {zoo.experts[e].name: i for i, e in enumerate(fold.experts)}
     chosen = errors[column[ranking[0].expert]]
     best = float(errors.min())
     floor = max(best, zoo.protocol.resolution(zoo.tasks[task].size))
-    ranked = [column[r.expert] for r in ranking]
+    ranked_columns = [column[r.expert] for r in ranking]
     scores = np.array([r.score for r in ranking])
-    accuracy = 1.0 - errors[ranked]
-    tau = float(weightedtau(scores, accuracy).statistic) if len(ranked) > 1 else float("nan")
+    accuracy = 1.0 - errors[ranked_columns]
+    tau = float(weightedtau(scores, accuracy).statistic) if len(ranking) > 1 else float("nan")
     return {
         "rel_error_increase": 100.0 * (chosen - best) / floor,
+        "regret": 100.0 * (chosen - best),
         "weighted_tau": tau,
         "top1": float(chosen <= best),
     }
@@ -78,58 +139,176 @@ def shuffled_embeddings(zoo: Zoo, seed: int = 0) -> Zoo:
     )
 
 
+def logme_scores(zoo: Zoo, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tasks, experts) LogME scores of every expert on every zoo task's evaluation images,
+    and the seconds each task's scores took (every expert's forward pass included). A zoo
+    built by ``ZooBuilder`` has them already, computed with its matrix."""
+    from app.zoo.build import load_logme
+
+    saved = load_logme(zoo)
+    if saved is not None:
+        return saved[0], saved[1].sum(axis=1)
+    scores = np.zeros(zoo.errors.shape)
+    seconds = np.zeros(len(zoo.tasks))
+    for t in range(len(zoo.tasks)):
+        data = zoo.task_data(t)
+        started = time.perf_counter()
+        for e, expert in enumerate(zoo.experts):
+            features = extract_features(expert, zoo.expert_model(e), data)
+            scores[t, e] = logme(features, data.labels)
+        seconds[t] = time.perf_counter() - started
+        if progress is not None:
+            progress("logme", t + 1, len(zoo.tasks))
+    return scores, seconds
+
+
+def _fold_recommenders(sub: Zoo, methods: list[str], k: int) -> dict[str, Recommender]:
+    """The recommenders of one fold, fit on the fold's zoo alone."""
+    made: dict[str, Recommender] = {}
+    for method in methods:
+        if method == "global-best":
+            made[method] = global_best
+        elif method == "task2vec-knn":
+            made[method] = Task2VecKNN(sub, k)
+        elif method == "task2vec-asym":
+            made[method] = task2vec_asym
+        elif method == "learned":
+            made[method] = LearnedScorer(sub, k)
+        elif method == SHUFFLED_CONTROL:
+            made[method] = LearnedScorer(shuffled_embeddings(sub), k)
+    return made
+
+
+def fold_rankings(
+    zoo: Zoo,
+    fold: Fold,
+    methods: list[str],
+    k: int = 5,
+    logme: np.ndarray | None = None,
+    queries: dict[int, Embedding] | None = None,
+) -> dict[str, dict[int, tuple[list[Ranked], float]]]:
+    """Every method's ranking (and its seconds) for every task the fold holds out.
+
+    The recommenders see the fold's ``Zoo.subset`` and the held-out task's embedding only
+    (``queries[t]``: the embedding of the task's images, as a user's upload would have; by
+    default the zoo's copy, which is the same file). ``logme`` is the precomputed
+    (tasks, experts) matrix of ``logme_scores``. A method that
+    cannot rank in this fold (``task2vec-asym`` with no expert left that has a source task)
+    is left out of the fold's answer.
+    """
+    sub = zoo.subset(fold.visible(zoo), list(fold.experts))
+    made = _fold_recommenders(sub, methods, k)
+    out: dict[str, dict[int, tuple[list[Ranked], float]]] = {m: {} for m in methods}
+    for t in fold.held_out:
+        for method in methods:
+            if method == "logme":
+                if logme is None:
+                    raise ConfigError("logme needs the precomputed scores of logme_scores()")
+                row = logme[t, list(fold.experts)]
+                evidence = [{"logme": float(v)} for v in row]
+                out[method][t] = (ranked(sub, row, evidence), float("nan"))
+                continue
+            seen = sub if method != SHUFFLED_CONTROL else shuffled_embeddings(sub)
+            started = time.perf_counter()
+            try:
+                query = zoo.embeddings[t] if queries is None else queries[t]
+                ranking = made[method](seen, Query(query))
+            except ConfigError:
+                continue
+            out[method][t] = (ranking, time.perf_counter() - started)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+    if not rows:
+        return {"tasks": 0}
+    return {
+        **{key: _mean([row[key] for row in rows]) for key in METRICS},
+        # The mean is driven by the few tasks an expert solves perfectly (a tiny floor).
+        "median_rel_error_increase": float(np.median([r["rel_error_increase"] for r in rows])),
+        "tasks": len(rows),
+    }
+
+
+def evaluate_protocol(
+    zoo: Zoo,
+    protocol: str,
+    methods: list[str],
+    k: int = 5,
+    logme: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Summary, per-domain summaries and per-task rows of every method under ``protocol``."""
+    per_task: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    all_folds = folds(zoo, protocol)
+    for i, fold in enumerate(all_folds):
+        rankings = fold_rankings(zoo, fold, methods, k, None if logme is None else logme[0])
+        for method, by_task in rankings.items():
+            for t, (ranking, seconds) in by_task.items():
+                if method == "logme" and logme is not None:
+                    seconds = float(logme[1][t])
+                per_task[method].append(
+                    {
+                        "task": zoo.tasks[t].name,
+                        "domain": zoo.tasks[t].domain,
+                        "fold": fold.name,
+                        "pick": ranking[0].expert,
+                        "experts": len(fold.experts),
+                        **_metrics(zoo, t, fold, ranking),
+                        "seconds": seconds,
+                    }
+                )
+        if progress is not None:
+            progress(f"{PROTOCOL_TITLES[protocol]}: {fold.name}", i + 1, len(all_folds))
+    domains = sorted({t.domain for t in zoo.tasks})
+    return {
+        "recommenders": {m: _summary(rows) for m, rows in per_task.items()},
+        "domains": {
+            m: {d: _summary([r for r in rows if r["domain"] == d]) for d in domains}
+            for m, rows in per_task.items()
+        },
+        "folds": len(all_folds),
+        "per_task": per_task,
+    }
+
+
 def evaluate(
     zoo: Zoo,
     methods: list[str],
     k: int = 5,
     progress: Progress | None = None,
+    protocols: tuple[str, ...] = PROTOCOLS,
 ) -> dict[str, Any]:
-    available = recommenders(zoo, k)
-    unknown = set(methods) - set(available) - {"learned", SHUFFLED_CONTROL}
+    """Every method under every protocol, with what describes the zoo."""
+    unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown recommenders: {', '.join(sorted(unknown))}")
-    per_task: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
-    control = shuffled_embeddings(zoo) if SHUFFLED_CONTROL in methods else zoo
-    for t, task in enumerate(zoo.tasks):
-        data = materialize(task) if NEEDS_IMAGES & set(methods) else None
-        for method in methods:
-            seen = control if method == SHUFFLED_CONTROL else zoo
-            query = Query(seen.embeddings[t], data, exclude=t)
-            if method in ("learned", SHUFFLED_CONTROL):
-                rank: Recommender = LearnedScorer(seen, k, exclude=t)
-            else:
-                rank = available[method]
-            started = time.perf_counter()
-            ranking = rank(seen, query)
-            seconds = time.perf_counter() - started
-            per_task[method].append({**_metrics(zoo, t, ranking), "seconds": seconds})
-        if progress is not None:
-            progress("evaluate", t + 1, len(zoo.tasks))
-    summary = {
-        method: {
-            **{
-                key: float(np.nanmean([row[key] for row in rows]))
-                for key in ("rel_error_increase", "weighted_tau", "top1", "seconds")
-            },
-            # The mean is driven by the few tasks an expert solves perfectly (a tiny floor).
-            "median_rel_error_increase": float(np.median([r["rel_error_increase"] for r in rows])),
-        }
-        for method, rows in per_task.items()
+        raise ValueError(
+            f"unknown recommenders: {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}"
+        )
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown protocols: {', '.join(sorted(unknown))}")
+    scores = logme_scores(zoo, progress) if "logme" in methods else None
+    results = {
+        protocol: evaluate_protocol(zoo, protocol, methods, k, scores, progress)
+        for protocol in protocols
     }
-    knn = available["task2vec-knn"]
-    assert isinstance(knn, Task2VecKNN)
+    knn = Task2VecKNN(zoo, k)
     recall = recall_at_k(knn.index, list(enumerate(zoo.embeddings)), k=min(10, len(zoo.tasks) - 1))
     best = zoo.errors.argmin(axis=1)
     imagenet = [i for i, e in enumerate(zoo.experts) if "imagenet" in e.tags]
     return {
-        "recommenders": summary,
-        "per_task": {
-            m: [{"task": zoo.tasks[i].name, **row} for i, row in enumerate(rows)]
-            for m, rows in per_task.items()
-        },
+        "protocols": results,
         "zoo": {
             "tasks": len(zoo.tasks),
             "experts": len(zoo.experts),
+            "domains": sorted({t.domain for t in zoo.tasks}),
+            "architectures": sorted({e.architecture for e in zoo.experts}),
             "probe": zoo.probe,
             "protocol": zoo.protocol.describe(),
             "index_recall_at_10": recall,
@@ -138,6 +317,44 @@ def evaluate(
             ),
         },
     }
+
+
+def _table(summary: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "| recommender | rel. error increase (%), mean | median | regret (points) | weighted τ "
+        "| top-1 | seconds | tasks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in summary.items():
+        if not row.get("tasks"):
+            lines.append(f"| {name} | – | – | – | – | – | – | 0 |")
+            continue
+        lines.append(
+            f"| {name} | {row['rel_error_increase']:.1f} | {row['median_rel_error_increase']:.1f} "
+            f"| {row['regret']:.2f} | {row['weighted_tau']:.3f} | {row['top1']:.2f} "
+            f"| {row['seconds']:.4f} | {int(row['tasks'])} |"
+        )
+    return lines
+
+
+def _domain_table(domains: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    methods = list(domains)
+    names = sorted({d for per in domains.values() for d in per})
+    lines = [
+        "| domain | " + " | ".join(methods) + " |",
+        "|---|" + "---:|" * len(methods),
+    ]
+    for d in names:
+        cells = []
+        for m in methods:
+            row = domains[m].get(d, {})
+            cells.append(
+                f"{row['rel_error_increase']:.1f}%, τ {row['weighted_tau']:.2f}"
+                if row.get("tasks")
+                else "–"
+            )
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
@@ -159,7 +376,7 @@ def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
     xy = mds.fit_transform(sym)
     fig, ax = plt.subplots(figsize=(7, 6))
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=colours, cmap="tab10", s=30)
-    ax.legend(scatter.legend_elements()[0], domains, title="domain")
+    ax.legend(scatter.legend_elements()[0], domains, title="domain", fontsize="small")
     ax.set_title(f"Task embeddings ({zoo.probe}), MDS of the symmetric distance")
     fig.savefig(out / "task_map.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -172,30 +389,41 @@ def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "distance_matrix.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    summary = results["recommenders"]
-    names = list(summary)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(names, [summary[n]["rel_error_increase"] for n in names], color="tab:blue")
+    protocols = results["protocols"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(protocols))
+    for i, (protocol, result) in enumerate(protocols.items()):
+        names = list(result["recommenders"])
+        values = [result["recommenders"][n].get("rel_error_increase", np.nan) for n in names]
+        ax.bar(np.arange(len(names)) + i * width, values, width, label=PROTOCOL_TITLES[protocol])
+        ax.set_xticks(np.arange(len(names)) + width * (len(protocols) - 1) / 2, names)
     ax.set_ylabel("mean relative error increase over the oracle (%)")
     ax.tick_params(axis="x", rotation=30)
+    ax.legend()
     fig.savefig(out / "error_increase.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
+    described = zoo.protocol.describe()
     lines = [
-        f"# Leave-one-task-out evaluation: {len(zoo.tasks)} tasks, {len(zoo.experts)} experts",
+        f"# Evaluation: {len(zoo.tasks)} tasks in {len(domains)} domains, "
+        f"{len(zoo.experts)} experts",
         "",
-        f"Probe: {zoo.probe}. Protocol: {zoo.protocol.describe()['classifier']}; "
-        f"{zoo.protocol.describe()['split']}.",
+        f"Probe: {zoo.probe}. Protocol: {described['classifier']}; {described['split']}. "
+        f"Image provenance: {described['provenance']}.",
         "",
-        "| recommender | rel. error increase (%), mean | median | weighted τ | top-1 | seconds |",
-        "|---|---:|---:|---:|---:|---:|",
+        "A fold holds out its tasks and every expert trained on one of them.",
     ]
-    for name, row in summary.items():
-        lines.append(
-            f"| {name} | {row['rel_error_increase']:.2f} | "
-            f"{row['median_rel_error_increase']:.2f} | {row['weighted_tau']:.3f} | "
-            f"{row['top1']:.2f} | {row['seconds']:.4f} |"
-        )
+    for protocol, result in protocols.items():
+        lines += [
+            "",
+            f"## {PROTOCOL_TITLES[protocol]} ({result['folds']} folds)",
+            "",
+            *_table(result["recommenders"]),
+            "",
+            "Per domain (mean relative error increase, weighted τ):",
+            "",
+            *_domain_table(result["domains"]),
+        ]
     lines += [
         "",
         "Nearest-task search: recall@10 of the FAISS candidate stage (4x oversampling, exact "

@@ -7,8 +7,10 @@ source task (the task it was trained on) and free-form tags. Whatever the archit
 used for the performance matrix, LogME and brute-force evaluation alike.
 
 Architectures: the probe networks (``efficientnet_lite0``, ``resnet18``, ``resnet34``, whose
-pooled features are their penultimate layer) and ``cnn-<width>x<depth>``, small convolutional
-networks trained from scratch on a zoo task (``train_cnn``).
+pooled features are their penultimate layer: frozen ImageNet or random weights, or trained
+further on a zoo task), ``cnn-<width>x<depth>``, small convolutional networks, and
+``mlp-<width>x<depth>``, fully connected networks on the raw pixels; ``train_expert`` trains
+any of them on a task.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from torch import nn
 
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.errors import ConfigError, ProbeWeightsError
-from app.task2vec.probes import PROBES, load_probe, read_state_dict
+from app.task2vec.probes import PROBES, ProbeNetwork, load_probe, read_state_dict
 from app.task2vec.sampling import balanced_draws
 
 _CNN = re.compile(r"^cnn-(\d+)x(\d+)$")
+_MLP = re.compile(r"^mlp-(\d+)x(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -72,22 +75,48 @@ class SmallCNN(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.body(x), 1), 1)
 
 
-def _cnn(architecture: str) -> SmallCNN:
-    match = _CNN.match(architecture)
-    if match is None:
-        raise ConfigError(
-            f"unknown expert architecture {architecture!r}; use one of "
-            f"{', '.join(PROBES)} or cnn-<width>x<depth>"
-        )
-    return SmallCNN(int(match[1]), int(match[2]))
+class SmallMLP(nn.Module):
+    """``depth`` fully connected ReLU layers of ``width`` units on the flattened pixels.
+
+    It sees no spatial structure: an expert whose features are plainly not a CNN's, and that
+    only works at the input size it was built for. The feature dimension is ``width``.
+    """
+
+    def __init__(self, width: int, depth: int, input_size: int) -> None:
+        super().__init__()
+        if not (1 <= width <= 4096 and 1 <= depth <= 6 and 1 <= input_size <= 64):
+            raise ConfigError(f"mlp-{width}x{depth}: width 1-4096, depth 1-6, input 1-64 px only")
+        layers: list[nn.Module] = [nn.Flatten()]
+        inputs = 3 * input_size * input_size
+        for _ in range(depth):
+            layers += [nn.Linear(inputs, width), nn.ReLU()]
+            inputs = width
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.body(x)
+        return out
+
+
+def _scratch_network(architecture: str, input_size: int) -> SmallCNN | SmallMLP:
+    """The small architectures named ``cnn-WxD`` / ``mlp-WxD``, randomly initialised."""
+    if (match := _CNN.match(architecture)) is not None:
+        return SmallCNN(int(match[1]), int(match[2]))
+    if (match := _MLP.match(architecture)) is not None:
+        return SmallMLP(int(match[1]), int(match[2]), input_size)
+    raise ConfigError(
+        f"unknown expert architecture {architecture!r}; use one of "
+        f"{', '.join(PROBES)}, cnn-<width>x<depth> or mlp-<width>x<depth>"
+    )
 
 
 class _ProbeFeatures(nn.Module):
     """A probe network used as an expert: its pooled penultimate features."""
 
-    def __init__(self, spec: ExpertSpec) -> None:
+    def __init__(self, probe: ProbeNetwork) -> None:
         super().__init__()
-        self.probe = load_probe(spec.architecture, weights=spec.weights, image_size=spec.input_size)
+        self.probe = probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probe.trunk(x)
@@ -96,9 +125,10 @@ class _ProbeFeatures(nn.Module):
 def load_expert(spec: ExpertSpec) -> nn.Module:
     """The expert as a frozen, eval-mode module: normalised images → (N, D) features."""
     if spec.architecture in PROBES:
-        model: nn.Module = _ProbeFeatures(spec)
+        probe = load_probe(spec.architecture, weights=spec.weights, image_size=spec.input_size)
+        model: nn.Module = _ProbeFeatures(probe)
     else:
-        model = _cnn(spec.architecture)
+        model = _scratch_network(spec.architecture, spec.input_size)
         state = read_state_dict(Path(spec.weights))
         try:
             model.load_state_dict(state)
@@ -134,27 +164,42 @@ def extract_features(
     return torch.cat(out).numpy()
 
 
-def train_cnn(
+def train_expert(
     spec: ExpertSpec,
     data: LabelledImages,
     *,
+    init: str = "random",
     epochs: int = 8,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
     device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Train ``spec``'s small CNN (and a throwaway head) on ``data``; return the CNN's weights.
+    """Train ``spec``'s network (and a throwaway head) on ``data``; return its weights in the
+    form ``load_expert`` reads.
 
-    Class-balanced draws and Adam at a constant rate: a plain, seeded recipe whose only
-    purpose is an expert that is good on its source task and on tasks like it.
+    Small architectures start from a seeded random draw; a probe architecture starts from
+    ``init`` (``"imagenet"``: fine-tuning, or ``"random"``: from scratch), with every layer
+    trained and BatchNorm in train mode. Class-balanced draws and Adam at a constant rate: a
+    plain, seeded recipe whose only purpose is an expert that is good on its source task and
+    on tasks like it.
     """
     device = device or torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
+    probe = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _cnn(spec.architecture).to(device)
-        head = nn.Linear(model.feature_dim, data.num_classes).to(device)
+        if spec.architecture in PROBES:
+            weights = "imagenet" if init == "imagenet" else f"random:{seed}"
+            probe = load_probe(spec.architecture, weights=weights, image_size=spec.input_size)
+            probe.requires_grad_(True)
+            model: nn.Module = _ProbeFeatures(probe)
+            feature_dim = probe.feature_dim
+        else:
+            scratch = _scratch_network(spec.architecture, spec.input_size)
+            model, feature_dim = scratch, scratch.feature_dim
+        model = model.to(device)
+        head = nn.Linear(feature_dim, data.num_classes).to(device)
     optimizer = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=lr)
     labels = torch.as_tensor(data.labels)
     steps = max(1, len(data) // batch_size)
@@ -168,4 +213,6 @@ def train_cnn(
             torch.autograd.backward(loss)
             optimizer.step()
     model.eval()
+    if probe is not None:
+        return probe.source_state_dict()
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}

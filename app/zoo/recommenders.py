@@ -2,9 +2,9 @@
 
 Each takes the zoo, the query (its Task2Vec embedding, and its images for the methods that
 need them) and returns every expert it can rank, best first, with a score (higher is better)
-and the evidence behind it. For leave-one-task-out evaluation a query names the zoo task it
-came from (``exclude``): that task's row of the performance matrix and its index entry are
-then invisible to the recommender.
+and the evidence behind it. A recommender sees only the zoo it is given: evaluation holds
+tasks out by handing it a ``Zoo.subset`` without them and without their experts, so nothing
+here needs to know which task a query came from.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.distances import DEFAULT_ALPHA, asymmetric, symmetric, trivial_embedding
@@ -29,7 +30,6 @@ from app.zoo.zoo import Zoo
 class Query:
     embedding: Embedding | None = None
     data: LabelledImages | None = None
-    exclude: int | None = None  # index of the zoo task this query is (leave-one-out)
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,6 @@ class Ranked:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
-def _visible_rows(zoo: Zoo, query: Query) -> np.ndarray:
-    rows = np.arange(len(zoo.tasks))
-    return rows if query.exclude is None else rows[rows != query.exclude]
-
-
 def _standardised(errors: np.ndarray) -> np.ndarray:
     """Per task (row): errors as z-scores across experts, so easy and hard tasks weigh alike."""
     spread = errors.std(axis=1, keepdims=True)
@@ -51,7 +46,7 @@ def _standardised(errors: np.ndarray) -> np.ndarray:
     return z
 
 
-def _ranked(zoo: Zoo, scores: np.ndarray, evidence: list[dict[str, Any]]) -> list[Ranked]:
+def ranked(zoo: Zoo, scores: np.ndarray, evidence: list[dict[str, Any]]) -> list[Ranked]:
     order = np.lexsort((np.arange(len(scores)), -scores))
     return [Ranked(zoo.experts[i].name, float(scores[i]), evidence[i]) for i in order]
 
@@ -70,11 +65,10 @@ def _need_data(query: Query, method: str) -> LabelledImages:
 
 def global_best(zoo: Zoo, query: Query) -> list[Ranked]:
     """The expert with the best mean rank over the zoo's tasks, whatever the query."""
-    rows = _visible_rows(zoo, query)
-    ranks = np.argsort(np.argsort(zoo.errors[rows], axis=1, kind="stable"), axis=1) + 1
+    ranks = np.argsort(np.argsort(zoo.errors, axis=1, kind="stable"), axis=1) + 1
     mean_rank = ranks.mean(axis=0)
-    evidence = [{"mean_rank": float(r), "tasks": len(rows)} for r in mean_rank]
-    return _ranked(zoo, -mean_rank, evidence)
+    evidence = [{"mean_rank": float(r), "tasks": len(zoo.tasks)} for r in mean_rank]
+    return ranked(zoo, -mean_rank, evidence)
 
 
 class Task2VecKNN:
@@ -102,8 +96,7 @@ class Task2VecKNN:
 
     def __call__(self, zoo: Zoo, query: Query) -> list[Ranked]:
         embedding = _need_embedding(query, "task2vec-knn")
-        exclude = [] if query.exclude is None else [query.exclude]
-        errors, neighbours = self.weighted_errors(embedding, exclude)
+        errors, neighbours = self.weighted_errors(embedding, [])
         rows = [n.id for n in neighbours]
         scores = -errors
         near = [
@@ -117,7 +110,7 @@ class Task2VecKNN:
             }
             for e in range(len(zoo.experts))
         ]
-        return _ranked(zoo, scores, evidence)
+        return ranked(zoo, scores, evidence)
 
 
 #: Asymmetric distances closer than this are treated as ties. The demo embedding's seed noise
@@ -175,7 +168,8 @@ def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 11) -> flo
     """
     f = features.astype(np.float64)
     n, dim = f.shape
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    with threadpool_limits(limits=1, user_api="blas"):  # see matrix.holdout_error
+        u, s, _ = np.linalg.svd(f, full_matrices=False)
     sigma = s**2
     evidences = []
     for c in np.unique(labels):
@@ -225,7 +219,7 @@ def logme_recommender(zoo: Zoo, query: Query) -> list[Ranked]:
     for features in _expert_features(zoo, data):
         scores.append(logme(features, data.labels))
         evidence.append({"logme": scores[-1], "feature_dim": int(features.shape[1])})
-    return _ranked(zoo, np.array(scores), evidence)
+    return ranked(zoo, np.array(scores), evidence)
 
 
 def brute_force(zoo: Zoo, query: Query) -> list[Ranked]:
@@ -235,7 +229,7 @@ def brute_force(zoo: Zoo, query: Query) -> list[Ranked]:
         holdout_error(features, data.labels, zoo.protocol)
         for features in _expert_features(zoo, data)
     ]
-    return _ranked(zoo, -np.array(errors), [{"error": e} for e in errors])
+    return ranked(zoo, -np.array(errors), [{"error": e} for e in errors])
 
 
 Recommender = Callable[[Zoo, Query], list[Ranked]]
@@ -274,22 +268,14 @@ class LearnedScorer:
       the zoo's log-embeddings. This is MODEL2VEC's learned expert vector acting on the task
       embedding, in a rank-``components`` form that 65 tasks can fit.
 
-    The model is a ridge regression fit on every visible zoo task, each with itself left out
-    of its own neighbour features.
+    The model is a ridge regression fit on every zoo task, each with itself left out of its
+    own neighbour features.
     """
 
-    def __init__(
-        self,
-        zoo: Zoo,
-        k: int = 5,
-        ridge: float = 1.0,
-        components: int = 4,
-        exclude: int | None = None,
-    ) -> None:
+    def __init__(self, zoo: Zoo, k: int = 5, ridge: float = 1.0, components: int = 4) -> None:
         from sklearn.linear_model import Ridge
 
         self.zoo = zoo
-        self.exclude = exclude
         floors = np.array([[zoo.protocol.resolution(t.size)] for t in zoo.tasks])
         self.target = _standardised(np.log(zoo.errors + floors))
         self.knn = Task2VecKNN(zoo, k, scores=self.target)
@@ -301,7 +287,7 @@ class LearnedScorer:
             for s in self.sources
             if s is not None
         }
-        rows = [j for j in range(len(zoo.tasks)) if j != exclude]
+        rows = list(range(len(zoo.tasks)))
 
         descriptors = np.stack([task_descriptors(zoo.embeddings[j]) for j in rows])
         self._descriptor_mean = descriptors.mean(axis=0)
@@ -313,12 +299,9 @@ class LearnedScorer:
         # Unit variance per component over the zoo's tasks.
         self._basis = (vt[:components].T / singular[:components]) * np.sqrt(len(rows))
 
-        x = np.vstack([self.features(zoo.embeddings[j], [j, *self._hidden()]) for j in rows])
+        x = np.vstack([self.features(zoo.embeddings[j], [j]) for j in rows])
         y = np.concatenate([self.target[j] for j in rows])
         self.model = Ridge(alpha=ridge).fit(x, y)
-
-    def _hidden(self) -> list[int]:
-        return [] if self.exclude is None else [self.exclude]
 
     def _task_view(self, embedding: Embedding) -> np.ndarray:
         descriptors = (task_descriptors(embedding) - self._descriptor_mean) / self._descriptor_std
@@ -342,6 +325,6 @@ class LearnedScorer:
 
     def __call__(self, zoo: Zoo, query: Query) -> list[Ranked]:
         embedding = _need_embedding(query, "learned")
-        predicted = self.model.predict(self.features(embedding, self._hidden()))
+        predicted = self.model.predict(self.features(embedding, []))
         evidence = [{"predicted_standardised_log_error": float(p)} for p in predicted]
-        return _ranked(zoo, -predicted, evidence)
+        return ranked(zoo, -predicted, evidence)

@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import EmbeddingFileError
 from app.zoo.experts import ExpertSpec, load_expert
 from app.zoo.index import IndexVersion, TaskIndex
 from app.zoo.matrix import EvaluationProtocol
-from app.zoo.tasks import TaskSpec
+from app.zoo.tasks import TaskSpec, materialize
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.npz"
@@ -53,6 +54,7 @@ class Zoo:
     folder: Path | None = field(default=None, compare=False)  # where it was loaded from
     _models: dict[int, nn.Module] = field(default_factory=dict, repr=False, compare=False)
     _index: TaskIndex | None = field(default=None, repr=False, compare=False)
+    _parent: tuple[Zoo, list[int]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.errors.shape != (len(self.tasks), len(self.experts)):
@@ -87,10 +89,34 @@ class Zoo:
 
     def expert_model(self, index: int) -> nn.Module:
         """Expert ``index``, loaded once per zoo object rather than once per query; a rebuilt
-        zoo is a new object, so replaced weights are never served from a stale copy."""
+        zoo is a new object, so replaced weights are never served from a stale copy. A
+        ``subset`` borrows the models its parent loaded."""
         if index not in self._models:
-            self._models[index] = load_expert(self.experts[index])
+            if self._parent is not None:
+                parent, experts = self._parent
+                self._models[index] = parent.expert_model(experts[index])
+            else:
+                self._models[index] = load_expert(self.experts[index])
         return self._models[index]
+
+    def subset(self, tasks: list[int], experts: list[int]) -> Zoo:
+        """The zoo of only these tasks and experts (in this order): what a recommender sees
+        when the others are held out. It shares nothing it could leak through: the index is
+        built over the kept embeddings alone, and the matrix holds only the kept cells."""
+        zoo = Zoo(
+            self.embed_config,
+            [self.tasks[t] for t in tasks],
+            [self.embeddings[t] for t in tasks],
+            [self.experts[e] for e in experts],
+            self.errors[np.ix_(tasks, experts)],
+            self.protocol,
+        )
+        zoo._parent = (self, list(experts))
+        return zoo
+
+    def task_data(self, index: int, image_size: int = 224) -> LabelledImages:
+        """Zoo task ``index``'s images, drawn as its matrix row was measured on them."""
+        return materialize(self.tasks[index], image_size=image_size, split=self.protocol.split)
 
     def index(self) -> TaskIndex:
         """The FAISS index over the zoo's tasks (ids = task positions).
@@ -210,6 +236,7 @@ def task_from_json(raw: dict[str, Any]) -> TaskSpec:
         seed=raw["seed"],
         dataset=raw.get("dataset"),
         domain_name=raw.get("domain_name"),
+        transform=raw.get("transform"),
     )
 
 

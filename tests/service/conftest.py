@@ -84,8 +84,9 @@ def settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Settings:
 
 
 def npz_upload(task_index: int = 1) -> bytes:
-    """A tiny-zoo task's images as an .npz upload (x: images, y: class names)."""
-    data = materialize(tiny()[task_index])
+    """A tiny-zoo task's images (those its zoo entry was made of) as an .npz upload
+    (x: images, y: class names)."""
+    data = materialize(tiny()[task_index], split=recipe("tiny").protocol.split)
     buffer = io.BytesIO()
     np.savez(buffer, x=data.images, y=np.array(data.classes)[data.labels])
     return buffer.getvalue()

@@ -46,8 +46,9 @@ def test_rebuild_reuses_the_cache_and_recomputes_what_changed(built: tuple[Path,
     changed = replace(changed, tasks=[first, *changed.tasks[1:]])
     rebuilt = ZooBuilder(changed, data_dir).build()
     new_files = {p.name for p in (data_dir / "cache").rglob("*") if p.is_file()} - set(cached_files)
-    # New embedding and matrix row for the changed task, and a new expert trained on it.
-    assert len(new_files) == 3
+    # New embedding, matrix row and LogME row for the changed task, and a new expert
+    # trained on it.
+    assert len(new_files) == 4
     assert np.array_equal(rebuilt.errors[1:, 0], zoo.errors[1:, 0])
 
 

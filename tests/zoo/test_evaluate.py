@@ -1,18 +1,31 @@
-"""Leave-one-task-out evaluation on the tiny zoo."""
+"""Meta-evaluation on the tiny zoo: both protocols, and nothing of a held-out task leaks."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from app.task2vec.embedding import Embedding
 from app.zoo.build import ZooBuilder
-from app.zoo.evaluate import evaluate, write_report
+from app.zoo.evaluate import (
+    METHODS,
+    PROTOCOLS,
+    evaluate,
+    fold_rankings,
+    folds,
+    logme_scores,
+    write_report,
+)
+from app.zoo.experts import load_expert
 from app.zoo.presets import recipe
-from app.zoo.recommenders import LearnedScorer, Query
 from app.zoo.zoo import Zoo
+
+RANKERS = [m for m in METHODS if m != "learned-shuffled"]
 
 
 @pytest.fixture(scope="module")
@@ -20,46 +33,114 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     return ZooBuilder(recipe("tiny"), tmp_path_factory.mktemp("data")).build()
 
 
-def test_evaluation_reports_every_metric_and_writes_the_report(zoo: Zoo, tmp_path: Path) -> None:
-    methods = ["global-best", "task2vec-knn", "task2vec-asym", "learned", "brute-force"]
+@pytest.fixture(scope="module")
+def logme(zoo: Zoo) -> np.ndarray:
+    return logme_scores(zoo)[0]
+
+
+def test_evaluation_reports_both_protocols_and_writes_the_report(zoo: Zoo, tmp_path: Path) -> None:
+    methods = list(METHODS)
     results = evaluate(zoo, methods, k=3)
-    summary = results["recommenders"]
-    assert set(summary) == set(methods)
-    # The oracle is exact by construction: it re-evaluates every expert with the protocol.
-    assert summary["brute-force"]["rel_error_increase"] == pytest.approx(0.0)
-    assert summary["brute-force"]["top1"] == 1.0
-    for row in summary.values():
-        assert set(row) == {
-            "rel_error_increase",
-            "median_rel_error_increase",
-            "weighted_tau",
-            "top1",
-            "seconds",
-        }
-        assert row["rel_error_increase"] >= 0.0
-    assert len(results["per_task"]["learned"]) == len(zoo.tasks)
+    assert set(results["protocols"]) == set(PROTOCOLS)
+    for result in results["protocols"].values():
+        summary = result["recommenders"]
+        assert set(summary) == set(methods)
+        for row in summary.values():
+            assert row["tasks"] == len(zoo.tasks)
+            assert row["rel_error_increase"] >= 0.0
+            assert row["regret"] >= 0.0
+        assert set(result["domains"]["learned"]) == {t.domain for t in zoo.tasks}
+    per_task = results["protocols"]["domain"]["per_task"]["learned"]
+    assert {row["fold"] for row in per_task} == {t.domain for t in zoo.tasks}
     assert 0.0 <= results["zoo"]["imagenet_expert_not_best_share"] <= 1.0
     assert results["zoo"]["index_recall_at_10"] >= 0.95
 
     write_report(zoo, results, tmp_path)
-    assert json.loads((tmp_path / "results.json").read_text())["recommenders"] == summary
-    for name in ("report.md", "task_map.png", "distance_matrix.png", "error_increase.png"):
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (
+        saved["protocols"]["task"]["recommenders"] == results["protocols"]["task"]["recommenders"]
+    )
+    report = (tmp_path / "report.md").read_text()
+    assert "leave-one-task-out" in report
+    assert "leave-one-domain-out" in report
+    for name in ("task_map.png", "distance_matrix.png", "error_increase.png"):
         assert (tmp_path / name).stat().st_size > 0
 
 
-def test_learned_scorer_never_sees_the_held_out_row(zoo: Zoo) -> None:
-    target = 2
-    scorer = LearnedScorer(zoo, k=3, exclude=target)
-    altered = Zoo(
-        zoo.embed_config,
-        zoo.tasks,
-        zoo.embeddings,
-        zoo.experts,
-        np.where(np.arange(len(zoo.tasks))[:, None] == target, 1.0 - zoo.errors, zoo.errors),
-        zoo.protocol,
-    )
-    again = LearnedScorer(altered, k=3, exclude=target)
-    query = Query(zoo.embeddings[target], exclude=target)
-    assert [r.score for r in scorer(zoo, query)] == pytest.approx(
-        [r.score for r in again(altered, query)]
-    )
+def test_a_fold_holds_out_the_experts_trained_on_its_tasks(zoo: Zoo) -> None:
+    for protocol in PROTOCOLS:
+        for fold in folds(zoo, protocol):
+            held = {zoo.tasks[t].name for t in fold.held_out}
+            kept = {zoo.experts[e].name for e in fold.experts}
+            for e, expert in enumerate(zoo.experts):
+                assert (expert.name in kept) == (expert.source_task not in held), (fold, e)
+            # The ImageNet expert has no source task: it is always a candidate.
+            assert "imagenet-efficientnet-lite0" in kept
+    # Some folds do lose an expert: the protocol is not vacuous on this zoo.
+    assert any(len(f.experts) < len(zoo.experts) for f in folds(zoo, "task"))
+    by_domain = {f.name: len(f.experts) for f in folds(zoo, "domain")}
+    assert by_domain == {"clothing": 2, "handwritten digits": 2, "8x8 digits": 3}
+
+
+def _noise_embedding(e: Embedding, rng: np.random.Generator) -> Embedding:
+    noise = rng.lognormal(0.0, 2.0, e.hessian.shape).astype(e.hessian.dtype)
+    return Embedding(noise, e.scale.copy(), dict(e.meta))
+
+
+def _corrupted(zoo: Zoo, held: tuple[int, ...], folder: Path) -> Zoo:
+    """The zoo with everything derived from the held-out tasks replaced by noise: their
+    matrix rows, their embeddings in the zoo, and the weights of the experts trained on them."""
+    rng = np.random.default_rng(7)
+    errors = zoo.errors.copy()
+    errors[list(held)] = rng.uniform(0.0, 1.0, (len(held), errors.shape[1]))
+    embeddings = [
+        _noise_embedding(e, rng) if t in held else e for t, e in enumerate(zoo.embeddings)
+    ]
+    names = {zoo.tasks[t].name for t in held}
+    experts = []
+    for expert in zoo.experts:
+        if expert.source_task in names:
+            state = load_expert(expert).state_dict()
+            noisy = {k: torch.rand_like(v.float()).to(v.dtype) for k, v in state.items()}
+            path = folder / f"{expert.name}-noise.pt"
+            torch.save(noisy, path)
+            expert = replace(expert, weights=str(path))
+        experts.append(expert)
+    return Zoo(zoo.embed_config, zoo.tasks, embeddings, experts, errors, zoo.protocol)
+
+
+def _rankings(
+    zoo: Zoo, protocol: str, logme: np.ndarray, queries: list[Embedding]
+) -> dict[tuple[str, str, int], list[tuple[str, float]]]:
+    out = {}
+    for fold in folds(zoo, protocol):
+        answers = fold_rankings(zoo, fold, RANKERS, 3, logme, dict(enumerate(queries)))
+        for method, by_task in answers.items():
+            for t, (ranking, _) in by_task.items():
+                out[(fold.name, method, t)] = [(r.expert, round(r.score, 9)) for r in ranking]
+    return out
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_nothing_derived_from_a_held_out_task_changes_its_ranking(
+    zoo: Zoo, logme: np.ndarray, protocol: str, tmp_path: Path
+) -> None:
+    """For every fold: noise in place of the held-out tasks' rows, zoo embeddings and experts'
+    weights leaves every method's ranking of those tasks exactly as it was. The query is the
+    task's own embedding (what the user's images give), passed alongside."""
+    queries = list(zoo.embeddings)
+    clean = _rankings(zoo, protocol, logme, queries)
+    assert {method for _, method, _ in clean} == set(RANKERS)
+    for fold in folds(zoo, protocol):
+        noisy = _corrupted(zoo, fold.held_out, tmp_path)
+        noisy_logme = logme_scores(noisy)[0]
+        for t in fold.held_out:
+            # LogME of an expert on a task depends on that expert's weights: recomputed with
+            # the noisy ones, it differs exactly for the experts the fold holds out.
+            changed = [e for e in range(len(zoo.experts)) if noisy_logme[t, e] != logme[t, e]]
+            assert set(changed) <= set(range(len(zoo.experts))) - set(fold.experts)
+        answers = fold_rankings(noisy, fold, RANKERS, 3, noisy_logme, dict(enumerate(queries)))
+        for method, by_task in answers.items():
+            for t, (ranking, _) in by_task.items():
+                got = [(r.expert, round(r.score, 9)) for r in ranking]
+                assert got == clean[(fold.name, method, t)], (fold.name, method, t)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.task2vec.errors import ConfigError, ProbeWeightsError
-from app.zoo.experts import ExpertSpec, extract_features, load_expert, train_cnn
+from app.zoo.experts import ExpertSpec, extract_features, load_expert, train_expert
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.tasks import TaskSpec, materialize
 
@@ -30,7 +30,7 @@ def test_imagenet_expert_features_separate_real_classes() -> None:
 def test_a_trained_cnn_beats_its_untrained_self_on_its_source_task(tmp_path: Path) -> None:
     spec = ExpertSpec("cnn", "cnn-8x2", str(tmp_path / "cnn.pt"), 28, source_task="digits")
     data = materialize(DIGITS)
-    torch.save(train_cnn(spec, data, epochs=3), spec.weights)
+    torch.save(train_expert(spec, data, epochs=3), spec.weights)
     trained = extract_features(spec, load_expert(spec), data)
     assert trained.shape == (300, 16)
 
@@ -47,7 +47,7 @@ def test_a_trained_cnn_beats_its_untrained_self_on_its_source_task(tmp_path: Pat
 def test_training_is_seeded(tmp_path: Path) -> None:
     spec = ExpertSpec("cnn", "cnn-4x1", "", 16)
     data = materialize(DIGITS)
-    a, b = train_cnn(spec, data, epochs=1), train_cnn(spec, data, epochs=1)
+    a, b = train_expert(spec, data, epochs=1), train_expert(spec, data, epochs=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

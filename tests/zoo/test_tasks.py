@@ -12,20 +12,61 @@ import torchvision
 
 from app.task2vec.errors import DatasetError
 from app.task2vec.probes import checkpoint_cache_dir, load_probe
-from app.zoo.presets import demo, recipe, tiny
-from app.zoo.tasks import TaskSpec, materialize
+from app.zoo.presets import recipe, tiny
+from app.zoo.provenance import EXPERT_POOL
+from app.zoo.tasks import TRANSFORMS, TaskSpec, materialize, source_indices
 
 
 def test_demo_preset_spans_domains_sizes_and_groupings() -> None:
-    tasks = demo()
-    assert len(tasks) >= 60
+    zoo = recipe("demo")
+    tasks = zoo.tasks
+    assert len(tasks) >= 150
     assert len({t.name for t in tasks}) == len(tasks)
     assert len({t.key() for t in tasks}) == len(tasks)
     domains = collections.Counter(t.domain for t in tasks)
-    assert len(domains) >= 2
-    assert min(t.size for t in tasks) <= 100
-    assert max(t.size for t in tasks) >= 2000
+    assert len(domains) >= 6
+    assert min(domains.values()) >= 10
+    assert min(t.size / len(t.groups) for t in tasks) <= 10  # a few images per class
+    assert max(t.size for t in tasks) >= 1000
     assert any(any(len(g) > 1 for g in t.groups) for t in tasks)  # semantic groupings
+    assert {t.transform for t in tasks} >= {None, *TRANSFORMS}
+    assert len(zoo.experts) >= 24
+    families = {e.architecture.split("-")[0] for e in zoo.experts}
+    assert families == {"cnn", "mlp", "resnet18", "efficientnet_lite0"}
+    assert any(e.weights == "finetune" for e in zoo.experts)
+    names = {t.name for t in tasks}
+    assert all(e.source_task is None or e.source_task in names for e in zoo.experts)
+
+
+def test_every_demo_task_fits_its_pools() -> None:
+    """Each demo recipe, and each expert's training draw, fits the pool it is cut from."""
+    zoo = recipe("demo")
+    for task in zoo.tasks:
+        assert len(source_indices(task, zoo.protocol.split)) == task.size
+    by_name = {t.name: t for t in zoo.tasks}
+    for expert in zoo.experts:
+        if expert.source_task is not None:
+            source = by_name[expert.source_task]
+            assert len(source_indices(source, zoo.protocol.split, EXPERT_POOL)) == source.size
+    starter = recipe("starter")
+    assert {t.name for t in starter.tasks} <= names_of(zoo.tasks)
+    assert starter.protocol == zoo.protocol
+
+
+def names_of(tasks: list[TaskSpec]) -> set[str]:
+    return {t.name for t in tasks}
+
+
+def test_transforms_keep_shape_and_type() -> None:
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)
+    colour = rng.integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
+    for name, transform in TRANSFORMS.items():
+        for images in (grey, colour):
+            out = transform(images, np.random.default_rng(1))
+            assert out.shape == images.shape, name
+            assert out.dtype == np.uint8, name
+            assert not np.array_equal(out, images), name
 
 
 def test_materialize_groups_classes_into_labels_reproducibly() -> None:
