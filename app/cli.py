@@ -249,6 +249,58 @@ def zoo_evaluate(
     print((out / "report.md").read_text())
 
 
+@zoo_app.command("check")
+def zoo_check(
+    datasets: Annotated[
+        list[Path], typer.Argument(help="labelled datasets the zoo never saw (zip, tar or .npz)")
+    ],
+    zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
+    methods: Annotated[
+        str, typer.Option(help="comma-separated recommenders")
+    ] = "global-best,task2vec-knn,task2vec-asym,learned,logme",
+    k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write results.json (every figure) here")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Score every recommender against brute force on datasets from outside the zoo: each
+    expert is evaluated on each dataset with the zoo's protocol, then compared with the picks."""
+    from app.zoo.check import check
+    from app.zoo.evaluate import summary_table
+
+    try:
+        built = _zoo(zoo, quiet)
+        size = built.embed_config.image_size
+        # Named by file name unless two share one.
+        names = [p.name for p in datasets]
+        if len(set(names)) < len(names):
+            names = [str(p) for p in datasets]
+        loaded = {n: load_dataset(p, image_size=size) for n, p in zip(names, datasets, strict=True)}
+        with ProgressReporter(quiet) as progress:
+            results = check(built, loaded, tuple(methods.split(",")), k, progress)
+    except (Task2VecError, ValueError) as exc:
+        raise _fail(exc) from None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(
+        f"{len(loaded)} datasets, zoo {zoo!r} ({len(built.tasks)} tasks, "
+        f"{len(built.experts)} experts), truth: every expert evaluated on every dataset"
+    )
+    print("\n".join(summary_table(results["recommenders"])))
+    by_dataset = {
+        m: {row["dataset"]: row for row in rows} for m, rows in results["per_dataset"].items()
+    }
+    for name, errors in results["errors"].items():
+        best = min(errors, key=errors.__getitem__)
+        picks = "; ".join(
+            f"{m}: {rows[name]['pick']} (+{rows[name]['regret']:.1f} points)"
+            for m, rows in by_dataset.items()
+        )
+        print(f"{name}: best {best} (error {errors[best]:.3f}); {picks}")
+
+
 @app.command("recommend")
 def recommend_command(
     dataset: Annotated[Path, typer.Argument(help="labelled dataset (zip, tar or .npz)")],

@@ -140,3 +140,20 @@ def test_zoo_build_recommend_and_evaluate(tmp_path: Path) -> None:
         assert set(protocol["recommenders"]) == {"global-best", "task2vec-knn"}
         assert "rel_error_increase" in protocol["recommenders"]["global-best"]
     assert "leave-one-domain-out" in evaluated.stdout
+
+    checked = task2vec(
+        "zoo", "check", str(tmp_path / "upload.npz"), "--zoo", "tiny", "--methods",
+        "global-best,learned", "--out", str(tmp_path / "check"), "-q", env=env,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    results = json.loads((tmp_path / "check" / "results.json").read_text())
+    truth = {item["expert"]: item["error"] for item in answer["ranking"]}
+    assert results["errors"]["upload.npz"] == pytest.approx(truth)
+    assert set(results["recommenders"]) == {"global-best", "learned"}
+    assert "upload.npz: best " in checked.stdout
+    refused = task2vec(
+        "zoo", "check", str(tmp_path / "upload.npz"), "--zoo", "tiny", "--methods", "oracle",
+        "-q", env=env,
+    )  # fmt: skip
+    assert refused.returncode == 2
+    assert "unknown recommenders: oracle" in refused.stderr

@@ -104,22 +104,27 @@ def folds(zoo: Zoo, protocol: str) -> list[Fold]:
     return out
 
 
-def _metrics(zoo: Zoo, task: int, fold: Fold, ranking: list[Ranked]) -> dict[str, float]:
-    errors = zoo.errors[task, list(fold.experts)]
-    column = {zoo.experts[e].name: i for i, e in enumerate(fold.experts)}
-    chosen = errors[column[ranking[0].expert]]
-    best = float(errors.min())
-    floor = max(best, zoo.protocol.resolution(zoo.tasks[task].size))
-    ranked_columns = [column[r.expert] for r in ranking]
+def ranking_metrics(
+    errors: dict[str, float], floor: float, ranking: list[Ranked]
+) -> dict[str, float]:
+    """A ranking's figures against the true ``errors`` (expert name → held-out error) of the
+    experts it could pick from; ``floor`` is the smallest measurable error on the task."""
+    chosen = errors[ranking[0].expert]
+    best = min(errors.values())
     scores = np.array([r.score for r in ranking])
-    accuracy = 1.0 - errors[ranked_columns]
+    accuracy = 1.0 - np.array([errors[r.expert] for r in ranking])
     tau = float(weightedtau(scores, accuracy).statistic) if len(ranking) > 1 else float("nan")
     return {
-        "rel_error_increase": 100.0 * (chosen - best) / floor,
+        "rel_error_increase": 100.0 * (chosen - best) / max(best, floor),
         "regret": 100.0 * (chosen - best),
         "weighted_tau": tau,
         "top1": float(chosen <= best),
     }
+
+
+def _metrics(zoo: Zoo, task: int, fold: Fold, ranking: list[Ranked]) -> dict[str, float]:
+    errors = {zoo.experts[e].name: float(zoo.errors[task, e]) for e in fold.experts}
+    return ranking_metrics(errors, zoo.protocol.resolution(zoo.tasks[task].size), ranking)
 
 
 def shuffled_embeddings(zoo: Zoo, seed: int = 0) -> Zoo:
@@ -224,7 +229,7 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def _summary(rows: list[dict[str, Any]]) -> dict[str, float]:
+def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     if not rows:
         return {"tasks": 0}
     return {
@@ -267,9 +272,9 @@ def evaluate_protocol(
             progress(f"{PROTOCOL_TITLES[protocol]}: {fold.name}", i + 1, len(all_folds))
     domains = sorted({t.domain for t in zoo.tasks})
     return {
-        "recommenders": {m: _summary(rows) for m, rows in per_task.items()},
+        "recommenders": {m: summarise(rows) for m, rows in per_task.items()},
         "domains": {
-            m: {d: _summary([r for r in rows if r["domain"] == d]) for d in domains}
+            m: {d: summarise([r for r in rows if r["domain"] == d]) for d in domains}
             for m, rows in per_task.items()
         },
         "folds": len(all_folds),
@@ -319,7 +324,7 @@ def evaluate(
     }
 
 
-def _table(summary: dict[str, dict[str, float]]) -> list[str]:
+def summary_table(summary: dict[str, dict[str, float]]) -> list[str]:
     lines = [
         "| recommender | rel. error increase (%), mean | median | regret (points) | weighted τ "
         "| top-1 | seconds | tasks |",
@@ -418,7 +423,7 @@ def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
             "",
             f"## {PROTOCOL_TITLES[protocol]} ({result['folds']} folds)",
             "",
-            *_table(result["recommenders"]),
+            *summary_table(result["recommenders"]),
             "",
             "Per domain (mean relative error increase, weighted τ):",
             "",

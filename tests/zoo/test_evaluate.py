@@ -1,4 +1,5 @@
-"""Meta-evaluation on the tiny zoo: both protocols, and nothing of a held-out task leaks."""
+"""Meta-evaluation on the tiny zoo: both protocols, nothing of a held-out task leaks, and the
+outside check against brute force."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from app.data.offline import fashion_mnist
+from app.task2vec.datasets import from_arrays
 from app.task2vec.embedding import Embedding
 from app.zoo.build import ZooBuilder
+from app.zoo.check import CHECK_METHODS, check
 from app.zoo.evaluate import (
     METHODS,
     PROTOCOLS,
@@ -23,6 +27,7 @@ from app.zoo.evaluate import (
 )
 from app.zoo.experts import load_expert
 from app.zoo.presets import recipe
+from app.zoo.recommenders import Query, brute_force
 from app.zoo.zoo import Zoo
 
 RANKERS = [m for m in METHODS if m != "learned-shuffled"]
@@ -144,3 +149,33 @@ def test_nothing_derived_from_a_held_out_task_changes_its_ranking(
             for t, (ranking, _) in by_task.items():
                 got = [(r.expert, round(r.score, 9)) for r in ranking]
                 assert got == clean[(fold.name, method, t)], (fold.name, method, t)
+
+
+def test_an_outside_check_scores_the_rankings_against_brute_force(zoo: Zoo) -> None:
+    """Datasets from outside the zoo (Fashion-MNIST's t10k, which no zoo task or expert
+    touches): the truth is every expert evaluated on them, as the oracle recommender does."""
+    x, y, _ = fashion_mnist("test")
+    rng = np.random.default_rng(3)
+    outside = {}
+    for name, classes in (("shoes", (5, 7, 9)), ("tops", (0, 2, 4, 6))):
+        index = rng.choice(np.flatnonzero(np.isin(y, classes)), 90, replace=False)
+        outside[name] = from_arrays(x[index], y[index])
+    results = check(zoo, outside, CHECK_METHODS, k=3)
+
+    assert set(results["recommenders"]) == set(CHECK_METHODS)
+    assert all(row["tasks"] == 2 for row in results["recommenders"].values())
+    for name, data in outside.items():
+        oracle = brute_force(zoo, Query(None, data))
+        assert results["errors"][name] == {r.expert: r.evidence["error"] for r in oracle}
+    for rows in results["per_dataset"].values():
+        for row in rows:
+            errors = results["errors"][row["dataset"]]
+            assert row["best"] == min(errors, key=errors.__getitem__)
+            assert row["regret"] == pytest.approx(100 * (errors[row["pick"]] - errors[row["best"]]))
+            assert row["top1"] == float(row["regret"] == 0.0)
+            assert -1.0 <= row["weighted_tau"] <= 1.0
+
+    with pytest.raises(ValueError, match="unknown recommenders: oracle"):
+        check(zoo, outside, ("oracle",))
+    with pytest.raises(ValueError, match="at least one labelled dataset"):
+        check(zoo, {}, CHECK_METHODS)
