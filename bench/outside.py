@@ -45,13 +45,15 @@ def _edges(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     x = images.astype(np.float32)
     magnitude = np.hypot(sobel(x, axis=1), sobel(x, axis=2))
     scaled = 255.0 * magnitude / max(float(magnitude.max()), 1e-6)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return out
 
 
 def _pixelated(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n, h, w = images.shape
     blocks = images.reshape(n, h // 4, 4, w // 4, 4).mean(axis=(2, 4))
-    return np.rint(blocks).astype(np.uint8).repeat(4, axis=1).repeat(4, axis=2)
+    out: np.ndarray = np.rint(blocks).astype(np.uint8).repeat(4, axis=1).repeat(4, axis=2)
+    return out
 
 
 ALTERATIONS = {**TRANSFORMS, "edges": _edges, "pixelated": _pixelated}
