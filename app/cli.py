@@ -236,7 +236,8 @@ def zoo_evaluate(
     """Leave-one-task-out and leave-one-domain-out evaluation of the recommenders: a fold
     holds out its tasks and every expert trained on them."""
     from app.task2vec.distances import zero_filter_convention
-    from app.zoo.evaluate import evaluate, write_report
+    from app.zoo.evaluate import evaluate
+    from app.zoo.report import write_report
 
     try:
         built = _zoo(zoo, quiet)
@@ -267,7 +268,7 @@ def zoo_check(
     """Score every recommender against brute force on datasets from outside the zoo: each
     expert is evaluated on each dataset with the zoo's protocol, then compared with the picks."""
     from app.zoo.check import check
-    from app.zoo.evaluate import summary_table
+    from app.zoo.report import summary_table, versus_table
 
     try:
         built = _zoo(zoo, quiet)
@@ -289,6 +290,7 @@ def zoo_check(
         f"{len(built.experts)} experts), truth: every expert evaluated on every dataset"
     )
     print("\n".join(summary_table(results["recommenders"])))
+    print("\n".join(["", *versus_table(results["versus"])]))
     by_dataset = {
         m: {row["dataset"]: row for row in rows} for m, rows in results["per_dataset"].items()
     }

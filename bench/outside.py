@@ -30,7 +30,7 @@ from app.data.offline import FASHION_MNIST_CLASSES, fashion_mnist
 from app.task2vec.datasets import LabelledImages, from_arrays
 from app.zoo.build import zoo_folder
 from app.zoo.check import CHECK_METHODS, check
-from app.zoo.evaluate import summary_table
+from app.zoo.report import summary_table, versus_table
 from app.zoo.tasks import TRANSFORMS
 from app.zoo.zoo import Zoo
 
@@ -107,6 +107,7 @@ def _print(results: dict[str, Any]) -> None:
         f"{results['machine']}"
     )
     print("\n".join(summary_table(results["recommenders"])))
+    print("\n".join(["", *versus_table(results["versus"])]))
     rows = {m: {r["dataset"]: r for r in rs} for m, rs in results["per_dataset"].items()}
     print("\n| dataset | images | best expert (error) | " + " | ".join(rows) + " |")
     print("|---|---:|---|" + "---|" * len(rows))

@@ -21,7 +21,7 @@ import numpy as np
 
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import embed
-from app.zoo.evaluate import Progress, ranking_metrics, summarise
+from app.zoo.evaluate import Progress, ranking_metrics, summarise, versus
 from app.zoo.experts import extract_features
 from app.zoo.matrix import holdout_error
 from app.zoo.recommenders import LearnedScorer, Query, Ranked, logme, ranked, recommenders
@@ -105,6 +105,7 @@ def check(
             progress("datasets", i + 1, len(datasets))
     return {
         "recommenders": {m: summarise(r) for m, r in rows.items()},
+        "versus": versus(rows, key="dataset"),
         "per_dataset": rows,
         "errors": truth,
         "zoo": {"tasks": len(zoo.tasks), "experts": len(zoo.experts), "probe": zoo.probe},

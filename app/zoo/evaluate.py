@@ -31,17 +31,14 @@ depends on nothing else, so it is computed once per (task, expert) and read by e
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.stats import weightedtau
 
-from app.task2vec.distances import distance_matrix
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.experts import extract_features
@@ -240,6 +237,55 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+#: What ``versus`` compares every recommender with: the answer that needs no task information.
+BASELINE = "global-best"
+
+
+def paired_difference(
+    rows: list[dict[str, Any]],
+    baseline: list[dict[str, Any]],
+    metric: str = "regret",
+    key: str = "task",
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean of ``metric`` minus the baseline's on the same tasks, with a 95% paired bootstrap
+    interval (tasks resampled with replacement, seeded) and the share of tasks on which the
+    recommender is better, worse or tied. Below zero is better for regret and error increase.
+
+    Paired because tasks differ far more from each other than recommenders do: the spread of
+    a per-task difference is what says whether a gap is real."""
+    theirs = {r[key]: r[metric] for r in baseline}
+    diffs = np.array([r[metric] - theirs[r[key]] for r in rows if r[key] in theirs])
+    if len(diffs) == 0:
+        return {"tasks": 0}
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "metric_difference": float(diffs.mean()),
+        "low": float(low),
+        "high": float(high),
+        "better": float(np.mean(diffs < 0)),
+        "worse": float(np.mean(diffs > 0)),
+        "tasks": len(diffs),
+    }
+
+
+def versus(
+    per_task: dict[str, list[dict[str, Any]]], metric: str = "regret", key: str = "task"
+) -> dict[str, dict[str, float]]:
+    """Every recommender against ``BASELINE`` on ``metric`` (see ``paired_difference``),
+    rows matched by ``key``."""
+    if BASELINE not in per_task:
+        return {}
+    return {
+        m: paired_difference(rows, per_task[BASELINE], metric, key)
+        for m, rows in per_task.items()
+        if m != BASELINE
+    }
+
+
 def evaluate_protocol(
     zoo: Zoo,
     protocol: str,
@@ -273,6 +319,7 @@ def evaluate_protocol(
     domains = sorted({t.domain for t in zoo.tasks})
     return {
         "recommenders": {m: summarise(rows) for m, rows in per_task.items()},
+        "versus": versus(per_task),
         "domains": {
             m: {d: summarise([r for r in rows if r["domain"] == d]) for d in domains}
             for m, rows in per_task.items()
@@ -322,121 +369,3 @@ def evaluate(
             ),
         },
     }
-
-
-def summary_table(summary: dict[str, dict[str, float]]) -> list[str]:
-    lines = [
-        "| recommender | rel. error increase (%), mean | median | regret (points) | weighted τ "
-        "| top-1 | seconds | tasks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in summary.items():
-        if not row.get("tasks"):
-            lines.append(f"| {name} | – | – | – | – | – | – | 0 |")
-            continue
-        lines.append(
-            f"| {name} | {row['rel_error_increase']:.1f} | {row['median_rel_error_increase']:.1f} "
-            f"| {row['regret']:.2f} | {row['weighted_tau']:.3f} | {row['top1']:.2f} "
-            f"| {row['seconds']:.4f} | {int(row['tasks'])} |"
-        )
-    return lines
-
-
-def _domain_table(domains: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    methods = list(domains)
-    names = sorted({d for per in domains.values() for d in per})
-    lines = [
-        "| domain | " + " | ".join(methods) + " |",
-        "|---|" + "---:|" * len(methods),
-    ]
-    for d in names:
-        cells = []
-        for m in methods:
-            row = domains[m].get(d, {})
-            cells.append(
-                f"{row['rel_error_increase']:.1f}%, τ {row['weighted_tau']:.2f}"
-                if row.get("tasks")
-                else "–"
-            )
-        lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
-    """results.json, report.md and three plots in ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import MDS
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-
-    distances = distance_matrix(zoo.embeddings)
-    sym = (distances + distances.T) / 2
-    domains = sorted({t.domain for t in zoo.tasks})
-    colours = [domains.index(t.domain) for t in zoo.tasks]
-    mds = MDS(n_components=2, metric="precomputed", init="classical_mds", random_state=0)
-    xy = mds.fit_transform(sym)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=colours, cmap="tab10", s=30)
-    ax.legend(scatter.legend_elements()[0], domains, title="domain", fontsize="small")
-    ax.set_title(f"Task embeddings ({zoo.probe}), MDS of the symmetric distance")
-    fig.savefig(out / "task_map.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-    order = np.argsort(colours, kind="stable")
-    fig, ax = plt.subplots(figsize=(7, 6))
-    image = ax.imshow(sym[np.ix_(order, order)], cmap="viridis")
-    fig.colorbar(image, ax=ax, label="symmetric distance")
-    ax.set_title("Task distance matrix (tasks grouped by domain)")
-    fig.savefig(out / "distance_matrix.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-    protocols = results["protocols"]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / max(1, len(protocols))
-    for i, (protocol, result) in enumerate(protocols.items()):
-        names = list(result["recommenders"])
-        values = [result["recommenders"][n].get("rel_error_increase", np.nan) for n in names]
-        ax.bar(np.arange(len(names)) + i * width, values, width, label=PROTOCOL_TITLES[protocol])
-        ax.set_xticks(np.arange(len(names)) + width * (len(protocols) - 1) / 2, names)
-    ax.set_ylabel("mean relative error increase over the oracle (%)")
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend()
-    fig.savefig(out / "error_increase.png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-    described = zoo.protocol.describe()
-    lines = [
-        f"# Evaluation: {len(zoo.tasks)} tasks in {len(domains)} domains, "
-        f"{len(zoo.experts)} experts",
-        "",
-        f"Probe: {zoo.probe}. Protocol: {described['classifier']}; {described['split']}. "
-        f"Image provenance: {described['provenance']}.",
-        "",
-        "A fold holds out its tasks and every expert trained on one of them.",
-    ]
-    for protocol, result in protocols.items():
-        lines += [
-            "",
-            f"## {PROTOCOL_TITLES[protocol]} ({result['folds']} folds)",
-            "",
-            *summary_table(result["recommenders"]),
-            "",
-            "Per domain (mean relative error increase, weighted τ):",
-            "",
-            *_domain_table(result["domains"]),
-        ]
-    lines += [
-        "",
-        "Nearest-task search: recall@10 of the FAISS candidate stage (4x oversampling, exact "
-        f"re-rank) against exact search: {results['zoo']['index_recall_at_10']:.3f}.",
-    ]
-    share = results["zoo"]["imagenet_expert_not_best_share"]
-    if share is not None:
-        lines += ["", f"Tasks on which the ImageNet expert is not the best: {share:.0%}."]
-    lines += ["", "![task map](task_map.png)", "![distances](distance_matrix.png)"]
-    lines += ["![error increase](error_increase.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))

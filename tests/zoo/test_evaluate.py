@@ -23,11 +23,12 @@ from app.zoo.evaluate import (
     fold_rankings,
     folds,
     logme_scores,
-    write_report,
+    paired_difference,
 )
 from app.zoo.experts import load_expert
 from app.zoo.presets import recipe
 from app.zoo.recommenders import Query, brute_force
+from app.zoo.report import write_report
 from app.zoo.zoo import Zoo
 
 RANKERS = [m for m in METHODS if m != "learned-shuffled"]
@@ -66,10 +67,32 @@ def test_evaluation_reports_both_protocols_and_writes_the_report(zoo: Zoo, tmp_p
         saved["protocols"]["task"]["recommenders"] == results["protocols"]["task"]["recommenders"]
     )
     report = (tmp_path / "report.md").read_text()
+    assert "95% paired bootstrap" in report
+    assert set(results["protocols"]["task"]["versus"]) == set(methods) - {"global-best"}
     assert "leave-one-task-out" in report
     assert "leave-one-domain-out" in report
     for name in ("task_map.png", "distance_matrix.png", "error_increase.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_the_paired_comparison_matches_tasks_and_brackets_the_mean() -> None:
+    rng = np.random.default_rng(1)
+    baseline = [{"task": f"t{i}", "regret": float(v)} for i, v in enumerate(rng.uniform(2, 4, 40))]
+    # Better by 1 point on every task but one, listed in another order, and one task the
+    # baseline never saw (left out of the pairing).
+    rows = [{"task": r["task"], "regret": r["regret"] - 1.0} for r in reversed(baseline)]
+    rows[0]["regret"] += 3.0
+    rows.append({"task": "unseen", "regret": 100.0})
+    result = paired_difference(rows, baseline)
+    assert result["tasks"] == 40
+    assert result["metric_difference"] == pytest.approx(-1.0 + 3.0 / 40)
+    assert result["low"] < result["metric_difference"] < result["high"] < 0.0
+    assert result["better"] == pytest.approx(39 / 40)
+    assert result["worse"] == pytest.approx(1 / 40)
+    assert paired_difference(rows, baseline) == result  # seeded
+    same = paired_difference(baseline, baseline)
+    assert same["metric_difference"] == same["low"] == same["high"] == 0.0
+    assert same["better"] == same["worse"] == 0.0
 
 
 def test_a_fold_holds_out_the_experts_trained_on_its_tasks(zoo: Zoo) -> None:

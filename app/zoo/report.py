@@ -1,0 +1,153 @@
+"""Rendering an evaluation: the markdown tables and plots of ``task2vec zoo evaluate``, and the
+tables that ``task2vec zoo check`` and ``bench.outside`` print. ``evaluate.py`` computes the
+figures; nothing here changes one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.task2vec.distances import distance_matrix
+from app.zoo.evaluate import BASELINE, PROTOCOL_TITLES
+from app.zoo.zoo import Zoo
+
+
+def versus_table(compared: dict[str, dict[str, float]], metric: str = "regret") -> list[str]:
+    lines = [
+        f"| recommender | {metric} − {BASELINE}'s, mean | 95% paired bootstrap "
+        "| better on | worse on |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, row in compared.items():
+        if not row.get("tasks"):
+            continue
+        lines.append(
+            f"| {name} | {row['metric_difference']:+.2f} | [{row['low']:+.2f}, {row['high']:+.2f}] "
+            f"| {row['better']:.0%} | {row['worse']:.0%} |"
+        )
+    return lines
+
+
+def summary_table(summary: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "| recommender | rel. error increase (%), mean | median | regret (points) | weighted τ "
+        "| top-1 | seconds | tasks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in summary.items():
+        if not row.get("tasks"):
+            lines.append(f"| {name} | – | – | – | – | – | – | 0 |")
+            continue
+        lines.append(
+            f"| {name} | {row['rel_error_increase']:.1f} | {row['median_rel_error_increase']:.1f} "
+            f"| {row['regret']:.2f} | {row['weighted_tau']:.3f} | {row['top1']:.2f} "
+            f"| {row['seconds']:.4f} | {int(row['tasks'])} |"
+        )
+    return lines
+
+
+def _domain_table(domains: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    methods = list(domains)
+    names = sorted({d for per in domains.values() for d in per})
+    lines = [
+        "| domain | " + " | ".join(methods) + " |",
+        "|---|" + "---:|" * len(methods),
+    ]
+    for d in names:
+        cells = []
+        for m in methods:
+            row = domains[m].get(d, {})
+            cells.append(
+                f"{row['rel_error_increase']:.1f}%, τ {row['weighted_tau']:.2f}"
+                if row.get("tasks")
+                else "–"
+            )
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
+    """results.json, report.md and three plots in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import MDS
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    distances = distance_matrix(zoo.embeddings)
+    sym = (distances + distances.T) / 2
+    domains = sorted({t.domain for t in zoo.tasks})
+    colours = [domains.index(t.domain) for t in zoo.tasks]
+    mds = MDS(n_components=2, metric="precomputed", init="classical_mds", random_state=0)
+    xy = mds.fit_transform(sym)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    scatter = ax.scatter(xy[:, 0], xy[:, 1], c=colours, cmap="tab10", s=30)
+    ax.legend(scatter.legend_elements()[0], domains, title="domain", fontsize="small")
+    ax.set_title(f"Task embeddings ({zoo.probe}), MDS of the symmetric distance")
+    fig.savefig(out / "task_map.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    order = np.argsort(colours, kind="stable")
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(sym[np.ix_(order, order)], cmap="viridis")
+    fig.colorbar(image, ax=ax, label="symmetric distance")
+    ax.set_title("Task distance matrix (tasks grouped by domain)")
+    fig.savefig(out / "distance_matrix.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    protocols = results["protocols"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(1, len(protocols))
+    for i, (protocol, result) in enumerate(protocols.items()):
+        names = list(result["recommenders"])
+        values = [result["recommenders"][n].get("rel_error_increase", np.nan) for n in names]
+        ax.bar(np.arange(len(names)) + i * width, values, width, label=PROTOCOL_TITLES[protocol])
+        ax.set_xticks(np.arange(len(names)) + width * (len(protocols) - 1) / 2, names)
+    ax.set_ylabel("mean relative error increase over the oracle (%)")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+    fig.savefig(out / "error_increase.png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+    described = zoo.protocol.describe()
+    lines = [
+        f"# Evaluation: {len(zoo.tasks)} tasks in {len(domains)} domains, "
+        f"{len(zoo.experts)} experts",
+        "",
+        f"Probe: {zoo.probe}. Protocol: {described['classifier']}; {described['split']}. "
+        f"Image provenance: {described['provenance']}.",
+        "",
+        "A fold holds out its tasks and every expert trained on one of them.",
+    ]
+    for protocol, result in protocols.items():
+        lines += [
+            "",
+            f"## {PROTOCOL_TITLES[protocol]} ({result['folds']} folds)",
+            "",
+            *summary_table(result["recommenders"]),
+            "",
+            f"Against {BASELINE} on the same tasks (regret in error points; below zero is better):",
+            "",
+            *versus_table(result["versus"]),
+            "",
+            "Per domain (mean relative error increase, weighted τ):",
+            "",
+            *_domain_table(result["domains"]),
+        ]
+    lines += [
+        "",
+        "Nearest-task search: recall@10 of the FAISS candidate stage (4x oversampling, exact "
+        f"re-rank) against exact search: {results['zoo']['index_recall_at_10']:.3f}.",
+    ]
+    share = results["zoo"]["imagenet_expert_not_best_share"]
+    if share is not None:
+        lines += ["", f"Tasks on which the ImageNet expert is not the best: {share:.0%}."]
+    lines += ["", "![task map](task_map.png)", "![distances](distance_matrix.png)"]
+    lines += ["![error increase](error_increase.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
