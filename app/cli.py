@@ -229,8 +229,8 @@ def zoo_evaluate(
         str, typer.Option(help="comma-separated: task (leave-one-task-out), domain")
     ] = "task,domain",
     zero_filters: Annotated[
-        str, typer.Option(help="filters with zero Fisher in both embeddings: half or drop")
-    ] = "half",
+        str, typer.Option(help="filters with zero Fisher in both embeddings: drop or half")
+    ] = "drop",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Leave-one-task-out and leave-one-domain-out evaluation of the recommenders: a fold

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +59,11 @@ def _cosine(u: np.ndarray, v: np.ndarray) -> float:
 #: Filters whose Fisher is zero in both embeddings ("dead" filters: e.g. after a ReLU that
 #: never fires on the task's images): "half" counts them as 1/2 on each side, "drop" leaves
 #: them out of the cosine, as the reference code does (its 0/0 gives NaN, which it drops).
+#: "drop" is the default: on the demo zoo (36% of EfficientNet-Lite0 filters are zero in a
+#: task's embedding) the two move distances by 0.13 (median) but rank experts alike; "drop"
+#: gave task2vec-knn a slightly higher τ (+0.008) and was never measurably worse.
 ZERO_FILTER_CONVENTIONS = ("half", "drop")
-_zero_filters: ContextVar[str] = ContextVar("zero_filters", default="half")
+_zero_filters: ContextVar[str] = ContextVar("zero_filters", default="drop")
 
 
 @contextmanager
@@ -76,6 +80,41 @@ def zero_filter_convention(name: str) -> Iterator[None]:
         yield
     finally:
         _zero_filters.reset(token)
+
+
+#: Memo of distances inside ``memoised_distances``: key → (distance, the objects the key
+#: names, kept alive so that their ids cannot be reused while the memo lives).
+_memo: ContextVar[dict[tuple[Any, ...], tuple[float, tuple[object, ...]]] | None] = ContextVar(
+    "distance_memo", default=None
+)
+
+
+@contextmanager
+def memoised_distances() -> Iterator[None]:
+    """Inside the block, a distance between the same two embedding objects is computed once.
+
+    A leave-one-out evaluation asks for the same pairs in every fold (each fold's zoo holds
+    the same embedding objects); outside such a block nothing is remembered, so a changed
+    embedding can never be answered from a stale value. Memoised values are the ones the
+    plain computation returns, bit for bit."""
+    token = _memo.set({})
+    try:
+        yield
+    finally:
+        _memo.reset(token)
+
+
+def memoised(kind: str, objects: tuple[object, ...], compute: Callable[[], float]) -> float:
+    """``compute()``, remembered under (kind, the objects' identities, the zero-filter
+    convention) while ``memoised_distances`` is active."""
+    memo = _memo.get()
+    if memo is None:
+        return compute()
+    key = (kind, *map(id, objects), _zero_filters.get())
+    hit = memo.get(key)
+    if hit is None:
+        hit = memo[key] = (compute(), objects)
+    return hit[0]
 
 
 def _relative(ha: np.ndarray, hb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +137,11 @@ def symmetric_hessians(ha: np.ndarray, hb: np.ndarray) -> float:
 
 def symmetric(a: Embedding, b: Embedding) -> float:
     """The paper's symmetric Task2Vec distance (in [0, 1])."""
-    return symmetric_hessians(a.hessian.astype(np.float64), b.hessian.astype(np.float64))
+    return memoised(
+        "symmetric",
+        (a, b),
+        lambda: symmetric_hessians(a.hessian.astype(np.float64), b.hessian.astype(np.float64)),
+    )
 
 
 def trivial_embedding(e: Embedding) -> Embedding:
@@ -112,7 +155,12 @@ def trivial_embedding(e: Embedding) -> Embedding:
 
 def asymmetric(source: Embedding, target: Embedding, alpha: float = DEFAULT_ALPHA) -> float:
     """d_sym(source, target) − α·d_sym(source, t0): smaller = better source for target."""
-    return symmetric(source, target) - alpha * symmetric(source, trivial_embedding(source))
+    return symmetric(source, target) - alpha * complexity(source)
+
+
+def complexity(source: Embedding) -> float:
+    """d_sym(source, t0): how far the task is from one with no information."""
+    return memoised("complexity", (source,), lambda: symmetric(source, trivial_embedding(source)))
 
 
 def cosine(a: Embedding, b: Embedding) -> float:

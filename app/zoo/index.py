@@ -24,7 +24,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from app.task2vec.distances import symmetric_hessians
+from app.task2vec.distances import memoised, symmetric_hessians
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import EmbeddingFileError
 from app.task2vec.files import save_npz
@@ -84,7 +84,10 @@ class TaskIndex:
         ids: np.ndarray,
         hessians: np.ndarray,
         faiss_index: faiss.Index | None = None,
+        embeddings: Sequence[Embedding] | None = None,
     ) -> None:
+        """``embeddings``: the embedding objects of the rows, when the caller has them; they
+        name the rows for ``memoised_distances`` (values still come from ``hessians``)."""
         ids = np.asarray(ids, dtype=np.int64)
         hessians = np.asarray(hessians, dtype=np.float32)
         if hessians.ndim != 2 or hessians.shape[0] != ids.shape[0]:
@@ -104,6 +107,7 @@ class TaskIndex:
             if len(ids):
                 faiss_index.add_with_ids(log_transform(hessians), ids)
         self._faiss = faiss_index
+        self.embeddings = None if embeddings is None else list(embeddings)
 
     @classmethod
     def build(cls, probe: str, entries: Sequence[tuple[int, Embedding]]) -> TaskIndex:
@@ -120,7 +124,7 @@ class TaskIndex:
         ids = np.array([i for i, _ in entries], dtype=np.int64)
         dim = dims.pop() if dims else 0
         hessians = np.stack([e.hessian for _, e in entries]) if entries else np.zeros((0, dim))
-        return cls(probe, ids, hessians)
+        return cls(probe, ids, hessians, embeddings=[e for _, e in entries])
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -161,14 +165,20 @@ class TaskIndex:
         found = self.candidates(query.hessian, oversample * k + len(skip))
         q = query.hessian.astype(np.float64)
         scored = [
-            Neighbour(
-                int(i), symmetric_hessians(q, self.hessians[self._row[int(i)]].astype(np.float64))
-            )
+            Neighbour(int(i), self._exact(query, q, self._row[int(i)]))
             for i in found
             if int(i) not in skip
         ]
         scored.sort(key=lambda n: (n.distance, n.id))
         return scored[:k]
+
+    def _exact(self, query: Embedding, q: np.ndarray, row: int) -> float:
+        def compute() -> float:
+            return symmetric_hessians(q, self.hessians[row].astype(np.float64))
+
+        if self.embeddings is None:
+            return compute()
+        return memoised("index", (query, self.embeddings[row]), compute)
 
     def exact_search(
         self, query: Embedding, k: int = 10, exclude: Sequence[int] = ()

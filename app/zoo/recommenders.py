@@ -17,7 +17,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from app.task2vec.datasets import LabelledImages
-from app.task2vec.distances import DEFAULT_ALPHA, asymmetric, symmetric, trivial_embedding
+from app.task2vec.distances import DEFAULT_ALPHA, asymmetric, complexity, symmetric
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.experts import extract_features
@@ -283,9 +283,7 @@ class LearnedScorer:
         self.sources = [names.get(e.source_task or "") for e in zoo.experts]
         # α·d_sym(source, t0) of each source: the target-independent half of d_asym.
         self._complexity = {
-            s: DEFAULT_ALPHA * symmetric(zoo.embeddings[s], trivial_embedding(zoo.embeddings[s]))
-            for s in self.sources
-            if s is not None
+            s: DEFAULT_ALPHA * complexity(zoo.embeddings[s]) for s in self.sources if s is not None
         }
         rows = list(range(len(zoo.tasks)))
 

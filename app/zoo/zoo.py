@@ -130,7 +130,9 @@ class Zoo:
             expected = IndexVersion.of(self.probe, np.arange(len(entries)), hessians)
             path = None if self.folder is None else self.folder / INDEX_FILE
             index = None if path is None else TaskIndex.load(path, expected)
-            if index is None:
+            if index is not None:
+                index.embeddings = list(self.embeddings)  # the rows, checked by the version
+            else:
                 index = TaskIndex.build(self.probe, entries)
                 if path is not None:
                     index.save(path)

@@ -10,8 +10,10 @@ from app.task2vec.distances import (
     asymmetric,
     distance,
     distance_matrix,
+    memoised_distances,
     symmetric,
     trivial_embedding,
+    zero_filter_convention,
 )
 from app.task2vec.embedding import Embedding, difficulty
 from app.task2vec.errors import EmbeddingFileError
@@ -49,8 +51,33 @@ def test_asymmetric_subtracts_the_complexity_of_the_source() -> None:
     assert asymmetric(source, target) != pytest.approx(asymmetric(target, source))
 
 
-def test_zero_filters_in_both_count_as_equal() -> None:
+def test_zero_filters_in_both_drop_out_as_in_the_reference() -> None:
     assert symmetric(_e([0.0, 1.0]), _e([0.0, 1.0])) == pytest.approx(0.0)
+    # Dropped, the dead first filter leaves (1/4, 3/4) against (3/4, 1/4) as by hand above;
+    # counted as 1/2 on each side it pulls the two closer.
+    a, b = _e([0.0, 1.0, 3.0]), _e([0.0, 3.0, 1.0])
+    assert symmetric(a, b) == pytest.approx(0.4)
+    with zero_filter_convention("half"):
+        assert symmetric(a, b) == pytest.approx(1.0 - (0.25 + 6 / 16) / (0.25 + 10 / 16))
+
+
+def test_memoised_distances_are_the_plain_ones_and_live_only_inside_the_block() -> None:
+    rng = np.random.default_rng(3)
+    a, b = _e(list(rng.random(40))), _e(list(rng.random(40)))
+    a.hessian[:5] = b.hessian[:5] = 0.0  # filters zero in both: the convention matters
+    plain = symmetric(a, b), asymmetric(a, b)
+    with memoised_distances():
+        assert (symmetric(a, b), asymmetric(a, b)) == plain  # bit for bit
+        assert (symmetric(a, b), asymmetric(a, b)) == plain  # now from the memo
+        with zero_filter_convention("half"):
+            halved = symmetric(a, b)
+        assert halved != plain[0]  # the convention is part of the key
+        a.hessian[10] *= 3.0  # inside the block, the caller owns not changing embeddings
+        assert symmetric(a, b) == plain[0]
+    # Outside, nothing is remembered: the changed embedding is measured again.
+    assert symmetric(a, b) != plain[0]
+    with zero_filter_convention("half"):
+        assert symmetric(_e([0.0, 1.0]), _e([0.0, 1.0])) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("metric", sorted(METRICS))
