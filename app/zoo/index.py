@@ -205,8 +205,14 @@ class TaskIndex:
         )
 
     @classmethod
-    def load(cls, path: str | Path, expected: IndexVersion | None = None) -> TaskIndex | None:
-        """The saved index, or None when it is missing, unreadable or not ``expected``."""
+    def load(
+        cls,
+        path: str | Path,
+        expected: IndexVersion | None = None,
+        embeddings: Sequence[Embedding] | None = None,
+    ) -> TaskIndex | None:
+        """The saved index, or None when it is missing, unreadable or not ``expected``
+        (``embeddings``: the rows' embedding objects, as in ``__init__``)."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as data:
@@ -217,7 +223,7 @@ class TaskIndex:
             return None
         if expected is not None and version != expected:
             return None
-        index = cls(version.probe, ids, hessians, faiss.deserialize_index(serialized))
+        index = cls(version.probe, ids, hessians, faiss.deserialize_index(serialized), embeddings)
         if index.version != version or index._faiss.ntotal != len(ids):
             return None  # altered or truncated
         return index

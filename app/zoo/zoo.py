@@ -129,10 +129,8 @@ class Zoo:
             hessians = np.stack([e.hessian for e in self.embeddings])
             expected = IndexVersion.of(self.probe, np.arange(len(entries)), hessians)
             path = None if self.folder is None else self.folder / INDEX_FILE
-            index = None if path is None else TaskIndex.load(path, expected)
-            if index is not None:
-                index.embeddings = list(self.embeddings)  # the rows, checked by the version
-            else:
+            index = None if path is None else TaskIndex.load(path, expected, self.embeddings)
+            if index is None:
                 index = TaskIndex.build(self.probe, entries)
                 if path is not None:
                     index.save(path)
