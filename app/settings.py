@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.task2vec.datasets import ArchiveLimits
+from app.task2vec.limits import ArchiveLimits
 
 
 class Settings(BaseSettings):
@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     zoo: str = "starter"
     #: Largest accepted upload, in bytes.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
-    #: Upload limits (``app.task2vec.datasets.ArchiveLimits``): archive members, bytes per
+    #: Upload limits (``app.task2vec.limits.ArchiveLimits``): archive members, bytes per
     #: member and in all once uncompressed, compression ratio per member, pixels per image,
     #: classes, the fewest images per class, and the largest fraction of undecodable images
     #: that is skipped (reported) rather than refused.
@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     #: Origins allowed to call the API from a browser; empty (the default): CORS stays off.
     cors_origins: list[str] = Field(default_factory=list)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def dataset_limits(self) -> ArchiveLimits:
         return ArchiveLimits(

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from app.task2vec.datasets import ArchiveLimits, load_dataset, to_probe_input
+from app.task2vec.datasets import load_dataset, to_probe_input
 from app.task2vec.errors import DatasetError
-from tests.conftest import png_bytes, random_images, write_tar, write_zip
+from app.task2vec.limits import ArchiveLimits
+from tests.helpers import png_bytes, random_images, write_tar, write_zip
 
 
 def _folder_members(prefix: str = "") -> list[tuple[str, bytes]]:
