@@ -11,10 +11,17 @@ from app.settings import get_settings
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url()
+#: What autogenerate compares the database with. Alembic also names the constraints a migration
+#: leaves unnamed by the naming convention of target_metadata when it is a MetaData: that would
+#: change what 0001-0005 create on a new database (0004 drops PostgreSQL's own name of a
+#: constraint 0001 left unnamed) and leave nothing for 0006 to rename. A list of the models'
+#: metadata is compared the same but lends no convention: every migration creates what it
+#: always did, on new databases as on old ones; 0006 and later name their constraints.
+target_metadata = [Base.metadata]
 
 
 def run_offline() -> None:
-    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
+    context.configure(url=url, target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -34,7 +41,7 @@ def run_online() -> None:
             connection.commit()
         context.configure(
             connection=connection,
-            target_metadata=Base.metadata,
+            target_metadata=target_metadata,
             render_as_batch=url.startswith("sqlite"),
             compare_type=True,
         )

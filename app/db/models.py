@@ -18,6 +18,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    MetaData,
     String,
     UniqueConstraint,
 )
@@ -32,7 +33,20 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+#: How constraints and indexes the models leave unnamed are named, the same on every dialect
+#: (without it PostgreSQL and SQLite name them differently, or not at all). Explicit names stay
+#: as they are. Migration 0006 renamed what 0001-0005 had created to these names.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
