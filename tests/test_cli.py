@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from app.task2vec import Embedding
-from tests.conftest import png_bytes, random_images, write_zip
+from tests.helpers import png_bytes, random_images, write_zip
 
 FAST = [
     "--probe", "resnet18", "--probe-weights", "random", "--image-size", "32",

@@ -1,9 +1,11 @@
-"""The worker side of the jobs: embed an uploaded dataset; rank the zoo's experts on it with
-the methods that need its images (LogME, brute force); evaluate a newly registered expert on
-the zoo; add a task to the zoo.
+"""The worker side of the jobs, registered on the queue's Celery app under the names of the
+job table (``app.services.jobs.JobKind``): embed an uploaded dataset; rank the zoo's experts on
+it with the methods that need its images (LogME, brute force); evaluate a newly registered
+expert on the zoo; add a task to the zoo.
 
-Each process loads the probe and the zoo once and keeps them. A problem with the user's data or
-request fails the job with a problem+json error and is not retried; anything else is an
+Each process loads the probe and the zoo once and keeps them. Each step that writes rows opens
+its own short session; progress goes through the job's recorder. A problem with the user's
+data or request fails the job with a problem document and is not retried; anything else is an
 internal error, recorded the same way.
 """
 
@@ -14,23 +16,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from app import catalog
-from app.catalog import Version
-from app.db.models import EmbeddingRow, Expert, Job, Recommendation, Task, ZooTask
+from app.db.models import Expert, Job, Task, ZooTask
 from app.db.session import session_scope
-from app.jobs import JobRecorder, problem
-from app.ranking import ZooStates, ranking_items
+from app.services import tasks, zoo_admin
+from app.services.jobs import JobKind, JobRecorder
+from app.services.layout import DataLayout
+from app.services.problems import problem
+from app.services.queue import celery_for
+from app.services.serving import ZooStates, ranking_items
+from app.services.versions import Version
 from app.settings import Settings, get_settings
 from app.task2vec.datasets import LabelledImages, load_dataset
-from app.task2vec.embedding import EmbedConfig, Embedding, difficulty, embed
+from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.errors import DatasetError, Task2VecError
-from app.task2vec.probes import ProbeNetwork, load_probe
-from workers.celery_app import app
+from app.task2vec.probes import ProbeNetwork
 
 log = logging.getLogger(__name__)
+celery = celery_for(get_settings().resolved_broker_url())
 ZOOS = ZooStates(background=False)
 _PROBES: dict[tuple[str, str, int, int], ProbeNetwork] = {}
 
@@ -39,17 +43,8 @@ def _probe(config: EmbedConfig) -> ProbeNetwork:
     """The probe, loaded once per worker process."""
     key = (config.probe, config.probe_weights, config.image_size, config.seed)
     if key not in _PROBES:
-        _PROBES[key] = load_probe(
-            config.probe,
-            weights=config.probe_weights,
-            image_size=config.image_size,
-            seed=config.seed,
-        )
+        _PROBES[key] = config.load_probe()
     return _PROBES[key]
-
-
-def embedding_path(settings: Settings, task_id: str) -> Path:
-    return settings.data_dir / "embeddings" / f"{task_id}.npz"
 
 
 def _job_params(url: str, job_id: str) -> dict[str, Any]:
@@ -103,7 +98,7 @@ def run_embed(job_id: str, settings: Settings) -> None:
     with _recorded(job_id, settings, "embedding") as (recorder, _):
         task_id, dataset_path, _ = _task_context(settings.resolved_database_url(), job_id)
         zoo = ZOOS.current(settings).zoo
-        config = replace(zoo.embed_config, device=settings.device)  # type: ignore[arg-type]
+        config = replace(zoo.embed_config, device=settings.device)
         recorder.stage("loading dataset")
         data = load_dataset(
             dataset_path, image_size=config.image_size, limits=settings.dataset_limits()
@@ -113,18 +108,11 @@ def run_embed(job_id: str, settings: Settings) -> None:
         seconds = time.perf_counter() - started
         zoo.check_compatible(embedding)
         recorder.stage("saving")
-        path = embedding_path(settings, task_id)
+        path = DataLayout.of(settings).task_embedding(task_id)
         embedding.save(path)
         with session_scope(settings.resolved_database_url()) as session:
-            session.add(
-                EmbeddingRow(
-                    task_id=task_id,
-                    path=str(path),
-                    dim=embedding.dim,
-                    difficulty=difficulty(embedding),
-                    seconds=round(seconds, 3),
-                    meta=embedding.meta,
-                )
+            tasks.save_embedding(
+                session, task_id=task_id, path=path, embedding=embedding, seconds=seconds
             )
         recorder.succeed({"task": task_id, "embedding_dim": embedding.dim})
 
@@ -139,23 +127,23 @@ def run_rank(job_id: str, settings: Settings) -> None:
             image_size=state.zoo.embed_config.image_size,
             limits=settings.dataset_limits(),
         )
-        embedding = Embedding.load(embedding_path(settings, task_id))
-        recorder.stage(f"ranking ({params['method']})")
-        items = ranking_items(state.rank(params["method"], embedding, data), len(state.zoo.experts))
+        embedding = Embedding.load(DataLayout.of(settings).task_embedding(task_id))
+        method = params["method"]
+        recorder.stage(f"ranking ({method})")
+        items = ranking_items(state.rank(method, embedding, data), len(state.zoo.experts))
         with session_scope(settings.resolved_database_url()) as session:
-            session.add(
-                Recommendation(
-                    tenant=tenant,
-                    task_id=task_id,
-                    method=params["method"],
-                    ranking=items,
-                    index_version_id=state.version.id,
-                )
+            tasks.record_ranking(
+                session,
+                tenant=tenant,
+                task_id=task_id,
+                method=method,
+                ranking=items,
+                version_id=state.version.id,
             )
         recorder.succeed(
             {
                 "task": task_id,
-                "method": params["method"],
+                "method": method,
                 "ranking": items,
                 "zoo_version": state.version.content,
             }
@@ -171,14 +159,14 @@ def run_expert(job_id: str, settings: Settings) -> None:
     name = _job_params(settings.resolved_database_url(), job_id)["expert"]
 
     def failed(error: dict[str, Any]) -> None:
-        catalog.fail_item(settings, Expert, name, error)
+        zoo_admin.fail_item(settings, Expert, name, error)
 
     with _recorded(job_id, settings, "evaluating the expert", failed, invalid="invalid-expert") as (
         recorder,
         _,
     ):
         ZOOS.current(settings)  # the zoo is published before anything is added to it
-        version = catalog.evaluate_expert(settings, name, recorder.progress)
+        version = zoo_admin.evaluate_expert(settings, name, recorder.progress)
         recorder.succeed({"expert": name, **_version_result(version)})
 
 
@@ -187,33 +175,34 @@ def run_zoo_task(job_id: str, settings: Settings) -> None:
     name = _job_params(settings.resolved_database_url(), job_id)["zoo_task"]
 
     def failed(error: dict[str, Any]) -> None:
-        catalog.fail_item(settings, ZooTask, name, error)
+        zoo_admin.fail_item(settings, ZooTask, name, error)
 
     def embed_with_probe(data: LabelledImages, config: EmbedConfig) -> Embedding:
-        config = replace(config, device=settings.device)  # type: ignore[arg-type]
+        config = replace(config, device=settings.device)
         return embed(data, config, probe=_probe(config), progress=recorder.progress)
 
     with _recorded(job_id, settings, "adding the zoo task", failed) as (recorder, _):
         ZOOS.current(settings)
-        version = catalog.add_zoo_task(settings, name, embed_with_probe, recorder.progress)
+        version = zoo_admin.add_zoo_task(settings, name, embed_with_probe, recorder.progress)
         recorder.succeed({"zoo_task": name, **_version_result(version)})
 
 
-@app.task(name="workers.embed")
-def embed_task(job_id: str) -> None:
-    run_embed(job_id, get_settings())
+#: The body of each kind of job.
+RUNNERS: dict[JobKind, Callable[[str, Settings], None]] = {
+    JobKind.embed: run_embed,
+    JobKind.rank: run_rank,
+    JobKind.expert: run_expert,
+    JobKind.zoo_task: run_zoo_task,
+}
 
 
-@app.task(name="workers.rank")
-def rank_task(job_id: str) -> None:
-    run_rank(job_id, get_settings())
+def _register(kind: JobKind) -> None:
+    def run(job_id: str) -> None:
+        RUNNERS[kind](job_id, get_settings())
+
+    run.__name__ = run.__qualname__ = f"{kind.name}_task"
+    celery.task(name=kind.task)(run)
 
 
-@app.task(name="workers.evaluate_expert")
-def expert_task(job_id: str) -> None:
-    run_expert(job_id, get_settings())
-
-
-@app.task(name="workers.add_zoo_task")
-def zoo_task_task(job_id: str) -> None:
-    run_zoo_task(job_id, get_settings())
+for _kind in JobKind:
+    _register(_kind)

@@ -1,9 +1,5 @@
-"""API keys: who is calling, for which tenant, with which scopes.
-
-A key reads ``t2v_<id>_<secret>``; the service keeps the id and the secret's sha256, never the
-secret. Each key belongs to one tenant and carries scopes: ``tasks:write`` (upload datasets,
-ask for rankings), ``tasks:read`` (read one's own tasks, jobs and rankings), ``zoo:admin``
-(add experts and zoo tasks). The zoo and its experts are readable with any key.
+"""Who is calling: the API key on each request (``app.services.api_keys``), its scopes, and a
+rate limit per key.
 
 With ``T2V_API_KEYS=off`` (allowed only when the API listens on loopback: ``task2vec serve``
 and ``run`` refuse otherwise) every request is the tenant ``local`` with every scope.
@@ -11,74 +7,20 @@ and ``run`` refuse otherwise) every request is the tenant ``local`` with every s
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import math
-import secrets
 import threading
 import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy import select
 
-from app.api.problems import ProblemError
-from app.db.models import LOCAL_TENANT, ApiKey
+from app.db.models import LOCAL_TENANT
 from app.db.session import session_scope
+from app.services import api_keys
+from app.services.api_keys import SCOPES, Caller
+from app.services.problems import ProblemError
 from app.settings import Settings
-
-SCOPES = ("tasks:read", "tasks:write", "zoo:admin")
-PREFIX = "t2v_"
-
-
-@dataclass(frozen=True)
-class Caller:
-    tenant: str
-    scopes: frozenset[str]
-    key_id: str | None = None
-
-
-def _digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def create_key(
-    settings: Settings, tenant: str, scopes: list[str], name: str | None = None
-) -> tuple[ApiKey, str]:
-    """A new key for ``tenant``; returns its row and the token, which is shown only now."""
-    unknown = set(scopes) - set(SCOPES)
-    if unknown or not scopes:
-        raise ValueError(f"scopes must be among {', '.join(SCOPES)}; got {', '.join(scopes)}")
-    if not tenant or len(tenant) > 64 or not tenant.replace("-", "").replace("_", "").isalnum():
-        raise ValueError("a tenant is 1-64 letters, digits, '-' or '_'")
-    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-    row = ApiKey(
-        id=key_id,
-        secret_sha256=_digest(secret),
-        tenant=tenant,
-        scopes=sorted(set(scopes)),
-        name=name,
-    )
-    with session_scope(settings.resolved_database_url()) as session:
-        session.add(row)
-    return row, f"{PREFIX}{key_id}_{secret}"
-
-
-def revoke_key(settings: Settings, key_id: str) -> bool:
-    with session_scope(settings.resolved_database_url()) as session:
-        row = session.get(ApiKey, key_id)
-        if row is None or row.revoked_at is not None:
-            return False
-        row.revoked_at = datetime.now(UTC)
-        return True
-
-
-def list_keys(settings: Settings) -> list[ApiKey]:
-    with session_scope(settings.resolved_database_url()) as session:
-        return list(session.scalars(select(ApiKey).order_by(ApiKey.created_at)))
 
 
 def _from_loopback(request: Request) -> bool:
@@ -110,17 +52,13 @@ def caller_of(request: Request) -> Caller:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise unauthorized(KEY_HINT)
-    key_id, _, secret = token.strip().removeprefix(PREFIX).partition("_")
+    # Its own short transaction: the request's session stays unopened while the body is
+    # stored and checked.
     with session_scope(settings.resolved_database_url()) as session:
-        row = session.get(ApiKey, key_id) if key_id and secret else None
-        valid = (
-            row is not None
-            and row.revoked_at is None
-            and hmac.compare_digest(row.secret_sha256, _digest(secret))
-        )
-        if not valid or row is None:
-            raise unauthorized("the API key is unknown or revoked")
-        return Caller(row.tenant, frozenset(row.scopes), row.id)
+        caller = api_keys.authenticate(session, token=token)
+    if caller is None:
+        raise unauthorized("the API key is unknown or revoked")
+    return caller
 
 
 class RateLimiter:

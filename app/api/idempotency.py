@@ -19,9 +19,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app.api.problems import ProblemError
 from app.db.models import IdempotencyRecord
 from app.db.session import session_scope
+from app.services.problems import ProblemError
 from app.settings import Settings
 
 HEADER = "Idempotency-Key"

@@ -12,12 +12,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 
-from app.api import problems, zoo
+from app.api import jobs, problems, tasks, zoo
 from app.api.auth import RateLimiter
 from app.api.limits import RequestLength
-from app.api.routes import router
+from app.api.schemas import Health, Ready
 from app.db.session import engine_for
-from app.ranking import ZooStates
+from app.services import queue
+from app.services.serving import ZooStates
 from app.settings import Settings, get_settings
 
 
@@ -27,10 +28,7 @@ def _check_database(settings: Settings) -> None:
 
 
 def _check_broker(settings: Settings) -> None:
-    from workers.celery_app import celery_for
-
-    with celery_for(settings.resolved_broker_url()).connection_for_write() as connection:
-        connection.ensure_connection(max_retries=1, timeout=2)
+    queue.check(settings.resolved_broker_url())
 
 
 @asynccontextmanager
@@ -67,14 +65,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Authorization", "Idempotency-Key", "Content-Type"],
         )
     problems.install(app)
-    app.include_router(router)
+    app.include_router(tasks.router)
+    app.include_router(jobs.router)
     app.include_router(zoo.router)
 
-    @app.get("/healthz", summary="The process is up")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", response_model=Health, summary="The process is up")
+    def healthz() -> Health:
+        return Health(status="ok")
 
-    @app.get("/readyz", summary="Database, broker and zoo index are usable")
+    @app.get(
+        "/readyz",
+        response_model=Ready,
+        responses=problems.documented(503),
+        summary="Database, broker and zoo index are usable",
+    )
     async def readyz(request: Request) -> Any:
         current: Settings = request.app.state.settings
         checks: dict[str, str] = {}
@@ -89,7 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             except Exception as exc:
                 checks[name] = f"unavailable: {exc}"
         if all(v == "ok" for v in checks.values()):
-            return {"status": "ready", "checks": checks}
+            return Ready(status="ready", checks=checks)
         failing = ", ".join(f"{k} ({v})" for k, v in checks.items() if v != "ok")
         return problems.problem_response(
             503, "not-ready", "Not ready", f"not ready: {failing}", checks=checks

@@ -1,4 +1,5 @@
-"""Errors as RFC 9457 problem details (``application/problem+json``), for every route."""
+"""Errors as RFC 9457 problem details (``application/problem+json``), for every route: the
+HTTP rendering of ``app.services.problems``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.jobs import PROBLEM_BASE
+from app.services.problems import PROBLEM_BASE, ProblemError
 
 MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger(__name__)
@@ -51,21 +52,6 @@ _REASONS = {
     500: "Internal error",
     503: "A dependency is unavailable",
 }
-
-
-class ProblemError(Exception):
-    """An error the client can act on; ``kind`` names its type URI."""
-
-    def __init__(self, status: int, kind: str, title: str, detail: str, **extra: Any) -> None:
-        super().__init__(detail)
-        self.status, self.kind, self.title, self.detail, self.extra = (
-            status,
-            kind,
-            title,
-            detail,
-            extra,
-        )
-        self.headers: dict[str, str] = {}
 
 
 def problem_response(

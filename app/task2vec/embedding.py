@@ -80,6 +80,12 @@ class EmbedConfig:
     #: layers are recomputed per batch instead (same result, more time, bounded memory).
     feature_cache_mb: int = 1024
 
+    def load_probe(self) -> ProbeNetwork:
+        """The probe network this configuration names, with its weights."""
+        return load_probe(
+            self.probe, weights=self.probe_weights, image_size=self.image_size, seed=self.seed
+        )
+
     def validate(self) -> None:
         if self.fisher_labels != "sampled" and (
             self.method != "montecarlo" or self.fisher_estimator != "per-sample"
@@ -351,12 +357,7 @@ def _embed(
     started = time.perf_counter()
     device = resolve_device(config.device)
     if probe is None:
-        probe = load_probe(
-            config.probe,
-            weights=config.probe_weights,
-            image_size=config.image_size,
-            seed=config.seed,
-        )
+        probe = config.load_probe()
     elif probe.name != config.probe:
         raise ConfigError(f"probe {probe.name!r} was passed for a config of {config.probe!r}")
     probe = copy.deepcopy(probe).to(device)

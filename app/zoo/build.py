@@ -27,7 +27,6 @@ import torch
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.files import atomic_write
-from app.task2vec.probes import load_probe
 from app.zoo.experts import ExpertSpec, extract_features, load_expert, train_expert
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.provenance import EXPERT_POOL
@@ -244,12 +243,7 @@ class ZooBuilder:
                 weights[spec.name] = path
             self._report(f"experts: {spec.name}", i + 1, len(recipe.experts))
         config = recipe.embed_config
-        probe = load_probe(
-            config.probe,
-            weights=config.probe_weights,
-            image_size=config.image_size,
-            seed=config.seed,
-        )
+        probe = config.load_probe()
         embeddings, rows, scores = [], [], []
         self._report("tasks", 0, len(recipe.tasks))
         for i, task in enumerate(recipe.tasks):

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app import jobs
-from app.api.auth import create_key
 from app.api.idempotency import claim, release
 from app.api.main import create_app
-from app.api.problems import ProblemError
+from app.services import queue
+from app.services.problems import ProblemError
 from app.settings import Settings
-from tests.service.conftest import npz_upload
+from tests.helpers import create_key, npz_upload, revoke_key
 from workers import tasks
 
 
@@ -26,7 +25,7 @@ from workers import tasks
 def keyed(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     keyed = settings.model_copy(update={"api_keys": "required"})
     monkeypatch.setattr(tasks, "get_settings", lambda: keyed)
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: _run(keyed, job.id, job.kind))
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: _run(keyed, job_id, kind))
     return keyed
 
 
@@ -69,8 +68,6 @@ def test_keys_are_required_and_checked(keyed: Settings) -> None:
 
         _, token = create_key(keyed, "acme", ["tasks:read"])
         key_id = token.split("_")[1]
-        from app.api.auth import revoke_key
-
         assert revoke_key(keyed, key_id)
         revoked = client.get("/v1/zoo", headers={"Authorization": f"Bearer {token}"})
         assert revoked.status_code == 401

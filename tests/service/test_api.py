@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app import jobs
 from app.api.main import create_app
 from app.db.models import Job, Recommendation
 from app.db.session import session_scope
+from app.services import queue
 from app.settings import Settings
-from tests.service.conftest import npz_upload, run_job
+from tests.helpers import npz_upload, run_job
 
 
 def test_upload_embed_neighbours_and_recommendations(
@@ -75,7 +75,7 @@ def test_upload_embed_neighbours_and_recommendations(
 def test_one_call_recommendation_waits_for_the_job(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: run_job(settings, job.id))
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: run_job(settings, job_id))
     response = client.post(
         "/v1/recommendations",
         params={"wait": 60, "k": 3},

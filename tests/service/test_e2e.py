@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.settings import Settings
-from tests.service.conftest import cnn_weights, fresh_database, npz_upload, service_settings
+from tests.helpers import cnn_weights, fresh_database, npz_upload, service_settings
 
 REDIS = "redis://127.0.0.1:6379/9"
 

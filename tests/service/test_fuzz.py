@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from app import jobs
 from app.api.main import create_app
-from tests.service.conftest import fresh_database, service_settings
+from app.services import queue
+from tests.helpers import fresh_database, service_settings
 
 
 @pytest.mark.parametrize("api_keys", ["off", "required"])
@@ -22,7 +22,7 @@ def test_every_operation_conforms_to_its_schema(
 ) -> None:
     """With keys off every operation does its work; with keys required (and none sent) every
     one must refuse as documented."""
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: None)  # jobs stay queued
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)  # jobs stay queued
     with fresh_database("sqlite", tmp_path) as url:
         settings = service_settings(tiny_zoo, url, tmp_path).model_copy(
             update={"max_wait_seconds": 0, "rate_limit_per_minute": 0, "api_keys": api_keys}

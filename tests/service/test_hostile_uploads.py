@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import func, select
 
-from app import jobs
 from app.api.main import create_app
 from app.db.models import Dataset, Job, Task
 from app.db.session import session_scope
+from app.services import queue
 from app.settings import Settings
-from tests.service.conftest import fresh_database, npz_upload, service_settings
+from tests.helpers import fresh_database, npz_upload, service_settings
 
 LIMITS = {
     "max_upload_bytes": 3_000_000,
@@ -472,7 +472,7 @@ def test_hostile_upload_is_refused_by_name_and_nothing_is_stored(
     kind: str,
 ) -> None:
     sent: list[str] = []
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: sent.append(job.id))
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: sent.append(job_id))
     before = _stored(hardened)
     response = client.post("/v1/tasks", files={"file": (filename, make())})
     assert sent == []
@@ -487,7 +487,7 @@ def test_hostile_upload_is_refused_by_name_and_nothing_is_stored(
 def test_harmless_extras_are_skipped_and_reported(
     client: TestClient, hardened: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: None)
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)
     members = [
         *good_members(),
         *((f"b/more{i}.png", png(seed=40 + i)) for i in range(10)),
@@ -511,7 +511,7 @@ def test_harmless_extras_are_skipped_and_reported(
 def test_an_npz_is_recognised_by_its_content_not_its_name(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: None)
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)
     response = client.post("/v1/tasks", files={"file": ("upload.zip", npz_upload())})
     assert response.status_code == 202, response.text
 

@@ -18,14 +18,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete, select
 
-from app import catalog, jobs
-from app.db.models import Expert, IndexVersionRow, Job, MatrixEntry, Recommendation, ZooTask
+from app.db.models import Expert, IndexVersionRow, MatrixEntry, Recommendation, ZooTask
 from app.db.session import session_scope
-from app.ranking import ZooStates
+from app.services import publishing, queue
+from app.services.jobs import JobKind
+from app.services.serving import ZooStates
 from app.settings import Settings
 from app.zoo.presets import tiny
 from app.zoo.tasks import TaskSpec, materialize
-from tests.service.conftest import cnn_weights, run_job
+from tests.helpers import cnn_weights, run_job
 
 
 def _serving(client: TestClient, tasks: int, experts: int) -> dict[str, Any]:
@@ -135,7 +136,7 @@ def test_weights_by_file_path_and_by_url(
     client: TestClient, settings: Settings, sent: list[str], tmp_path: Path
 ) -> None:
     _serving(client, 8, 3)
-    first = catalog.current_version(settings)
+    first = publishing.current_version(settings)
     assert first is not None
     settings.zoo_versions_kept = 2
     (tmp_path / "www").mkdir()
@@ -246,15 +247,15 @@ def test_a_dead_broker_fails_the_item_and_frees_its_name(
 ) -> None:
     _serving(client, 8, 3)
 
-    def refuse(job: Job, broker: str) -> None:
+    def refuse(job_id: str, kind: JobKind, broker: str) -> None:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(jobs, "dispatch", refuse)
+    monkeypatch.setattr(queue, "dispatch", refuse)
     form, files = _expert_form("later"), {"weights": ("w.pt", cnn_weights())}
     down = client.post("/v1/experts", data=form, files=files)
     assert "broker down" in _problem(down, 503, "broker-unavailable")["detail"]
     assert client.get("/v1/experts/later").json()["status"] == "failed"
-    monkeypatch.setattr(jobs, "dispatch", lambda job, broker: sent.append(job.id))
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: sent.append(job_id))
     assert client.post("/v1/experts", data=form, files=files).status_code == 202
     assert client.get("/v1/experts/later").json()["status"] == "pending"
 
@@ -296,7 +297,7 @@ def test_publish_fills_missing_entries_and_never_goes_back(
         session.execute(delete(MatrixEntry).where(MatrixEntry.id == entry.id))
     # A worker that raced another left an entry out: the next publish computes it again,
     # and the seeded protocol gives the same number, so the version is the same.
-    version = catalog.publish(settings)
+    version = publishing.publish(settings)
     assert version.content == current["version"]
     with session_scope(url) as session:
         restored = session.scalar(
@@ -321,7 +322,7 @@ def test_publish_fills_missing_entries_and_never_goes_back(
                 content="older",
             )
         )
-    assert catalog.current_version(settings) == version
+    assert publishing.current_version(settings) == version
 
 
 def test_a_late_load_of_an_older_version_is_never_installed() -> None:

@@ -1,18 +1,21 @@
-"""Content-addressed storage for uploads: ``<data dir>/uploads/<sha[:2]>/<sha256><suffix>``.
+"""Content-addressed files: ``<root>/<sha[:2]>/<sha256><suffix>``.
 
-An upload streams to a temporary file in the same folder while it is hashed and counted; only
-a complete upload is renamed into place, so a reader never sees a partial file and the same
-bytes are stored once, whoever sends them.
+A file streams to a temporary name in the same folder while it is hashed and counted; only a
+complete one is renamed into place, so a reader never sees a partial file and the same bytes
+are stored once, whoever sends them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from app.task2vec.files import atomic_write
 
 
 class UploadTooLargeError(Exception):
@@ -31,6 +34,8 @@ class StoredFile:
 #: Stored uploads share one suffix: the format is sniffed from the bytes, so the same bytes
 #: are one file whatever name they were sent under.
 UPLOAD_SUFFIX = ".upload"
+#: Expert weights (a state_dict).
+WEIGHTS_SUFFIX = ".pt"
 
 
 def content_path(root: Path, sha256: str, suffix: str) -> Path:
@@ -43,8 +48,7 @@ async def store_stream(
     limit: int,
     suffix: str = UPLOAD_SUFFIX,
 ) -> StoredFile:
-    """Write ``chunks`` under ``root`` by content; refuse more than ``limit`` bytes.
-    ``suffix``: the stored file's."""
+    """Write ``chunks`` under ``root`` by content; refuse more than ``limit`` bytes."""
     root.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -65,3 +69,19 @@ async def store_stream(
         return StoredFile(sha, final, size)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def store_file(source: Path, root: Path, suffix: str) -> Path:
+    """Copy a file under ``root`` by content (idempotent); return where it is."""
+    target = content_path(root, file_digest(source), suffix)
+    if not target.exists():
+        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target

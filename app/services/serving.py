@@ -2,7 +2,7 @@
 
 The API answers neighbours and recommendations from here without touching the workers; the
 workers use the same object for the methods that need the dataset's images (LogME, brute
-force). ``ZooStates`` follows the published versions of the zoo (``app.catalog``).
+force). ``ZooStates`` follows the published versions of the zoo (``versions``).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import catalog
-from app.catalog import Version
+from app.services.layout import DataLayout
+from app.services.publishing import current_version, ensure_published
+from app.services.versions import Version
 from app.settings import Settings
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import Embedding
@@ -31,16 +31,6 @@ log = logging.getLogger(__name__)
 FAST_METHODS = ("learned", "task2vec-knn", "task2vec-asym", "global-best")
 WORKER_METHODS = ("logme", "brute-force")
 METHODS = FAST_METHODS + WORKER_METHODS
-
-
-def zoo_folder(settings: Settings) -> Path:
-    """A preset name means ``<data dir>/zoos/<name>``; anything else is a zoo folder."""
-    from app.zoo.build import zoo_folder as preset_folder
-    from app.zoo.presets import PRESETS
-
-    if settings.zoo in PRESETS:
-        return preset_folder(settings.data_dir, settings.zoo)
-    return Path(settings.zoo)
 
 
 @dataclass
@@ -83,7 +73,7 @@ class ZooStates:
     """The zoo version a process serves, swapped for a newer one without a restart.
 
     At most every ``zoo_poll_seconds`` it asks the database for the current version (the
-    database orders them: ``app.catalog``). When it changed, the new one is loaded in a
+    database orders them: ``versions``). When it changed, the new one is loaded in a
     background thread while requests go on with the old one (``background``, for the API), or
     at once (for workers, which should compute with the newest). Only the version last asked
     for is installed, so loads that finish out of order never go back. On first use, when
@@ -111,7 +101,7 @@ class ZooStates:
             with self._first_load:
                 return self._state or self._install(self._load_current(settings))
         try:
-            version = catalog.current_version(settings)
+            version = current_version(settings)
         except SQLAlchemyError:
             log.exception("cannot look for a new zoo version; serving %s", state.version.content)
             return state
@@ -128,7 +118,7 @@ class ZooStates:
         return state
 
     def _load_current(self, settings: Settings) -> ZooState:
-        version = catalog.current_version(settings) or self._first_version(settings)
+        version = current_version(settings) or self._first_version(settings)
         with self._lock:
             self._wanted = version
         return ZooState.load(version)
@@ -158,13 +148,13 @@ class ZooStates:
 
     @staticmethod
     def _first_version(settings: Settings) -> Version:
-        folder = zoo_folder(settings)
+        folder = DataLayout.of(settings).zoo(settings.zoo)
         if not (folder / "zoo.json").is_file():
             raise ConfigError(
                 f"no zoo at {folder}: build it with `task2vec zoo build --preset "
                 f"{settings.zoo}` (make run does so on first use)"
             )
-        return catalog.ensure_published(settings, folder)
+        return ensure_published(settings, folder)
 
     @property
     def served(self) -> ZooState | None:

@@ -1,0 +1,179 @@
+"""The bodies of the API's success answers, so ``/openapi.json`` describes every one of them
+and a generated client gets typed results (errors are ``problems.Problem``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+Links = dict[str, str]
+
+
+class Progress(BaseModel):
+    stage: str | None
+    fraction: float = Field(description="0 to 1, within the stage")
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str = Field(description="embed, rank, expert or zoo-task")
+    status: str = Field(description="queued, running, succeeded or failed")
+    progress: Progress
+    task_id: str | None
+    params: dict[str, Any]
+    timings: dict[str, Any] = Field(description="seconds per finished stage")
+    created_at: str = Field(description="ISO 8601")
+    started_at: str | None
+    finished_at: str | None
+    error: dict[str, Any] | None = Field(description="a problem document, when it failed")
+    result: dict[str, Any] | None
+    links: Links
+
+
+class DatasetOut(BaseModel):
+    sha256: str
+    filename: str
+    bytes: int
+    num_images: int | None
+    classes: list[Any] | None
+    class_counts: list[Any] | None
+    skipped: list[dict[str, str]] = Field(description="members left out, and why")
+
+
+class EmbeddingOut(BaseModel):
+    dim: int
+    difficulty: float
+    seconds: float
+
+
+class TaskOut(BaseModel):
+    id: str
+    probe: str
+    dataset: DatasetOut
+    embedding: EmbeddingOut | None
+    links: Links
+
+
+class TaskAccepted(BaseModel):
+    task_id: str
+    job_id: str
+    status: str
+    skipped: list[dict[str, str]]
+    links: Links
+
+
+class Neighbour(BaseModel):
+    task: str
+    domain: str
+    distance: float
+    best_expert: str
+
+
+class Neighbours(BaseModel):
+    task_id: str
+    neighbors: list[Neighbour]
+
+
+class RankedExpert(BaseModel):
+    rank: int
+    expert: str
+    score: float
+    evidence: dict[str, Any]
+
+
+class Ranking(BaseModel):
+    task_id: str
+    method: str
+    ranking: list[RankedExpert]
+    seconds: float = Field(description="time to rank")
+    zoo_version: str
+
+
+class JobAccepted(BaseModel):
+    """A ranking left to a worker (or not finished within ``wait``): follow the job."""
+
+    job_id: str
+    status: str | None = None
+    task_id: str | None = None
+
+
+class Timings(BaseModel):
+    upload_s: float
+    queue_wait_s: float | None
+    job_s: float | None
+    job_stages: dict[str, Any]
+    total_s: float
+
+
+class UploadRanking(BaseModel):
+    task_id: str
+    job_id: str = Field(description="the embedding job")
+    method: str
+    ranking: list[RankedExpert]
+    seconds: float | None = None
+    zoo_version: str | None = None
+    timings: Timings
+
+
+class ZooOut(BaseModel):
+    version: str
+    tasks: int
+    experts: int
+    probe: str
+    embedding: dict[str, Any] = Field(description="dim and the embedding configuration")
+    protocol: dict[str, Any]
+    pending: dict[str, int] = Field(description="experts and tasks still being added")
+
+
+class ExpertOut(BaseModel):
+    id: str
+    architecture: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    source_task: str | None
+    tags: list[str]
+    status: str
+    in_served_zoo: bool
+    mean_error: float | None
+    error: dict[str, Any] | None
+    links: Links
+
+
+class ZooTaskOut(BaseModel):
+    name: str
+    domain: str
+    size: int
+    classes: list[str]
+    status: str
+    in_served_zoo: bool
+    best_expert: str | None
+    error: dict[str, Any] | None
+    links: Links
+
+
+class ExpertPage(BaseModel):
+    total: int
+    items: list[ExpertOut]
+
+
+class ZooTaskPage(BaseModel):
+    total: int
+    items: list[ZooTaskOut]
+
+
+class ItemAccepted(BaseModel):
+    name: str
+    job_id: str
+    status: str
+    links: Links
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    checks: dict[str, str]

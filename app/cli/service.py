@@ -1,0 +1,186 @@
+"""Commands of the service: database migrations, the API, workers, the whole service on one
+machine, API keys."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import AbstractContextManager
+from typing import Annotated
+
+import typer
+from sqlalchemy.orm import Session
+
+from app.cli.common import app, fail, load_zoo
+from app.db.session import session_scope
+from app.progress import err
+from app.services import api_keys
+from app.settings import get_settings
+from app.task2vec.errors import Task2VecError
+
+
+def _session() -> AbstractContextManager[Session]:
+    """One unit of work on the configured database."""
+    return session_scope(get_settings().resolved_database_url())
+
+
+db_app = typer.Typer(help="The service's database.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Apply the migrations to T2V_DATABASE_URL (default: SQLite under the data directory)."""
+    from app.db.migrate import upgrade
+
+    url = get_settings().resolved_database_url()
+    upgrade(url, revision)
+    print(f"database at {url.split('@')[-1]} is at revision {revision}")
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+) -> None:
+    """Run the HTTP API (workers run separately: `task2vec worker`)."""
+    import uvicorn
+
+    _key_policy(host)
+    uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+
+
+def _key_policy(host: str) -> None:
+    """Decide whether the API needs keys, tell the user, and pass it on to the app (which
+    reads its settings from the environment). Without keys only loopback is allowed."""
+    import ipaddress
+    import os
+
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    policy = get_settings().api_keys
+    if policy == "auto":
+        policy = "off" if loopback else "required"
+    if policy == "off" and not loopback:
+        raise fail(
+            ValueError(
+                f"T2V_API_KEYS=off is only allowed on a loopback address, not {host}: create "
+                "keys with `task2vec keys create` and leave T2V_API_KEYS unset"
+            )
+        )
+    os.environ["T2V_API_KEYS"] = policy
+    if policy == "off":
+        err.print(
+            f"API keys: off. Only this machine can reach {host}; every request acts as the "
+            "tenant 'local'. Listening on another address requires keys."
+        )
+    else:
+        err.print("API keys: required (Authorization: Bearer <key>; `task2vec keys create`)")
+
+
+keys_app = typer.Typer(help="API keys: each bound to a tenant and scopes.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="the tenant whose data the key reaches")],
+    scope: Annotated[
+        list[str],
+        typer.Option(help="tasks:read, tasks:write, zoo:admin (repeat for several)"),
+    ],
+    name: Annotated[str | None, typer.Option(help="a note: who or what uses it")] = None,
+) -> None:
+    """Create a key; the token is printed once and never stored."""
+    try:
+        with _session() as session:
+            row, token = api_keys.create(session, tenant=tenant, scopes=scope, name=name)
+    except ValueError as exc:
+        raise fail(exc) from None
+    err.print(f"key {row.id} for tenant {row.tenant!r}, scopes {', '.join(row.scopes)}")
+    print(token)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """Every key: id, tenant, scopes, created, revoked."""
+    with _session() as session:
+        rows = api_keys.listing(session)
+    for row in rows:
+        revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+        print(
+            f"{row.id}  {row.tenant:20}  {','.join(row.scopes):32}  "
+            f"{row.created_at:%Y-%m-%d %H:%M}  {revoked}  {row.name or ''}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")]) -> None:
+    """Revoke a key: it stops working at once."""
+    with _session() as session:
+        revoked = api_keys.revoke(session, key_id=key_id)
+    if not revoked:
+        raise fail(ValueError(f"no active key {key_id!r}"))
+    err.print(f"key {key_id} revoked")
+
+
+@app.command("worker")
+def worker_command(
+    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "embed,evaluate",
+    concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
+) -> None:
+    """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines."""
+    from app.services.queue import celery_for
+
+    celery_for(get_settings().resolved_broker_url()).worker_main(
+        ["worker", "--loglevel=INFO", f"--queues={queues}", f"--concurrency={concurrency}"]
+    )
+
+
+@app.command("run")
+def run_command(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+) -> None:
+    """The whole service on this machine: migrate the database, build and publish the zoo on
+    first use, start a Celery worker process and the API. Ctrl-C stops both."""
+    import os
+    import signal
+    import subprocess
+
+    import uvicorn
+
+    from app.db.migrate import upgrade
+    from app.services.layout import DataLayout
+    from app.services.publishing import current_version, ensure_published
+
+    settings = get_settings()
+    try:
+        upgrade(settings.resolved_database_url())
+        version = current_version(settings)
+        if version is None:  # first start: build the configured zoo, import and publish it
+            load_zoo(settings.zoo, quiet=False)
+            folder = DataLayout.of(settings).zoo(settings.zoo)
+            version = ensure_published(settings, folder)
+    except (Task2VecError, ValueError) as exc:
+        raise fail(exc) from None
+    err.print(
+        f"zoo version {version.content[:12]}: {version.tasks} tasks, {version.experts} experts"
+    )
+    _key_policy(host)
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+    base = f"http://{host}:{port}"
+    err.print(
+        f"serving on {base} (OpenAPI: {base}/docs). Try:\n"
+        f"  curl -F file=@shoes.zip '{base}/v1/recommendations?wait=120'"
+    )
+    try:
+        uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(worker.pid, signal.SIGKILL)

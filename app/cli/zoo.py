@@ -1,0 +1,124 @@
+"""``task2vec zoo``: build a zoo from its preset, evaluate its recommenders, check them on
+datasets from outside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.cli.common import app, fail, load_zoo
+from app.progress import ProgressReporter
+from app.settings import get_settings
+from app.task2vec.datasets import load_dataset
+from app.task2vec.errors import Task2VecError
+
+zoo_app = typer.Typer(help="Build and evaluate expert zoos.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    preset: Annotated[
+        str, typer.Option(help="demo, demo-chance (random-init ResNet-34 probe) or tiny")
+    ] = "demo",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Build (or bring up to date) a zoo from its preset; cached artifacts are reused."""
+    from app.zoo.build import ZooBuilder
+    from app.zoo.presets import recipe
+
+    try:
+        with ProgressReporter(quiet) as progress:
+            zoo = ZooBuilder(recipe(preset), get_settings().data_dir, progress).build()
+    except (Task2VecError, ValueError) as exc:
+        raise fail(exc) from None
+    print(f"zoo {preset!r}: {len(zoo.tasks)} tasks, {len(zoo.experts)} experts, probe {zoo.probe}")
+
+
+@zoo_app.command("evaluate")
+def zoo_evaluate(
+    out: Annotated[Path, typer.Option("--out", help="folder for report.md, results.json, plots")],
+    zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
+    methods: Annotated[
+        str, typer.Option(help="comma-separated recommenders")
+    ] = "global-best,task2vec-knn,task2vec-asym,learned,learned-shuffled,logme",
+    k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
+    protocols: Annotated[
+        str, typer.Option(help="comma-separated: task (leave-one-task-out), domain")
+    ] = "task,domain",
+    zero_filters: Annotated[
+        str, typer.Option(help="filters with zero Fisher in both embeddings: drop or half")
+    ] = "drop",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Leave-one-task-out and leave-one-domain-out evaluation of the recommenders: a fold
+    holds out its tasks and every expert trained on them."""
+    from app.task2vec.distances import zero_filter_convention
+    from app.zoo.evaluate import evaluate
+    from app.zoo.report import write_report
+
+    try:
+        built = load_zoo(zoo, quiet)
+        with ProgressReporter(quiet) as progress, zero_filter_convention(zero_filters):
+            results = evaluate(built, methods.split(","), k, progress, tuple(protocols.split(",")))
+        results["zoo"]["zero_filters"] = zero_filters
+        write_report(built, results, out)
+    except (Task2VecError, ValueError) as exc:
+        raise fail(exc) from None
+    print((out / "report.md").read_text())
+
+
+@zoo_app.command("check")
+def zoo_check(
+    datasets: Annotated[
+        list[Path], typer.Argument(help="labelled datasets the zoo never saw (zip, tar or .npz)")
+    ],
+    zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
+    methods: Annotated[
+        str, typer.Option(help="comma-separated recommenders")
+    ] = "global-best,task2vec-knn,task2vec-asym,learned,logme",
+    k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write results.json (every figure) here")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Score every recommender against brute force on datasets from outside the zoo: each
+    expert is evaluated on each dataset with the zoo's protocol, then compared with the picks."""
+    from app.zoo.check import check
+    from app.zoo.report import summary_table, versus_table
+
+    try:
+        built = load_zoo(zoo, quiet)
+        size = built.embed_config.image_size
+        # Named by file name unless two share one.
+        names = [p.name for p in datasets]
+        if len(set(names)) < len(names):
+            names = [str(p) for p in datasets]
+        loaded = {n: load_dataset(p, image_size=size) for n, p in zip(names, datasets, strict=True)}
+        with ProgressReporter(quiet) as progress:
+            results = check(built, loaded, tuple(methods.split(",")), k, progress)
+    except (Task2VecError, ValueError) as exc:
+        raise fail(exc) from None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(
+        f"{len(loaded)} datasets, zoo {zoo!r} ({len(built.tasks)} tasks, "
+        f"{len(built.experts)} experts), truth: every expert evaluated on every dataset"
+    )
+    print("\n".join(summary_table(results["recommenders"])))
+    print("\n".join(["", *versus_table(results["versus"])]))
+    by_dataset = {
+        m: {row["dataset"]: row for row in rows} for m, rows in results["per_dataset"].items()
+    }
+    for name, errors in results["errors"].items():
+        best = min(errors, key=errors.__getitem__)
+        picks = "; ".join(
+            f"{m}: {rows[name]['pick']} (+{rows[name]['regret']:.1f} points)"
+            for m, rows in by_dataset.items()
+        )
+        print(f"{name}: best {best} (error {errors[best]:.3f}); {picks}")

@@ -1,0 +1,169 @@
+"""Jobs and their life cycle: queued → running → succeeded | failed.
+
+The job row is the record; the Celery message carries its id alone. A job is committed before
+its message is sent (``queue.send``), so a worker never receives a job it cannot find. Workers
+move the row along and write progress, timings, results and errors (problem documents) back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.db.models import Job, JobStatus
+from app.db.session import session_scope
+from app.services.problems import not_found
+
+#: Celery queues: GPU workers take ``embed``; ``evaluate`` runs the experts over the zoo.
+EMBED_QUEUE = "embed"
+EVALUATE_QUEUE = "evaluate"
+
+
+class JobKind(StrEnum):
+    """Each kind of job (as stored in ``jobs.kind`` and shown by the API)."""
+
+    embed = "embed"
+    rank = "rank"
+    expert = "expert"
+    zoo_task = "zoo-task"
+
+    @property
+    def task(self) -> str:
+        """The Celery task that runs it."""
+        return ROUTES[self][0]
+
+    @property
+    def queue(self) -> str:
+        return ROUTES[self][1]
+
+
+#: The one table: job kind → (Celery task name, queue). The queue's routes, the workers'
+#: task names and the dispatch of a job are all read from here.
+ROUTES: dict[JobKind, tuple[str, str]] = {
+    JobKind.embed: ("workers.embed", EMBED_QUEUE),
+    JobKind.rank: ("workers.rank", EVALUATE_QUEUE),
+    JobKind.expert: ("workers.evaluate_expert", EVALUATE_QUEUE),
+    JobKind.zoo_task: ("workers.add_zoo_task", EMBED_QUEUE),
+}
+
+
+def create(
+    session: Session, *, kind: JobKind, task_id: str | None, tenant: str, **params: Any
+) -> Job:
+    job = Job(
+        kind=kind,
+        task_id=task_id,
+        tenant=tenant,
+        params=params,
+        status=JobStatus.queued,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get(session: Session, *, job_id: str, tenant: str) -> Job:
+    """The tenant's job; another tenant's id is not found, as if it did not exist."""
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.tenant != tenant:
+        raise not_found("job", job_id)
+    return job
+
+
+@dataclass(frozen=True)
+class JobState:
+    """Where a job stands, detached from its row (for waiting on it outside a session)."""
+
+    id: str
+    status: str
+    error: dict[str, Any] | None
+    result: dict[str, Any] | None
+    timings: dict[str, Any]
+    queue_wait_s: float | None
+    run_s: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.succeeded, JobStatus.failed)
+
+
+def state(session: Session, *, job_id: str, tenant: str) -> JobState:
+    job = get(session, job_id=job_id, tenant=tenant)
+    started, finished = job.started_at, job.finished_at
+    return JobState(
+        id=job.id,
+        status=job.status,
+        error=job.error,
+        result=job.result,
+        timings=dict(job.timings),
+        queue_wait_s=None if started is None else (started - job.created_at).total_seconds(),
+        run_s=None if started is None or finished is None else (finished - started).total_seconds(),
+    )
+
+
+class JobRecorder:
+    """What a worker writes to its job row, each write in its own short transaction (progress
+    must be visible while the job's own work is still uncommitted)."""
+
+    def __init__(self, database_url: str, job_id: str, min_interval: float = 0.5) -> None:
+        self.url, self.job_id, self.min_interval = database_url, job_id, min_interval
+        self._last = 0.0
+        self._stage_started = time.perf_counter()
+        self._stage: str | None = None
+        self.timings: dict[str, float] = {}
+
+    def _update(self, **values: Any) -> None:
+        with session_scope(self.url) as session:
+            job = session.get(Job, self.job_id)
+            if job is None:
+                raise LookupError(f"job {self.job_id} does not exist")
+            for key, value in values.items():
+                setattr(job, key, value)
+
+    def start(self) -> None:
+        self._update(status=JobStatus.running, started_at=datetime.now(UTC), stage="starting")
+
+    def stage(self, name: str, fraction: float = 0.0) -> None:
+        now = time.perf_counter()
+        if name != self._stage:
+            if self._stage is not None:
+                self.timings[self._stage] = round(now - self._stage_started, 3)
+            self._stage, self._stage_started = name, now
+            self._last = now
+            self._update(stage=name, progress=fraction, timings=dict(self.timings))
+        elif now - self._last >= self.min_interval:
+            self._last = now
+            self._update(progress=fraction)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.stage(stage, done / total if total else 0.0)
+
+    def _close_stage(self) -> None:
+        if self._stage is not None:
+            self.timings[self._stage] = round(time.perf_counter() - self._stage_started, 3)
+            self._stage = None
+
+    def succeed(self, result: dict[str, Any]) -> None:
+        self._close_stage()
+        self._update(
+            status=JobStatus.succeeded,
+            stage="done",
+            progress=1.0,
+            result=result,
+            timings=dict(self.timings),
+            finished_at=datetime.now(UTC),
+        )
+
+    def fail(self, error: dict[str, Any]) -> None:
+        self._close_stage()
+        self._update(
+            status=JobStatus.failed,
+            error=error,
+            timings=dict(self.timings),
+            finished_at=datetime.now(UTC),
+        )

@@ -1,0 +1,74 @@
+"""The job queue: the Celery application, and sending a committed job to it.
+
+Messages carry a job id only; the job row holds everything else. The routes come from the one
+job table (``jobs.JobKind``); ``workers`` registers the task bodies under those names, and a
+worker process imports them through ``include``. ``acks_late`` with one prefetched message per
+process: a worker that dies mid-job leaves the message to another worker instead of losing it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from app.db.models import Job, JobStatus
+from app.services.jobs import EMBED_QUEUE, JobKind
+from app.services.problems import ProblemError, problem
+
+#: The module that registers the task bodies, imported by every worker process.
+TASK_MODULE = "workers.tasks"
+
+
+@cache
+def celery_for(broker: str) -> Celery:
+    """The Celery app for a broker URL (one per URL and process)."""
+    if broker.startswith("sqla+sqlite:///"):
+        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    celery = Celery("task2vec", broker=broker, include=[TASK_MODULE])
+    celery.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=EMBED_QUEUE,
+        task_ignore_result=True,  # results go to the job rows
+        broker_connection_retry_on_startup=True,
+        # A publisher facing a dead broker gives up within seconds; the API then fails the
+        # job and answers 503 instead of hanging the request.
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
+        broker_connection_timeout=3,
+        task_routes={kind.task: {"queue": kind.queue} for kind in JobKind},
+    )
+    return celery
+
+
+def dispatch(job_id: str, kind: JobKind, broker_url: str) -> None:
+    """Send the Celery message for a committed job row."""
+    celery_for(broker_url).send_task(kind.task, args=[job_id])
+
+
+def send(*, session: Session, job: Job, broker_url: str) -> None:
+    """Commit the session with its job, then send the job's message.
+
+    The commit comes first so that a worker never receives a job it cannot find. If the
+    broker refuses, the job fails (it would otherwise wait forever; the failure is committed
+    too) and a 503 problem is raised.
+    """
+    session.commit()
+    try:
+        dispatch(job.id, JobKind(job.kind), broker_url)
+    except Exception as exc:
+        detail = f"the job queue is unavailable: {exc}"
+        error = ProblemError(503, "broker-unavailable", "The job queue is unavailable", detail)
+        job.status = JobStatus.failed
+        job.error = problem(503, "broker-unavailable", "Job queue unavailable", detail)
+        session.commit()
+        raise error from None
+
+
+def check(broker_url: str) -> None:
+    """Raise unless the broker answers within seconds (for readiness checks)."""
+    with celery_for(broker_url).connection_for_write() as connection:
+        connection.ensure_connection(max_retries=1, timeout=2)

@@ -1,0 +1,119 @@
+"""A user's tasks after upload: their embeddings, and the rankings served for them.
+
+A ranking is always recorded (method, zoo version, ranked experts), whether the API answered
+it in-process or a worker computed it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.models import EmbeddingRow, Job, Recommendation, Task
+from app.services import jobs, queue
+from app.services.jobs import JobKind
+from app.services.problems import ProblemError, not_found
+from app.services.serving import ZooState, ranking_items
+from app.settings import Settings
+from app.task2vec.embedding import Embedding, difficulty
+
+
+def get(session: Session, *, task_id: str, tenant: str) -> Task:
+    """The tenant's task; another tenant's id is not found, as if it did not exist."""
+    task = session.get(Task, task_id)
+    if task is None or task.tenant != tenant:
+        raise not_found("task", task_id)
+    return task
+
+
+def embedding_of(session: Session, *, task_id: str, tenant: str) -> Embedding:
+    """The task's embedding; 409 until it exists (naming the job that makes it)."""
+    task = get(session, task_id=task_id, tenant=tenant)
+    if task.embedding is not None:
+        return Embedding.load(task.embedding.path)
+    job = session.scalar(select(Job).where(Job.task_id == task_id).order_by(Job.created_at.desc()))
+    where = f"; see /v1/jobs/{job.id} ({job.status})" if job else ""
+    raise ProblemError(
+        409,
+        "embedding-not-ready",
+        "The task has no embedding yet",
+        f"task {task_id} is still being embedded or its embedding failed{where}",
+    )
+
+
+def save_embedding(
+    session: Session, *, task_id: str, path: Path, embedding: Embedding, seconds: float
+) -> None:
+    """Record a task's embedding, written at ``path``."""
+    session.add(
+        EmbeddingRow(
+            task_id=task_id,
+            path=str(path),
+            dim=embedding.dim,
+            difficulty=difficulty(embedding),
+            seconds=round(seconds, 3),
+            meta=embedding.meta,
+        )
+    )
+
+
+def record_ranking(
+    session: Session,
+    *,
+    tenant: str,
+    task_id: str,
+    method: str,
+    ranking: list[dict[str, Any]],
+    version_id: int,
+) -> None:
+    session.add(
+        Recommendation(
+            tenant=tenant,
+            task_id=task_id,
+            method=method,
+            ranking=ranking,
+            index_version_id=version_id,
+        )
+    )
+
+
+def rank_now(
+    session: Session, *, zoo: ZooState, task_id: str, method: str, k: int, tenant: str
+) -> dict[str, Any]:
+    """Rank with a method the API answers in-process, and record the ranking."""
+    embedding = embedding_of(session, task_id=task_id, tenant=tenant)
+    started = time.perf_counter()
+    ranking = ranking_items(zoo.rank(method, embedding), k)
+    seconds = time.perf_counter() - started
+    record_ranking(
+        session,
+        tenant=tenant,
+        task_id=task_id,
+        method=method,
+        ranking=ranking,
+        version_id=zoo.version.id,
+    )
+    return {
+        "task_id": task_id,
+        "method": method,
+        "ranking": ranking,
+        "seconds": round(seconds, 6),
+        "zoo_version": zoo.version.content,
+    }
+
+
+def queue_rank(
+    session: Session, *, settings: Settings, task_id: str, method: str, k: int, tenant: str
+) -> Job:
+    """A worker job ranking with a method that needs the images; 409 until the embedding
+    exists. The job is committed and sent."""
+    embedding_of(session, task_id=task_id, tenant=tenant)
+    job = jobs.create(
+        session, kind=JobKind.rank, task_id=task_id, tenant=tenant, method=method, k=k
+    )
+    queue.send(session=session, job=job, broker_url=settings.resolved_broker_url())
+    return job

@@ -1,0 +1,149 @@
+"""Upload → stored dataset → task → embedding job: the path every new dataset takes.
+
+The same bytes always land on the same dataset row (per tenant), and a dataset under one zoo
+configuration on the same task, so a repeated upload reuses the task and its embedding (or the
+job already making it) instead of computing it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db.models import Dataset, Job, JobStatus, Task, ZooTask
+from app.services import jobs, queue
+from app.services.jobs import JobKind
+from app.services.problems import ProblemError
+from app.services.storage import StoredFile
+from app.settings import Settings
+from app.task2vec.datasets import LabelledImages, load_dataset
+from app.task2vec.embedding import EmbedConfig
+from app.task2vec.errors import DatasetError, Task2VecError
+
+
+def config_hash(config: EmbedConfig) -> str:
+    blob = json.dumps({k: v for k, v in asdict(config).items() if k != "device"}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Submitted:
+    task_id: str
+    job_id: str
+    job_status: str
+    new_job: bool
+    skipped: list[dict[str, str]]
+
+
+def too_large(exc: Exception) -> ProblemError:
+    return ProblemError(413, "upload-too-large", "The upload is too large", str(exc))
+
+
+def validate(
+    session: Session, *, settings: Settings, stored: StoredFile, filename: str, image_size: int
+) -> LabelledImages:
+    """The stored upload as a dataset, or a 422 naming the problem; a rejected file that no
+    dataset row holds is removed (nothing half-stored)."""
+    try:
+        return load_dataset(stored.path, image_size=image_size, limits=settings.dataset_limits())
+    except Task2VecError as exc:
+        discard_unreferenced(session, stored=stored)
+        detail = str(exc).replace(stored.path.name, filename)
+        kind = exc.kind if isinstance(exc, DatasetError) else "invalid-dataset"
+        raise ProblemError(422, kind, "The dataset cannot be used", detail) from None
+
+
+def discard_unreferenced(session: Session, *, stored: StoredFile) -> None:
+    """Remove a stored upload that no dataset row and no zoo task holds (a refused request
+    keeps nothing)."""
+    known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256).limit(1))
+    in_zoo = any(
+        spec.get("dataset") == str(stored.path) for spec in session.scalars(select(ZooTask.spec))
+    )
+    if known is None and not in_zoo:
+        stored.path.unlink(missing_ok=True)
+
+
+def skipped_view(data: LabelledImages) -> list[dict[str, str]]:
+    """The members left out of a dataset, as the API shows them."""
+    return [{"member": name, "reason": why} for name, why in data.skipped]
+
+
+def _dataset_row(
+    session: Session, stored: StoredFile, filename: str, data: LabelledImages, tenant: str
+) -> Dataset:
+    row = session.scalar(
+        select(Dataset).where(Dataset.tenant == tenant, Dataset.sha256 == stored.sha256)
+    )
+    if row is not None:
+        return row
+    row = Dataset(
+        tenant=tenant,
+        sha256=stored.sha256,
+        path=str(stored.path),
+        filename=filename,
+        bytes=stored.bytes,
+        num_images=len(data),
+        classes=list(data.classes),
+        class_counts=[int(c) for c in data.class_counts()],
+        skipped=skipped_view(data),
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _task_row(session: Session, dataset: Dataset, config: EmbedConfig) -> Task:
+    digest = config_hash(config)
+    row = session.scalar(
+        select(Task).where(Task.dataset_id == dataset.id, Task.config_hash == digest)
+    )
+    if row is None:
+        row = Task(
+            tenant=dataset.tenant, dataset_id=dataset.id, probe=config.probe, config_hash=digest
+        )
+        session.add(row)
+        session.flush()
+    return row
+
+
+def register(
+    session: Session,
+    *,
+    settings: Settings,
+    stored: StoredFile,
+    filename: str,
+    data: LabelledImages,
+    config: EmbedConfig,
+    tenant: str,
+) -> Submitted:
+    """The dataset, its task and the job embedding it (unless one exists or is under way);
+    a new job is committed and sent (``queue.send``)."""
+    for attempt in range(2):  # a concurrent identical upload may win the unique constraint
+        try:
+            dataset = _dataset_row(session, stored, filename, data, tenant)
+            task = _task_row(session, dataset, config)
+            job = session.scalar(
+                select(Job)
+                .where(Job.task_id == task.id, Job.kind == JobKind.embed)
+                .where(Job.status != JobStatus.failed)
+                .order_by(Job.created_at.desc())
+                .limit(1)
+            )
+            new = job is None
+            if job is None:
+                job = jobs.create(session, kind=JobKind.embed, task_id=task.id, tenant=tenant)
+            break
+        except IntegrityError:
+            session.rollback()
+            if attempt:
+                raise
+    assert job is not None
+    if new:
+        queue.send(session=session, job=job, broker_url=settings.resolved_broker_url())
+    return Submitted(task.id, job.id, job.status, new, skipped_view(data))
