@@ -1,0 +1,126 @@
+"""The layout reads as the data flow, and stays so: entry points (the API, the workers, the
+command line) → services → zoo → Task2Vec, with the database models beside. No import runs
+back up; every import statement counts, those inside functions too."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from app.api.main import create_app
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Each package (or module) and what it may import from the project, besides itself.
+ALLOWED: dict[str, set[str]] = {
+    "app.api": {"app.services", "app.zoo", "app.task2vec", "app.db", "app.settings"},
+    "workers": {"app.services", "app.zoo", "app.task2vec", "app.db", "app.settings"},
+    "app.cli": {
+        "app.services",
+        "app.zoo",
+        "app.task2vec",
+        "app.db",
+        "app.settings",
+        "app.progress",
+    },
+    "app.services": {"app.zoo", "app.task2vec", "app.data", "app.db", "app.settings"},
+    "app.zoo": {"app.task2vec", "app.data"},
+    "app.data": {"app.task2vec"},
+    "app.task2vec": set(),
+    "app.db": set(),
+    # Settings load for every migration: the upload limits, nothing heavier.
+    "app.settings": {"app.task2vec.limits", "app.task2vec.errors"},
+    "app.progress": set(),
+}
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _layer(module: str) -> str | None:
+    matches = [p for p in ALLOWED if _within(module, p)]
+    return max(matches, key=len) if matches else None
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(source: str) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if _layer(node.module) is not None:
+                found.append((node.lineno, node.module))
+            else:  # ``from app import services``: the names are the modules
+                found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return found
+
+
+def violations(module: str, source: str) -> list[str]:
+    """Imports in ``source`` (the code of ``module``) that run against the layers."""
+    own = _layer(module)
+    if own is None:
+        return [f"{module}: in no layer"]
+    return [
+        f"{module}:{line} imports {target}"
+        for line, target in _imports(source)
+        if _layer(target) not in (None, own)
+        and not any(_within(target, allowed) for allowed in ALLOWED[own])
+    ]
+
+
+def _project_modules() -> list[Path]:
+    """Every module of the project but the empty ``app/__init__.py``."""
+    found = [*ROOT.joinpath("app").rglob("*.py"), *ROOT.joinpath("workers").rglob("*.py")]
+    return sorted(p for p in found if p != ROOT / "app" / "__init__.py")
+
+
+def test_no_import_runs_back_up() -> None:
+    bad = [
+        v for path in _project_modules() for v in violations(_module_name(path), path.read_text())
+    ]
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    ("module", "source"),
+    [
+        ("app.services.uploads", "from app.api.problems import ProblemError"),
+        ("app.zoo.zoo", "def f():\n    from app.services import serving"),
+        ("app.task2vec.embedding", "import app.zoo.experts"),
+        ("app.settings", "from app.task2vec.datasets import LabelledImages"),
+        ("app.api.main", "from workers.tasks import celery"),
+        ("workers.tasks", "from app import api"),
+    ],
+)
+def test_the_check_catches_an_upward_import(module: str, source: str) -> None:
+    assert violations(module, source)
+
+
+def test_every_module_is_small() -> None:
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in _project_modules()}
+    assert {path: n for path, n in sizes.items() if n > 450} == {}
+
+
+def test_every_success_answer_has_a_schema(tmp_path: Path) -> None:
+    """A generated client gets typed answers: each operation's 2xx body is described."""
+    spec = create_app(Settings(data_dir=tmp_path)).openapi()
+    missing = []
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            for status, response in operation["responses"].items():
+                if not status.startswith("2"):
+                    continue
+                schema = response.get("content", {}).get("application/json", {}).get("schema")
+                if not schema or schema == {}:
+                    missing.append(f"{method.upper()} {path} {status}")
+    assert missing == []
+    assert len(spec["paths"]) >= 12
