@@ -288,7 +288,9 @@ async def recommend_upload(
         body = UploadRanking.model_validate(
             {**ranked, "job_id": submitted.job_id, "timings": timings}
         )
-        return JSONResponse(body.model_dump(mode="json"))
+        # The ranking's row is stored before the answer is recorded for its Idempotency-Key.
+        await run_in_threadpool(session.commit)
+        return JSONResponse(body.model_dump(mode="json", exclude_unset=True))
 
     return await idempotent(
         request,
@@ -337,5 +339,4 @@ async def _rank(
         "task_id": task_id,
         "method": method,
         "ranking": job.result["ranking"][:k],
-        "zoo_version": job.result.get("zoo_version"),
     }

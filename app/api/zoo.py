@@ -15,7 +15,6 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
 
 from app.api.auth import Admin, CallerDep
 from app.api.deps import SessionDep, SettingsDep, ZooDep
@@ -32,6 +31,7 @@ from app.api.schemas import (
 from app.api.tasks import accepted
 from app.api.uploads import store_upload
 from app.db.models import Expert, ZooTask
+from app.db.session import session_scope
 from app.services import uploads, zoo_admin, zoo_items
 from app.services import weights as expert_weights
 from app.services.layout import DataLayout
@@ -218,8 +218,11 @@ def _check_loads(spec: ExpertSpec) -> None:
         raise ProblemError(422, "invalid-expert", "The expert does not load", str(exc)) from None
 
 
-def _check_free(session: Session, model: type[Expert] | type[ZooTask], name: str) -> None:
-    zoo_items.check_free(session, model=model, name=name)
+def _check_free(settings: Settings, model: type[Expert] | type[ZooTask], name: str) -> None:
+    """409 when the name is taken: a check before anything is stored, in a short transaction
+    of its own (the request's session stays unopened while files are stored and checked)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        zoo_items.check_free(session, model=model, name=name)
 
 
 @router.post(
@@ -254,7 +257,7 @@ async def register_expert(
     _check_name("expert", name)
     key = key_of(request)
     if key is None:  # 409 before anything is stored (a retry with a key may be a replay)
-        await run_in_threadpool(_check_free, session, Expert, name)
+        await run_in_threadpool(_check_free, settings, Expert, name)
     where = await _weights(settings, architecture, weights_uri, weights)
     fields = {
         "name": name,
@@ -268,7 +271,7 @@ async def register_expert(
     }
 
     async def answer() -> JSONResponse:
-        await run_in_threadpool(_check_free, session, Expert, name)
+        await run_in_threadpool(_check_free, settings, Expert, name)
         if source_task and source_task not in {t.name for t in zoo.zoo.tasks}:
             detail = f"source_task {source_task!r} is not a zoo task"
             raise ProblemError(422, "invalid-expert", "Invalid expert", detail)
@@ -323,12 +326,12 @@ async def add_zoo_task(
     _check_name("zoo task", name)
     key = key_of(request)
     if key is None:  # 409 before anything is stored (a retry with a key may be a replay)
-        await run_in_threadpool(_check_free, session, ZooTask, name)
+        await run_in_threadpool(_check_free, settings, ZooTask, name)
     filename = file.filename or "upload"
     stored = await store_upload(file, DataLayout.of(settings).uploads, settings.max_upload_bytes)
 
     async def answer() -> JSONResponse:
-        await run_in_threadpool(_check_free, session, ZooTask, name)
+        await run_in_threadpool(_check_free, settings, ZooTask, name)
         data = await run_in_threadpool(
             uploads.validate,
             session,

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.settings import Settings
-from app.zoo.build import zoo_folder as preset_folder
-from app.zoo.presets import PRESETS
 
 
 @dataclass(frozen=True)
@@ -50,4 +48,7 @@ class DataLayout:
     def zoo(self, name: str) -> Path:
         """The configured zoo: a preset name is built under the data directory; anything
         else names a zoo folder."""
-        return preset_folder(self.root, name) if name in PRESETS else Path(name)
+        from app.zoo.build import zoo_folder  # the zoo machinery (torch) only when asked
+        from app.zoo.presets import PRESETS
+
+        return zoo_folder(self.root, name) if name in PRESETS else Path(name)

@@ -122,8 +122,9 @@ def register(
     config: EmbedConfig,
     tenant: str,
 ) -> Submitted:
-    """The dataset, its task and the job embedding it (unless one exists or is under way);
-    a new job is committed and sent (``queue.send``)."""
+    """The dataset, its task and the job embedding it (unless one exists or is under way).
+    Commits: a new job is committed and sent (``queue.send``); otherwise the unit of work
+    ends here too, so a caller that then waits on the job holds no connection."""
     for attempt in range(2):  # a concurrent identical upload may win the unique constraint
         try:
             dataset = _dataset_row(session, stored, filename, data, tenant)
@@ -146,4 +147,6 @@ def register(
     assert job is not None
     if new:
         queue.send(session=session, job=job, broker_url=settings.resolved_broker_url())
+    else:
+        session.commit()
     return Submitted(task.id, job.id, job.status, new, skipped_view(data))

@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session
 from app.db.models import Expert, Job, MatrixEntry, ZooItemStatus, ZooTask
 from app.db.session import session_scope
 from app.services import jobs, queue, weights
-from app.services.jobs import JobKind
 from app.services.problems import ProblemError
 from app.services.publishing import (
     Progress,
@@ -66,7 +65,7 @@ def register(session: Session, *, settings: Settings, item: Item, tenant: str) -
         session.add(item)
         job = jobs.create(
             session,
-            kind=JobKind(kind),
+            kind=kind,
             task_id=None,
             tenant=tenant,
             **{kind.replace("-", "_"): name},

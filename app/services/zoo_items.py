@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.models import Expert, ZooItemStatus, ZooTask
+from app.services.jobs import JobKind
 from app.services.problems import ProblemError, not_found
 from app.zoo.experts import ExpertSpec
 from app.zoo.tasks import TaskSpec
@@ -21,8 +22,9 @@ from app.zoo.zoo import expert_from_json, task_from_json
 
 Item = Expert | ZooTask
 ItemModel = type[Expert] | type[ZooTask]
-#: The name of each kind of zoo item in problem types, job parameters and messages.
-KIND: dict[ItemModel, str] = {Expert: "expert", ZooTask: "zoo-task"}
+#: The job that adds each kind of zoo item; its name is also the item's in problem types,
+#: job parameters and messages.
+KIND: dict[ItemModel, JobKind] = {Expert: JobKind.expert, ZooTask: JobKind.zoo_task}
 #: The fields an expert row shares with ``ExpertSpec``.
 EXPERT_FIELDS = tuple(f.name for f in fields(ExpertSpec))
 

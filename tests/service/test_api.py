@@ -5,12 +5,16 @@ real worker processes."""
 from __future__ import annotations
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.api import problems
+from app.api.deps import SessionDep
 from app.api.main import create_app
-from app.db.models import Job, Recommendation
+from app.db.models import ApiKey, Job, Recommendation
 from app.db.session import session_scope
 from app.services import queue
+from app.services.problems import ProblemError
 from app.settings import Settings
 from tests.helpers import npz_upload, run_job
 
@@ -128,3 +132,37 @@ def test_a_dead_broker_fails_the_job_and_answers_503(settings: Settings) -> None
             assert job.status == "failed"
             assert job.error is not None
         assert client.get("/readyz").status_code == 503
+
+
+def test_a_request_is_one_unit_of_work(settings: Settings) -> None:
+    """The request's session commits before the answer leaves and rolls back when the route
+    raises: a client never sees a success that was not stored, nor half of a failure."""
+    app = FastAPI()
+    app.state.settings = settings
+    problems.install(app)
+    seen_at_answer: list[bool] = []
+
+    def stored(key_id: str) -> bool:
+        with session_scope(settings.resolved_database_url()) as other:
+            return other.get(ApiKey, key_id) is not None
+
+    @app.post("/keys/{key_id}")
+    def add(key_id: str, session: SessionDep, fail: bool = False) -> dict[str, str]:
+        session.add(ApiKey(id=key_id, secret_sha256="0" * 64, tenant="t", scopes=["tasks:read"]))
+        session.flush()
+        if fail:
+            raise ProblemError(409, "conflict", "Conflict", "refused after the write")
+        return {"id": key_id}
+
+    @app.middleware("http")
+    async def check_before_answer(request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        seen_at_answer.append(stored(request.path_params.get("key_id", "kept")))
+        return response
+
+    with TestClient(app) as client:
+        assert client.post("/keys/kept").status_code == 200
+        assert client.post("/keys/dropped", params={"fail": True}).status_code == 409
+    assert stored("kept")
+    assert not stored("dropped")
+    assert seen_at_answer[0] is True  # committed before the answer went out
