@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(default=600, ge=0)
     #: Origins allowed to call the API from a browser; empty (the default): CORS stays off.
     cors_origins: list[str] = Field(default_factory=list)
+    #: A job's lease, in seconds: a worker renews it every third of this while it works; a
+    #: job whose lease expired (its worker was killed or cut off) is re-sent by the sweep.
+    job_lease_seconds: float = Field(default=20.0, gt=0)
+    #: Attempts a job gets before it fails as lost.
+    job_max_attempts: int = Field(default=3, ge=1)
+    #: A queued job whose message is older than this (seconds) is re-sent, doubling after
+    #: each re-send: a broker may have lost it.
+    job_resend_seconds: float = Field(default=120.0, gt=0)
+    #: How often (seconds) every worker sweeps for expired leases and stale queued jobs.
+    sweep_seconds: float = Field(default=5.0, gt=0)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

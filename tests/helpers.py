@@ -4,7 +4,11 @@ settings on the tiny zoo, uploads, expert weights, and running a job as a worker
 from __future__ import annotations
 
 import io
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 import uuid
 import zipfile
@@ -129,3 +133,50 @@ def create_key(settings: Settings, tenant: str, scopes: list[str]) -> tuple[str,
 def revoke_key(settings: Settings, key_id: str) -> bool:
     with session_scope(settings.resolved_database_url()) as session:
         return api_keys.revoke(session, key_id=key_id)
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment a worker process needs to serve ``settings``."""
+    return {
+        **os.environ,
+        "T2V_DATA_DIR": str(settings.data_dir),
+        "T2V_DATABASE_URL": settings.resolved_database_url(),
+        "T2V_BROKER_URL": settings.resolved_broker_url(),
+        "T2V_ZOO": settings.zoo,
+        "T2V_JOB_LEASE_SECONDS": str(settings.job_lease_seconds),
+        "T2V_JOB_RESEND_SECONDS": str(settings.job_resend_seconds),
+        "T2V_SWEEP_SECONDS": str(settings.sweep_seconds),
+        **extra,
+    }
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """A real Celery worker process (``task2vec worker``) in its own process group."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            env=worker_env(settings),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """Stop a process group started with ``start_new_session`` (SIGKILL after 30 s)."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+@contextmanager
+def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    process = start_worker(settings, log)
+    try:
+        yield process
+    finally:
+        stop(process)

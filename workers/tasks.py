@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from celery.signals import worker_process_init, worker_ready
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as SQLATimeoutError
+
 from app.db.models import Expert, Job, Task, ZooTask
-from app.db.session import session_scope
-from app.services import tasks, zoo_admin
-from app.services.jobs import JobKind, JobRecorder
+from app.db.session import dispose_engines, session_scope
+from app.services import leases, tasks, zoo_admin
+from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
 from app.services.problems import problem
 from app.services.queue import celery_for
@@ -66,60 +69,90 @@ def _task_context(url: str, job_id: str) -> tuple[str, str, str]:
         return task.id, task.dataset.path, task.tenant
 
 
-@contextmanager
-def _recorded(
+#: Errors of the database or the broker, not of the job: retried with backoff.
+TRANSIENT: tuple[type[Exception], ...] = (OperationalError, InterfaceError, SQLATimeoutError)
+Body = Callable[[JobRecorder, dict[str, Any]], None]
+
+
+def _execute(
     job_id: str,
     settings: Settings,
     doing: str,
+    body: Body,
     on_fail: Callable[[dict[str, Any]], None] | None = None,
     invalid: str = "invalid-dataset",
-) -> Iterator[tuple[JobRecorder, dict[str, Any]]]:
-    """Run a job body with its recorder and parameters; any error ends the job as failed, a
-    user-fixable one with 422, anything else with 500 (and a log). ``on_fail`` also gets the
-    error (an expert or zoo task records it on its own row)."""
-    url = settings.resolved_database_url()
-    recorder = JobRecorder(url, job_id)
-    recorder.start()
-    try:
-        yield recorder, _job_params(url, job_id)
+) -> None:
+    """Claim the job and run ``body`` under its lease. A user-fixable error fails the job with
+    422 (no retry), anything unforeseen with 500 (and a log); ``on_fail`` also gets the error
+    (an expert or zoo task records it on its own row). A database error propagates, for
+    Celery to retry; a lost lease ends the attempt without a write."""
+    attempt = leases.claim(settings, job_id)
+    if attempt is None:
+        log.info("job %s is finished or running under a live lease: message dropped", job_id)
         return
+    url = settings.resolved_database_url()
+    recorder = JobRecorder(url, job_id, attempt, settings.job_lease_seconds)
+    try:
+        with recorder.heartbeat():
+            body(recorder, _job_params(url, job_id))
+        return
+    except LeaseLostError:
+        log.warning("job %s: attempt %d lost its lease to another", job_id, attempt)
+        return
+    except TRANSIENT:
+        log.warning("job %s: attempt %d hit a database error; retried", job_id, attempt)
+        raise
     except Task2VecError as exc:
         kind = exc.kind if isinstance(exc, DatasetError) else invalid
         error = problem(422, kind, f"Failed while {doing}", str(exc))
     except Exception as exc:
         log.exception("job %s failed while %s", job_id, doing)
         error = problem(500, "internal", f"Internal error while {doing}", repr(exc))
-    recorder.fail(error)
+    try:
+        recorder.fail(error)
+    except LeaseLostError:
+        return
     if on_fail is not None:
         on_fail(error)
 
 
 def run_embed(job_id: str, settings: Settings) -> None:
-    with _recorded(job_id, settings, "embedding") as (recorder, _):
-        task_id, dataset_path, _ = _task_context(settings.resolved_database_url(), job_id)
-        zoo = ZOOS.current(settings).zoo
-        config = replace(zoo.embed_config, device=settings.device)
-        recorder.stage("loading dataset")
-        data = load_dataset(
-            dataset_path, image_size=config.image_size, limits=settings.dataset_limits()
-        )
-        started = time.perf_counter()
-        embedding = embed(data, config, probe=_probe(config), progress=recorder.progress)
-        seconds = time.perf_counter() - started
-        zoo.check_compatible(embedding)
-        recorder.stage("saving")
+    def body(recorder: JobRecorder, _: dict[str, Any]) -> None:
+        url = settings.resolved_database_url()
+        task_id, dataset_path, _tenant = _task_context(url, job_id)
         path = DataLayout.of(settings).task_embedding(task_id)
-        embedding.save(path)
-        with session_scope(settings.resolved_database_url()) as session:
-            tasks.save_embedding(
-                session, task_id=task_id, path=path, embedding=embedding, seconds=seconds
+        with session_scope(url) as session:
+            done = tasks.embedding_row(session, task_id=task_id)
+        if done is None:  # an earlier attempt may have stored it before it was cut off
+            zoo = ZOOS.current(settings).zoo
+            config = replace(zoo.embed_config, device=settings.device)
+            recorder.stage("loading dataset")
+            data = load_dataset(
+                dataset_path, image_size=config.image_size, limits=settings.dataset_limits()
             )
-        recorder.succeed({"task": task_id, "embedding_dim": embedding.dim})
+            started = time.perf_counter()
+            embedding = embed(data, config, probe=_probe(config), progress=recorder.progress)
+            seconds = time.perf_counter() - started
+            zoo.check_compatible(embedding)
+            recorder.stage("saving")
+            embedding.save(path)
+            with session_scope(url) as session:
+                recorder.hold(session)
+                tasks.save_embedding(
+                    session, task_id=task_id, path=path, embedding=embedding, seconds=seconds
+                )
+            dim = embedding.dim
+        else:
+            dim = done.dim
+        recorder.succeed({"task": task_id, "embedding_dim": dim})
+
+    _execute(job_id, settings, "embedding", body)
 
 
 def run_rank(job_id: str, settings: Settings) -> None:
-    with _recorded(job_id, settings, "ranking") as (recorder, params):
-        task_id, dataset_path, tenant = _task_context(settings.resolved_database_url(), job_id)
+    def body(recorder: JobRecorder, params: dict[str, Any]) -> None:
+        url = settings.resolved_database_url()
+        task_id, dataset_path, tenant = _task_context(url, job_id)
         state = ZOOS.current(settings)
         recorder.stage("loading dataset")
         data = load_dataset(
@@ -131,7 +164,8 @@ def run_rank(job_id: str, settings: Settings) -> None:
         method = params["method"]
         recorder.stage(f"ranking ({method})")
         items = ranking_items(state.rank(method, embedding, data), len(state.zoo.experts))
-        with session_scope(settings.resolved_database_url()) as session:
+        with session_scope(url) as session:
+            recorder.hold(session)
             tasks.record_ranking(
                 session,
                 tenant=tenant,
@@ -139,6 +173,7 @@ def run_rank(job_id: str, settings: Settings) -> None:
                 method=method,
                 ranking=items,
                 version_id=state.version.id,
+                job_id=job_id,
             )
         recorder.succeed(
             {
@@ -148,6 +183,8 @@ def run_rank(job_id: str, settings: Settings) -> None:
                 "zoo_version": state.version.content,
             }
         )
+
+    _execute(job_id, settings, "ranking", body)
 
 
 def _version_result(version: Version) -> dict[str, Any]:
@@ -161,13 +198,12 @@ def run_expert(job_id: str, settings: Settings) -> None:
     def failed(error: dict[str, Any]) -> None:
         zoo_admin.fail_item(settings, Expert, name, error)
 
-    with _recorded(job_id, settings, "evaluating the expert", failed, invalid="invalid-expert") as (
-        recorder,
-        _,
-    ):
+    def body(recorder: JobRecorder, _: dict[str, Any]) -> None:
         ZOOS.current(settings)  # the zoo is published before anything is added to it
         version = zoo_admin.evaluate_expert(settings, name, recorder.progress)
         recorder.succeed({"expert": name, **_version_result(version)})
+
+    _execute(job_id, settings, "evaluating the expert", body, failed, invalid="invalid-expert")
 
 
 def run_zoo_task(job_id: str, settings: Settings) -> None:
@@ -177,14 +213,16 @@ def run_zoo_task(job_id: str, settings: Settings) -> None:
     def failed(error: dict[str, Any]) -> None:
         zoo_admin.fail_item(settings, ZooTask, name, error)
 
-    def embed_with_probe(data: LabelledImages, config: EmbedConfig) -> Embedding:
-        config = replace(config, device=settings.device)
-        return embed(data, config, probe=_probe(config), progress=recorder.progress)
+    def body(recorder: JobRecorder, _: dict[str, Any]) -> None:
+        def embed_with_probe(data: LabelledImages, config: EmbedConfig) -> Embedding:
+            config = replace(config, device=settings.device)
+            return embed(data, config, probe=_probe(config), progress=recorder.progress)
 
-    with _recorded(job_id, settings, "adding the zoo task", failed) as (recorder, _):
         ZOOS.current(settings)
         version = zoo_admin.add_zoo_task(settings, name, embed_with_probe, recorder.progress)
         recorder.succeed({"zoo_task": name, **_version_result(version)})
+
+    _execute(job_id, settings, "adding the zoo task", body, failed)
 
 
 #: The body of each kind of job.
@@ -201,8 +239,30 @@ def _register(kind: JobKind) -> None:
         RUNNERS[kind](job_id, get_settings())
 
     run.__name__ = run.__qualname__ = f"{kind.name}_task"
-    celery.task(name=kind.task)(run)
+    # A database or broker error is retried with backoff, starting after a lease, so that the
+    # retry can claim the job (the sweep would re-send it too; a claim lets one of them run).
+    lease = max(1, round(get_settings().job_lease_seconds))
+    celery.task(
+        name=kind.task,
+        autoretry_for=TRANSIENT,
+        retry_backoff=lease,
+        retry_backoff_max=600,
+        retry_jitter=False,
+        max_retries=20,
+    )(run)
 
 
 for _kind in JobKind:
     _register(_kind)
+
+
+@worker_ready.connect
+def _start_sweeping(**_: Any) -> None:
+    """Every worker sweeps for jobs that would otherwise wait forever (``leases.sweep``)."""
+    leases.Sweeper(get_settings()).start()
+
+
+@worker_process_init.connect
+def _forget_parent_connections(**_: Any) -> None:
+    """A forked pool process must not share its parent's database connections."""
+    dispose_engines()

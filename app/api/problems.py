@@ -10,11 +10,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.services.problems import PROBLEM_BASE, ProblemError
 
 MEDIA_TYPE = "application/problem+json"
+#: What a client is told to wait (Retry-After) when a dependency is down.
+RETRY_AFTER_SECONDS = 5
 log = logging.getLogger(__name__)
 
 
@@ -96,6 +100,22 @@ def install(app: FastAPI) -> None:
             "the service failed on this request; the error is logged",
             instance=request.url.path,
         )
+
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        """The database is down or out of connections: a state that passes, so 503 with
+        Retry-After, and no driver text (it names hosts and ports) in the answer."""
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(
+            503,
+            "database-unavailable",
+            "The database is unavailable",
+            "the service cannot reach its database; retry shortly",
+            instance=request.url.path,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+
+    for unavailable in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(unavailable, _database)
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:

@@ -197,7 +197,11 @@ class JobStatus(StrEnum):
 
 
 class Job(Base):
-    """Work for a Celery worker. The row exists before the message; the message holds its id."""
+    """Work for a Celery worker. The row exists before the message; the message holds its id.
+
+    The row is the ledger: a worker claims it for an attempt (``attempt``) under a lease
+    (``lease_until``) that it renews while it works; a sweep re-sends jobs whose lease expired
+    or whose message (sent at ``sent_at``, re-sent ``resends`` times) may have been lost."""
 
     __tablename__ = "jobs"
 
@@ -206,7 +210,11 @@ class Job(Base):
         String(64), default=LOCAL_TENANT, server_default=LOCAL_TENANT, index=True
     )
     kind: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued, index=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     stage: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id"))
@@ -230,6 +238,9 @@ class Recommendation(Base):
     )
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"))
     method: Mapped[str] = mapped_column(String(32))
+    #: The rank job that computed it (None: ranked by the API in-process); one row per job,
+    #: however often the job runs.
+    job_id: Mapped[str | None] = mapped_column(String(32), unique=True)
     index_version_id: Mapped[int | None] = mapped_column(ForeignKey("index_versions.id"))
     ranking: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Update, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+_urls: set[str] = set()
 
 
 @cache
 def engine_for(url: str) -> Engine:
+    _urls.add(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -25,6 +29,20 @@ def engine_for(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def dispose_engines() -> None:
+    """In a forked child: drop the connections inherited from the parent without closing
+    them (they are the parent's), so the child opens its own."""
+    for url in _urls:
+        engine_for(url).dispose(close=False)
+
+
+def updated(session: Session, statement: Update) -> int:
+    """Run an UPDATE in ``session``; how many rows it matched (a conditional UPDATE is how
+    two processes decide which of them acts)."""
+    result = cast("CursorResult[Any]", session.execute(statement))
+    return result.rowcount
 
 
 @contextmanager

@@ -7,17 +7,25 @@ move the row along and write progress, timings, results and errors (problem docu
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobStatus
-from app.db.session import session_scope
+from app.db.session import session_scope, updated
 from app.services.problems import not_found
+
+log = logging.getLogger(__name__)
 
 #: Celery queues: GPU workers take ``embed``; ``evaluate`` runs the experts over the zoo.
 EMBED_QUEUE = "embed"
@@ -106,27 +114,84 @@ def state(session: Session, *, job_id: str, tenant: str) -> JobState:
     )
 
 
-class JobRecorder:
-    """What a worker writes to its job row, each write in its own short transaction (progress
-    must be visible while the job's own work is still uncommitted)."""
+class LeaseLostError(Exception):
+    """The job's lease expired and another attempt took it over: stop, write nothing."""
 
-    def __init__(self, database_url: str, job_id: str, min_interval: float = 0.5) -> None:
-        self.url, self.job_id, self.min_interval = database_url, job_id, min_interval
+
+def lease_end(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+class JobRecorder:
+    """What a worker's attempt at a job writes to the job row: progress, timings, the result
+    or the error, each write in its own short transaction (progress must be visible while the
+    job's own work is still uncommitted) that also renews the lease.
+
+    Every write is guarded by the attempt: when another attempt has taken the job over (this
+    one's lease expired), the write changes nothing and raises ``LeaseLostError``."""
+
+    def __init__(
+        self,
+        database_url: str,
+        job_id: str,
+        attempt: int,
+        lease_seconds: float,
+        min_interval: float = 0.5,
+    ) -> None:
+        self.url, self.job_id, self.attempt = database_url, job_id, attempt
+        self.lease_seconds, self.min_interval = lease_seconds, min_interval
+        self.lost = threading.Event()
         self._last = 0.0
         self._stage_started = time.perf_counter()
         self._stage: str | None = None
         self.timings: dict[str, float] = {}
 
+    def hold(self, session: Session, **values: Any) -> None:
+        """In the caller's transaction: renew the lease (and set ``values``), or raise
+        ``LeaseLostError``, so that a result is written only by the attempt that holds the job."""
+        if self.lost.is_set():
+            raise LeaseLostError(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+        values.setdefault("lease_until", lease_end(self.lease_seconds))
+        done = updated(
+            session,
+            update(Job)
+            .where(
+                Job.id == self.job_id,
+                Job.attempt == self.attempt,
+                Job.status == JobStatus.running,
+            )
+            .values(**values),
+        )
+        if done == 0:
+            self.lost.set()
+            raise LeaseLostError(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+
     def _update(self, **values: Any) -> None:
         with session_scope(self.url) as session:
-            job = session.get(Job, self.job_id)
-            if job is None:
-                raise LookupError(f"job {self.job_id} does not exist")
-            for key, value in values.items():
-                setattr(job, key, value)
+            self.hold(session, **values)
 
-    def start(self) -> None:
-        self._update(status=JobStatus.running, started_at=datetime.now(UTC), stage="starting")
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Renew the lease every third of its length while the block runs (also through
+        stretches that report no progress)."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_seconds / 3):
+                try:
+                    self._update()
+                except LeaseLostError:
+                    return
+                except SQLAlchemyError:
+                    log.warning("job %s: lease not renewed (database unavailable)", self.job_id)
+
+        beat = threading.Thread(target=renew, name=f"lease-{self.job_id}", daemon=True)
+        beat.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beat.join(timeout=self.lease_seconds)
 
     def stage(self, name: str, fraction: float = 0.0) -> None:
         now = time.perf_counter()
@@ -139,6 +204,8 @@ class JobRecorder:
         elif now - self._last >= self.min_interval:
             self._last = now
             self._update(progress=fraction)
+        elif self.lost.is_set():
+            raise LeaseLostError(f"job {self.job_id}: attempt {self.attempt} lost its lease")
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.stage(stage, done / total if total else 0.0)
@@ -157,6 +224,7 @@ class JobRecorder:
             result=result,
             timings=dict(self.timings),
             finished_at=datetime.now(UTC),
+            lease_until=None,
         )
 
     def fail(self, error: dict[str, Any]) -> None:
@@ -166,4 +234,5 @@ class JobRecorder:
             error=error,
             timings=dict(self.timings),
             finished_at=datetime.now(UTC),
+            lease_until=None,
         )

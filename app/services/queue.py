@@ -8,6 +8,7 @@ process: a worker that dies mid-job leaves the message to another worker instead
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 
@@ -17,6 +18,15 @@ from sqlalchemy.orm import Session
 from app.db.models import Job, JobStatus
 from app.services.jobs import EMBED_QUEUE, JobKind
 from app.services.problems import ProblemError, problem
+
+#: Seconds a client is told to wait (Retry-After) when the broker refuses a job.
+BROKER_RETRY_AFTER = 5
+#: Redis redelivers a message not acknowledged within this many seconds (the default is an
+#: hour). The job's lease decides who runs it: a redelivery of a job still running under its
+#: lease is dropped, so this only bounds how long a killed worker's message waits, and the
+#: sweep re-sends sooner. The embedded broker (kombu's SQLAlchemy transport) never redelivers
+#: an unacknowledged message; there the sweep alone recovers the job.
+VISIBILITY_TIMEOUT = 600
 
 #: The module that registers the task bodies, imported by every worker process.
 TASK_MODULE = "workers.tasks"
@@ -41,6 +51,8 @@ def celery_for(broker: str) -> Celery:
         broker_connection_timeout=3,
         task_routes={kind.task: {"queue": kind.queue} for kind in JobKind},
     )
+    if broker.startswith(("redis://", "rediss://", "sentinel://")):
+        celery.conf.broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT}
     return celery
 
 
@@ -56,6 +68,7 @@ def send(*, session: Session, job: Job, broker_url: str) -> None:
     broker refuses, the job fails (it would otherwise wait forever; the failure is committed
     too) and a 503 problem is raised.
     """
+    job.sent_at = datetime.now(UTC)
     session.commit()
     try:
         dispatch(job.id, JobKind(job.kind), broker_url)
@@ -65,6 +78,7 @@ def send(*, session: Session, job: Job, broker_url: str) -> None:
         job.status = JobStatus.failed
         job.error = problem(503, "broker-unavailable", "Job queue unavailable", detail)
         session.commit()
+        error.headers["Retry-After"] = str(BROKER_RETRY_AFTER)
         raise error from None
 
 

@@ -45,10 +45,19 @@ def embedding_of(session: Session, *, task_id: str, tenant: str) -> Embedding:
     )
 
 
+def embedding_row(session: Session, *, task_id: str) -> EmbeddingRow | None:
+    row: EmbeddingRow | None = session.scalar(
+        select(EmbeddingRow).where(EmbeddingRow.task_id == task_id)
+    )
+    return row
+
+
 def save_embedding(
     session: Session, *, task_id: str, path: Path, embedding: Embedding, seconds: float
 ) -> None:
-    """Record a task's embedding, written at ``path``."""
+    """Record a task's embedding, written at ``path`` (once: a row that exists is kept)."""
+    if embedding_row(session, task_id=task_id) is not None:
+        return
     session.add(
         EmbeddingRow(
             task_id=task_id,
@@ -69,7 +78,13 @@ def record_ranking(
     method: str,
     ranking: list[dict[str, Any]],
     version_id: int,
+    job_id: str | None = None,
 ) -> None:
+    """Record a ranking served; a rank job's is recorded once, however often it runs."""
+    if job_id is not None and session.scalar(
+        select(Recommendation.id).where(Recommendation.job_id == job_id)
+    ):
+        return
     session.add(
         Recommendation(
             tenant=tenant,
@@ -77,6 +92,7 @@ def record_ranking(
             method=method,
             ranking=ranking,
             index_version_id=version_id,
+            job_id=job_id,
         )
     )
 

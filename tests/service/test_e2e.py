@@ -4,10 +4,6 @@ management."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.settings import Settings
-from tests.helpers import cnn_weights, fresh_database, npz_upload, service_settings
+from tests.helpers import cnn_weights, fresh_database, npz_upload, service_settings, worker
 
 REDIS = "redis://127.0.0.1:6379/9"
 
@@ -36,30 +32,8 @@ def stack(request: pytest.FixtureRequest, tiny_zoo: Path, tmp_path: Path) -> Ite
 
 
 def _with_worker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
-    env = {
-        **os.environ,
-        "T2V_DATA_DIR": str(settings.data_dir),
-        "T2V_DATABASE_URL": settings.resolved_database_url(),
-        "T2V_BROKER_URL": settings.resolved_broker_url(),
-        "T2V_ZOO": settings.zoo,
-    }
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "worker"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+    with worker(settings, tmp_path / "worker.log"):
         yield settings
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path) -> None:

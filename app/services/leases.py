@@ -1,0 +1,237 @@
+"""Job leases: the database is the ledger of jobs, the broker only carries messages.
+
+A worker *claims* a job before running it: one conditional UPDATE moves the row to
+``running`` with ``attempt + 1`` and a lease, and only if the job is queued or its lease has
+expired, so of two deliveries of one job (a re-sent message, a broker's redelivery) exactly
+one runs it. While it works, the worker renews the lease (``Lease``); every write it makes to
+the row is guarded by its attempt, so a worker that lost its lease cannot overwrite the work
+of the one that took over.
+
+A *sweep*, run periodically inside every worker, keeps every accepted job moving: a running
+job whose lease expired (its worker was killed or cut off) goes back to the queue and is
+re-sent, until ``job_max_attempts``, after which it fails with a problem; a queued job whose
+message is older than ``job_resend_seconds`` (doubling after each re-send) is re-sent, since
+a broker may have lost it (Redis restarted without persistence; the embedded broker never
+redelivers a killed worker's message). Re-sent duplicates are harmless: a claim lets one run.
+Sweeps in several workers at once are safe too: each action is a conditional UPDATE, and only
+its winner sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.db.models import Expert, Job, JobStatus, ZooTask
+from app.db.session import session_scope, updated
+from app.services import queue
+from app.services.jobs import JobKind
+from app.services.problems import problem
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Re-sends of a queued job back off by doubling, up to this many doublings (64 × the base).
+MAX_RESEND_DOUBLINGS = 6
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def claim(settings: Settings, job_id: str) -> int | None:
+    """Take the job for one attempt; its number, or None when the job is finished or runs
+    under a live lease elsewhere (the message is a duplicate: drop it).
+
+    The attempt starts afresh: status ``running``, progress, timings, result and error of
+    an earlier attempt cleared."""
+    now = utcnow()
+    claimable = or_(
+        Job.status == JobStatus.queued,
+        and_(Job.status == JobStatus.running, Job.lease_until < now),
+    )
+    with session_scope(settings.resolved_database_url()) as session:
+        done = updated(
+            session,
+            update(Job)
+            .where(Job.id == job_id, claimable)
+            .values(
+                status=JobStatus.running,
+                attempt=Job.attempt + 1,
+                lease_until=now + timedelta(seconds=settings.job_lease_seconds),
+                started_at=now,
+                finished_at=None,
+                stage="starting",
+                progress=0.0,
+                timings={},
+                result=None,
+                error=None,
+            ),
+        )
+        if done == 0:
+            return None
+        attempt: int = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
+        return attempt
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did: job ids re-sent (lease expired, or queued too long), and failed."""
+
+    expired: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def sweep(settings: Settings) -> SweepReport:
+    """Re-send the jobs that would otherwise wait forever; fail those out of attempts."""
+    report = SweepReport()
+    url = settings.resolved_database_url()
+    now = utcnow()
+    with session_scope(url) as session:
+        expired = list(
+            session.execute(
+                select(Job.id, Job.attempt, Job.kind, Job.params).where(
+                    Job.status == JobStatus.running, Job.lease_until < now
+                )
+            )
+        )
+        queued = list(
+            session.execute(
+                select(Job.id, Job.resends, func.coalesce(Job.sent_at, Job.created_at)).where(
+                    Job.status == JobStatus.queued
+                )
+            )
+        )
+    for job_id, attempt, kind, params in expired:
+        if attempt >= settings.job_max_attempts:
+            if _give_up(settings, job_id, attempt, now):
+                report.failed.append(job_id)
+                _fail_item(settings, JobKind(kind), params, job_id)
+        elif _requeue(url, job_id, attempt, now):
+            report.expired.append(job_id)
+            _send(settings, job_id, kind)
+    for job_id, resends, sent in queued:
+        wait = settings.job_resend_seconds * 2 ** min(resends, MAX_RESEND_DOUBLINGS)
+        if _as_utc(sent) + timedelta(seconds=wait) < now and _mark_resent(
+            url, job_id, resends, now
+        ):
+            report.resent.append(job_id)
+            _send(settings, job_id, None)
+    return report
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; they are stored in UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _requeue(url: str, job_id: str, attempt: int, now: datetime) -> bool:
+    """Back to the queue, if no other sweep or claim got there first."""
+    with session_scope(url) as session:
+        done = updated(
+            session,
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.running,
+                Job.attempt == attempt,
+                Job.lease_until < now,
+            )
+            .values(status=JobStatus.queued, lease_until=None, sent_at=now, stage="requeued"),
+        )
+        return bool(done)
+
+
+def _mark_resent(url: str, job_id: str, resends: int, now: datetime) -> bool:
+    with session_scope(url) as session:
+        done = updated(
+            session,
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued, Job.resends == resends)
+            .values(resends=resends + 1, sent_at=now),
+        )
+        return bool(done)
+
+
+def _give_up(settings: Settings, job_id: str, attempt: int, now: datetime) -> bool:
+    error = problem(
+        500,
+        "job-lost",
+        "The job was lost",
+        f"its worker stopped {attempt} times before finishing (killed, or cut off from the "
+        "database); the job is not tried again",
+    )
+    with session_scope(settings.resolved_database_url()) as session:
+        done = updated(
+            session,
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.running,
+                Job.attempt == attempt,
+                Job.lease_until < now,
+            )
+            .values(status=JobStatus.failed, error=error, finished_at=now, lease_until=None),
+        )
+        return bool(done)
+
+
+def _fail_item(settings: Settings, kind: JobKind, params: dict[str, Any], job_id: str) -> None:
+    """A lost expert or zoo-task job fails its item too, freeing the name."""
+    from app.services.zoo_admin import fail_item
+
+    with session_scope(settings.resolved_database_url()) as session:
+        error = session.scalar(select(Job.error).where(Job.id == job_id))
+    if kind == JobKind.expert:
+        fail_item(settings, Expert, params["expert"], error or {})
+    elif kind == JobKind.zoo_task:
+        fail_item(settings, ZooTask, params["zoo_task"], error or {})
+
+
+def _send(settings: Settings, job_id: str, kind: str | None) -> None:
+    """Send the job's message again; a broker that refuses is tried at the next sweep."""
+    try:
+        if kind is None:
+            with session_scope(settings.resolved_database_url()) as session:
+                kind = session.scalar(select(Job.kind).where(Job.id == job_id))
+        if kind is not None:
+            queue.dispatch(job_id, JobKind(kind), settings.resolved_broker_url())
+    except Exception:
+        log.warning("could not re-send job %s; the next sweep tries again", job_id, exc_info=True)
+
+
+class Sweeper:
+    """``sweep`` every ``sweep_seconds`` in a daemon thread, for a worker's life."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.sweep_seconds):
+            try:
+                report = sweep(self.settings)
+            except SQLAlchemyError:
+                log.warning("job sweep skipped: the database is unavailable")
+                continue
+            if report.expired or report.resent or report.failed:
+                log.info(
+                    "job sweep: lease expired %s, re-sent %s, failed %s",
+                    report.expired,
+                    report.resent,
+                    report.failed,
+                )
