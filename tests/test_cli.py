@@ -157,3 +157,12 @@ def test_zoo_build_recommend_and_evaluate(tmp_path: Path) -> None:
     )  # fmt: skip
     assert refused.returncode == 2
     assert "unknown recommenders: oracle" in refused.stderr
+
+
+def test_serve_refuses_a_database_that_was_never_migrated(tmp_path: Path) -> None:
+    env = {"T2V_DATA_DIR": str(tmp_path), "T2V_DATABASE_URL": f"sqlite:///{tmp_path / 'new.db'}"}
+    result = task2vec("serve", "--port", "1", env=env)
+    assert result.returncode == 2
+    assert "never migrated" in result.stderr
+    assert "task2vec db upgrade" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -46,7 +46,29 @@ def serve_command(
     import uvicorn
 
     _key_policy(host)
+    _require_migrated()
     uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+
+
+def _require_migrated() -> None:
+    """Refuse to start on a database the migrations have not brought up to date (it would
+    answer every request with an error), saying what to run."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.db.migrate import revisions
+
+    url = get_settings().resolved_database_url()
+    try:
+        current, head = revisions(url)
+    except SQLAlchemyError as exc:
+        raise fail(ValueError(f"the database cannot be reached ({type(exc).__name__})")) from None
+    if current != head:
+        state = "was never migrated" if current is None else f"is at revision {current}"
+        raise fail(
+            ValueError(
+                f"the database {state}, the code needs {head}: run `task2vec db upgrade` first"
+            )
+        )
 
 
 def _key_policy(host: str) -> None:
