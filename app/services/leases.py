@@ -132,8 +132,9 @@ def _as_utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _requeue(url: str, job_id: str, attempt: int, now: datetime) -> bool:
-    """Back to the queue, if no other sweep or claim got there first."""
+def _settle_expired(url: str, job_id: str, attempt: int, now: datetime, **values: Any) -> bool:
+    """Set ``values`` on a job whose attempt's lease expired, if no other sweep or claim got
+    there first (the conditional UPDATE decides); whether this call did."""
     with session_scope(url) as session:
         done = updated(
             session,
@@ -144,9 +145,16 @@ def _requeue(url: str, job_id: str, attempt: int, now: datetime) -> bool:
                 Job.attempt == attempt,
                 Job.lease_until < now,
             )
-            .values(status=JobStatus.queued, lease_until=None, sent_at=now, stage="requeued"),
+            .values(lease_until=None, **values),
         )
         return bool(done)
+
+
+def _requeue(url: str, job_id: str, attempt: int, now: datetime) -> bool:
+    """Back to the queue."""
+    return _settle_expired(
+        url, job_id, attempt, now, status=JobStatus.queued, sent_at=now, stage="requeued"
+    )
 
 
 def _mark_resent(url: str, job_id: str, resends: int, now: datetime) -> bool:
@@ -168,19 +176,15 @@ def _give_up(settings: Settings, job_id: str, attempt: int, now: datetime) -> bo
         f"its worker stopped {attempt} times before finishing (killed, or cut off from the "
         "database); the job is not tried again",
     )
-    with session_scope(settings.resolved_database_url()) as session:
-        done = updated(
-            session,
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.status == JobStatus.running,
-                Job.attempt == attempt,
-                Job.lease_until < now,
-            )
-            .values(status=JobStatus.failed, error=error, finished_at=now, lease_until=None),
-        )
-        return bool(done)
+    return _settle_expired(
+        settings.resolved_database_url(),
+        job_id,
+        attempt,
+        now,
+        status=JobStatus.failed,
+        error=error,
+        finished_at=now,
+    )
 
 
 def _fail_item(settings: Settings, kind: JobKind, params: dict[str, Any], job_id: str) -> None:
