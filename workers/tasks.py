@@ -79,22 +79,23 @@ def _execute(
     settings: Settings,
     doing: str,
     body: Body,
-    on_fail: Callable[[dict[str, Any]], None] | None = None,
+    on_fail: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
     invalid: str = "invalid-dataset",
 ) -> None:
     """Claim the job and run ``body`` under its lease. A user-fixable error fails the job with
-    422 (no retry), anything unforeseen with 500 (and a log); ``on_fail`` also gets the error
-    (an expert or zoo task records it on its own row). A database error propagates, for
-    Celery to retry; a lost lease ends the attempt without a write."""
+    422 (no retry), anything unforeseen with 500 (and a log); ``on_fail`` also gets the error,
+    with the job's parameters (an expert or zoo task records it on its own row). A database
+    error propagates, for Celery to retry; a lost lease ends the attempt without a write."""
     attempt = leases.claim(settings, job_id)
     if attempt is None:
         log.info("job %s is finished or running under a live lease: message dropped", job_id)
         return
     url = settings.resolved_database_url()
     recorder = JobRecorder(url, job_id, attempt, settings.job_lease_seconds)
+    params = _job_params(url, job_id)
     try:
         with recorder.heartbeat():
-            body(recorder, _job_params(url, job_id))
+            body(recorder, params)
         return
     except LeaseLostError:
         log.warning("job %s: attempt %d lost its lease to another", job_id, attempt)
@@ -113,7 +114,7 @@ def _execute(
     except LeaseLostError:
         return
     if on_fail is not None:
-        on_fail(error)
+        on_fail(error, params)
 
 
 def run_embed(job_id: str, settings: Settings) -> None:
@@ -193,12 +194,12 @@ def _version_result(version: Version) -> dict[str, Any]:
 
 def run_expert(job_id: str, settings: Settings) -> None:
     """A registered expert: its column of the matrix, then a new zoo version."""
-    name = _job_params(settings.resolved_database_url(), job_id)["expert"]
 
-    def failed(error: dict[str, Any]) -> None:
-        zoo_admin.fail_item(settings, Expert, name, error)
+    def failed(error: dict[str, Any], params: dict[str, Any]) -> None:
+        zoo_admin.fail_item(settings, Expert, params["expert"], error)
 
-    def body(recorder: JobRecorder, _: dict[str, Any]) -> None:
+    def body(recorder: JobRecorder, params: dict[str, Any]) -> None:
+        name = params["expert"]
         ZOOS.current(settings)  # the zoo is published before anything is added to it
         version = zoo_admin.evaluate_expert(settings, name, recorder.progress)
         recorder.succeed({"expert": name, **_version_result(version)})
@@ -208,12 +209,13 @@ def run_expert(job_id: str, settings: Settings) -> None:
 
 def run_zoo_task(job_id: str, settings: Settings) -> None:
     """A task added to the zoo: its embedding and row of the matrix, then a new version."""
-    name = _job_params(settings.resolved_database_url(), job_id)["zoo_task"]
 
-    def failed(error: dict[str, Any]) -> None:
-        zoo_admin.fail_item(settings, ZooTask, name, error)
+    def failed(error: dict[str, Any], params: dict[str, Any]) -> None:
+        zoo_admin.fail_item(settings, ZooTask, params["zoo_task"], error)
 
-    def body(recorder: JobRecorder, _: dict[str, Any]) -> None:
+    def body(recorder: JobRecorder, params: dict[str, Any]) -> None:
+        name = params["zoo_task"]
+
         def embed_with_probe(data: LabelledImages, config: EmbedConfig) -> Embedding:
             config = replace(config, device=settings.device)
             return embed(data, config, probe=_probe(config), progress=recorder.progress)

@@ -134,16 +134,12 @@ def experts(
     session: SessionDep, zoo: ZooDep, _: CallerDep, limit: Limit = 100, offset: Offset = 0
 ) -> ExpertPage:
     total, rows = zoo_items.page(session, Expert, limit=limit, offset=offset)
-    return ExpertPage(
-        total=total, items=[_expert_view(r, zoo) for r in rows if isinstance(r, Expert)]
-    )
+    return ExpertPage(total=total, items=[_expert_view(r, zoo) for r in rows])
 
 
 @router.get("/experts/{expert_id}", response_model=ExpertOut, summary="One expert")
 def expert(expert_id: str, session: SessionDep, zoo: ZooDep, _: CallerDep) -> ExpertOut:
-    row = zoo_items.one(session, Expert, expert_id)
-    assert isinstance(row, Expert)
-    return _expert_view(row, zoo)
+    return _expert_view(zoo_items.one(session, Expert, expert_id), zoo)
 
 
 @router.get(
@@ -155,16 +151,12 @@ def zoo_tasks(
     session: SessionDep, zoo: ZooDep, _: CallerDep, limit: Limit = 100, offset: Offset = 0
 ) -> ZooTaskPage:
     total, rows = zoo_items.page(session, ZooTask, limit=limit, offset=offset)
-    return ZooTaskPage(
-        total=total, items=[_zoo_task_view(r, zoo) for r in rows if isinstance(r, ZooTask)]
-    )
+    return ZooTaskPage(total=total, items=[_zoo_task_view(r, zoo) for r in rows])
 
 
 @router.get("/zoo/tasks/{name}", response_model=ZooTaskOut, summary="One zoo task")
 def zoo_task(name: str, session: SessionDep, zoo: ZooDep, _: CallerDep) -> ZooTaskOut:
-    row = zoo_items.one(session, ZooTask, name)
-    assert isinstance(row, ZooTask)
-    return _zoo_task_view(row, zoo)
+    return _zoo_task_view(zoo_items.one(session, ZooTask, name), zoo)
 
 
 # --------------------------------------------------------------------------------------------

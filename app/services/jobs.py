@@ -77,7 +77,7 @@ def create(
 
 def get(session: Session, *, job_id: str, tenant: str) -> Job:
     """The tenant's job; another tenant's id is not found, as if it did not exist."""
-    job = session.get(Job, job_id, populate_existing=True)
+    job = session.get(Job, job_id)
     if job is None or job.tenant != tenant:
         raise not_found("job", job_id)
     return job
@@ -146,11 +146,15 @@ class JobRecorder:
         self._stage: str | None = None
         self.timings: dict[str, float] = {}
 
+    def _lost(self) -> LeaseLostError:
+        self.lost.set()
+        return LeaseLostError(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+
     def hold(self, session: Session, **values: Any) -> None:
         """In the caller's transaction: renew the lease (and set ``values``), or raise
         ``LeaseLostError``, so that a result is written only by the attempt that holds the job."""
         if self.lost.is_set():
-            raise LeaseLostError(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+            raise self._lost()
         values.setdefault("lease_until", lease_end(self.lease_seconds))
         done = updated(
             session,
@@ -163,8 +167,7 @@ class JobRecorder:
             .values(**values),
         )
         if done == 0:
-            self.lost.set()
-            raise LeaseLostError(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+            raise self._lost()
 
     def _update(self, **values: Any) -> None:
         with session_scope(self.url) as session:
@@ -205,7 +208,7 @@ class JobRecorder:
             self._last = now
             self._update(progress=fraction)
         elif self.lost.is_set():
-            raise LeaseLostError(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+            raise self._lost()
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.stage(stage, done / total if total else 0.0)

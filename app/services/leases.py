@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.db.models import Expert, Job, JobStatus, ZooTask
+from app.db.models import Expert, Job, JobStatus, ZooTask, utcnow
 from app.db.session import session_scope, updated
 from app.services import queue
 from app.services.jobs import JobKind
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 
 #: Re-sends of a queued job back off by doubling, up to this many doublings (64 × the base).
 MAX_RESEND_DOUBLINGS = 6
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def claim(settings: Settings, job_id: str) -> int | None:
@@ -104,26 +100,27 @@ def sweep(settings: Settings) -> SweepReport:
         )
         queued = list(
             session.execute(
-                select(Job.id, Job.resends, func.coalesce(Job.sent_at, Job.created_at)).where(
-                    Job.status == JobStatus.queued
-                )
+                select(
+                    Job.id, Job.kind, Job.resends, func.coalesce(Job.sent_at, Job.created_at)
+                ).where(Job.status == JobStatus.queued)
             )
         )
     for job_id, attempt, kind, params in expired:
         if attempt >= settings.job_max_attempts:
-            if _give_up(settings, job_id, attempt, now):
+            error = _give_up(settings, job_id, attempt, now)
+            if error is not None:
                 report.failed.append(job_id)
-                _fail_item(settings, JobKind(kind), params, job_id)
+                _fail_item(settings, JobKind(kind), params, error)
         elif _requeue(url, job_id, attempt, now):
             report.expired.append(job_id)
             _send(settings, job_id, kind)
-    for job_id, resends, sent in queued:
+    for job_id, kind, resends, sent in queued:
         wait = settings.job_resend_seconds * 2 ** min(resends, MAX_RESEND_DOUBLINGS)
         if _as_utc(sent) + timedelta(seconds=wait) < now and _mark_resent(
             url, job_id, resends, now
         ):
             report.resent.append(job_id)
-            _send(settings, job_id, None)
+            _send(settings, job_id, kind)
     return report
 
 
@@ -168,7 +165,8 @@ def _mark_resent(url: str, job_id: str, resends: int, now: datetime) -> bool:
         return bool(done)
 
 
-def _give_up(settings: Settings, job_id: str, attempt: int, now: datetime) -> bool:
+def _give_up(settings: Settings, job_id: str, attempt: int, now: datetime) -> dict[str, Any] | None:
+    """Fail a job out of attempts; its error, or None when another sweep got there first."""
     error = problem(
         500,
         "job-lost",
@@ -176,7 +174,7 @@ def _give_up(settings: Settings, job_id: str, attempt: int, now: datetime) -> bo
         f"its worker stopped {attempt} times before finishing (killed, or cut off from the "
         "database); the job is not tried again",
     )
-    return _settle_expired(
+    failed = _settle_expired(
         settings.resolved_database_url(),
         job_id,
         attempt,
@@ -185,28 +183,25 @@ def _give_up(settings: Settings, job_id: str, attempt: int, now: datetime) -> bo
         error=error,
         finished_at=now,
     )
+    return error if failed else None
 
 
-def _fail_item(settings: Settings, kind: JobKind, params: dict[str, Any], job_id: str) -> None:
+def _fail_item(
+    settings: Settings, kind: JobKind, params: dict[str, Any], error: dict[str, Any]
+) -> None:
     """A lost expert or zoo-task job fails its item too, freeing the name."""
     from app.services.zoo_admin import fail_item
 
-    with session_scope(settings.resolved_database_url()) as session:
-        error = session.scalar(select(Job.error).where(Job.id == job_id))
     if kind == JobKind.expert:
-        fail_item(settings, Expert, params["expert"], error or {})
+        fail_item(settings, Expert, params["expert"], error)
     elif kind == JobKind.zoo_task:
-        fail_item(settings, ZooTask, params["zoo_task"], error or {})
+        fail_item(settings, ZooTask, params["zoo_task"], error)
 
 
-def _send(settings: Settings, job_id: str, kind: str | None) -> None:
+def _send(settings: Settings, job_id: str, kind: str) -> None:
     """Send the job's message again; a broker that refuses is tried at the next sweep."""
     try:
-        if kind is None:
-            with session_scope(settings.resolved_database_url()) as session:
-                kind = session.scalar(select(Job.kind).where(Job.id == job_id))
-        if kind is not None:
-            queue.dispatch(job_id, JobKind(kind), settings.resolved_broker_url())
+        queue.dispatch(job_id, JobKind(kind), settings.resolved_broker_url())
     except Exception:
         log.warning("could not re-send job %s; the next sweep tries again", job_id, exc_info=True)
 

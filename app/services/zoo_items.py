@@ -8,7 +8,7 @@ with why). A published version is a snapshot of the ready ones (``publishing``).
 from __future__ import annotations
 
 from dataclasses import asdict, fields
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -21,6 +21,8 @@ from app.zoo.tasks import TaskSpec
 from app.zoo.zoo import expert_from_json, task_from_json
 
 Item = Expert | ZooTask
+#: One kind of item, for reads that hand back rows of the model they were given.
+Row = TypeVar("Row", Expert, ZooTask)
 ItemModel = type[Expert] | type[ZooTask]
 #: The job that adds each kind of zoo item; its name is also the item's in problem types,
 #: job parameters and messages.
@@ -65,18 +67,18 @@ def by_name(session: Session, model: ItemModel, name: str) -> Item | None:
     return cast("Item | None", session.scalar(select(model).where(model.name == name)))
 
 
-def one(session: Session, model: ItemModel, name: str) -> Item:
-    row = by_name(session, model, name)
+def one(session: Session, model: type[Row], name: str) -> Row:
+    row = session.scalar(select(model).where(model.name == name))
     if row is None:
         raise not_found(what(model), name)
     return row
 
 
-def page(session: Session, model: ItemModel, *, limit: int, offset: int) -> tuple[int, list[Item]]:
+def page(session: Session, model: type[Row], *, limit: int, offset: int) -> tuple[int, list[Row]]:
     """One page of items, oldest first, and how many there are."""
     total = session.scalar(select(func.count()).select_from(model)) or 0
     rows = session.scalars(select(model).order_by(model.id).offset(offset).limit(limit))
-    return total, cast("list[Item]", list(rows))
+    return total, list(rows)
 
 
 def pending(session: Session) -> dict[str, int]:

@@ -26,6 +26,7 @@ from app.services import leases, queue
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.settings import Settings
 from tests.helpers import (
+    free_port,
     fresh_database,
     npz_upload,
     run_job,
@@ -91,13 +92,6 @@ def test_a_job_whose_worker_is_killed_completes_once(fast: Settings, tmp_path: P
         assert session.scalar(select(func.count()).select_from(EmbeddingRow)) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _redis_server(port: int) -> subprocess.Popen[bytes]:
     server = subprocess.Popen(
         [
@@ -129,7 +123,7 @@ def test_jobs_queued_in_a_redis_that_restarts_empty_complete(
 ) -> None:
     """A private Redis holds the queued jobs' messages, then restarts without them; the
     sweep re-sends the jobs from the database and they complete."""
-    port = _free_port()
+    port = free_port()
     server = _redis_server(port)
     log = tmp_path / "worker.log"
     try:
@@ -163,7 +157,7 @@ class _Cut:
 
     def __init__(self, target: int = 5432) -> None:
         self.target = target
-        self.port = _free_port()
+        self.port = free_port()
         self._open: list[socket.socket] = []
         self._server: socket.socket | None = None
         self.mend()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,11 +13,7 @@ from pathlib import Path
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers import free_port
 
 
 def _group_alive(pgid: int) -> bool:
@@ -32,7 +27,7 @@ def _group_alive(pgid: int) -> bool:
 def test_run_serves_and_ctrl_c_stops_the_worker_too(tiny_zoo: Path, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     shutil.copytree(tiny_zoo.parent, data_dir / "zoos")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("T2V_")} | {
         "T2V_DATA_DIR": str(data_dir),
         "T2V_ZOO": "tiny",
