@@ -69,6 +69,15 @@ class Settings(BaseSettings):
     job_resend_seconds: float = Field(default=120.0, gt=0)
     #: How often (seconds) every worker sweeps for expired leases and stale queued jobs.
     sweep_seconds: float = Field(default=5.0, gt=0)
+    #: Rankings each API process keeps per zoo version (a ranking is a pure function of the
+    #: task's embedding, the method and the version); 0: compute every read.
+    ranking_cache_size: int = Field(default=4096, ge=0)
+    #: Task embeddings each process keeps in memory (with their tenant); 0: read every time.
+    embedding_cache_size: int = Field(default=1024, ge=0)
+    #: Threads for numeric libraries (BLAS, OpenMP, torch) inside an API process: requests
+    #: already run in parallel on the threadpool, and small parallel kernels on top of that
+    #: only contend for the cores.
+    api_numeric_threads: int = Field(default=1, ge=1)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -28,36 +28,15 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import torch
 
-from app.data.offline import fashion_mnist
-from app.task2vec.sampling import stratified_subset
-from app.zoo.build import zoo_folder as preset_folder
 from app.zoo.experts import SmallCNN
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _dataset(images: int, seed: int = 7) -> bytes:
-    x, y, names = fashion_mnist("test")
-    keep = stratified_subset(y, images, torch.Generator().manual_seed(seed))
-    buffer = io.BytesIO()
-    np.savez(buffer, x=x[keep], y=np.array(names)[y[keep]])
-    return buffer.getvalue()
+from bench.processes import fashion_upload, running
 
 
 def _expert_weights() -> bytes:
@@ -106,7 +85,7 @@ def _zoo_management(client: httpx.Client, images: int) -> dict[str, Any]:
     response = client.post(
         "/v1/zoo/tasks",
         data={"name": "bench-clothing", "domain": "clothing"},
-        files={"file": ("clothing.npz", _dataset(images, seed=8))},
+        files={"file": ("clothing.npz", fashion_upload(images, seed=8))},
     )
     response.raise_for_status()
     size = (size[0] + 1, size[1])
@@ -117,71 +96,24 @@ def _zoo_management(client: httpx.Client, images: int) -> dict[str, Any]:
 
 
 def run(zoo: str, images: int, requests: int) -> dict[str, Any]:
-    zoo_folder = preset_folder(Path("data"), zoo).resolve()
-    if not (zoo_folder / "zoo.json").is_file():
-        raise SystemExit(f"no zoo at {zoo_folder}: run `task2vec zoo build --preset {zoo}` first")
-    payload = _dataset(images)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(tmp)
-        env = {**os.environ, "T2V_DATA_DIR": str(data_dir), "T2V_ZOO": str(zoo_folder)}
-        subprocess.run(
-            [sys.executable, "-m", "app.cli", "db", "upgrade"],
-            env=env,
-            check=True,
-            capture_output=True,
+    payload = fashion_upload(images)
+    with running(zoo) as service, httpx.Client(base_url=service.base, timeout=600) as client:
+        started = time.perf_counter()
+        response = client.post(
+            "/v1/recommendations",
+            params={"wait": 300, "k": 5},
+            files={"file": ("fashion.npz", payload)},
         )
-        port = _free_port()
-        logs = (data_dir / "processes.log").open("w")
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "worker"],
-                env=env,
-                stdout=logs,
-                stderr=subprocess.STDOUT,
-            ),
-            subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                env=env,
-                stdout=logs,
-                stderr=subprocess.STDOUT,
-            ),
-        ]
-        base = f"http://127.0.0.1:{port}"
-        try:
-            with httpx.Client(base_url=base, timeout=600) as client:
-                deadline = time.monotonic() + 120
-                while True:  # ready: database, broker and the zoo's index loaded
-                    try:
-                        if client.get("/readyz").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise SystemExit((data_dir / "processes.log").read_text()[-3000:])
-                    time.sleep(0.5)
-                time.sleep(3)  # let the worker finish starting
-                started = time.perf_counter()
-                response = client.post(
-                    "/v1/recommendations",
-                    params={"wait": 300, "k": 5},
-                    files={"file": ("fashion.npz", payload)},
-                )
-                wall = time.perf_counter() - started
-                response.raise_for_status()
-                body = response.json()
-                latencies = []
-                url = f"/v1/tasks/{body['task_id']}/recommendations"
-                for _ in range(requests):
-                    t0 = time.perf_counter()
-                    client.get(url, params={"k": 5}).raise_for_status()
-                    latencies.append(time.perf_counter() - t0)
-                management = _zoo_management(client, images)
-        finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(timeout=60)
-            logs.close()
+        wall = time.perf_counter() - started
+        response.raise_for_status()
+        body = response.json()
+        latencies = []
+        url = f"/v1/tasks/{body['task_id']}/recommendations"
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            client.get(url, params={"k": 5}).raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+        management = _zoo_management(client, images)
     timings = body["timings"]
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

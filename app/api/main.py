@@ -19,7 +19,8 @@ from app.api.limits import RequestLength
 from app.api.schemas import Health, Ready
 from app.db.session import engine_for
 from app.services import queue
-from app.services.serving import ZooStates
+from app.services import tasks as tasks_service
+from app.services.serving import ZooStates, limit_numeric_threads
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def _check_broker(settings: Settings) -> None:
 @asynccontextmanager
 async def _following_the_zoo(app: FastAPI) -> AsyncIterator[None]:
     """A thread that keeps the served zoo version current while the app runs."""
+    tasks_service.EMBEDDINGS.size = app.state.settings.embedding_cache_size
     stop = threading.Event()
     follower = threading.Thread(
         target=app.state.zoos.follow, args=(app.state.settings, stop), daemon=True
@@ -113,7 +115,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def __getattr__(name: str) -> Any:
     """``app.api.main:app`` for uvicorn, built on first access with the environment's
-    settings (tests build their own with ``create_app``)."""
+    settings (tests build their own with ``create_app``). The process serves: its numeric
+    libraries are limited to ``api_numeric_threads``."""
     if name == "app":
-        return create_app()
+        settings = get_settings()
+        limit_numeric_threads(settings.api_numeric_threads)
+        return create_app(settings)
     raise AttributeError(name)

@@ -87,6 +87,10 @@ class Ranking(BaseModel):
     method: str
     ranking: list[RankedExpert]
     seconds: float = Field(description="time to rank")
+    cached: bool = Field(
+        default=False,
+        description="answered from the rankings this API process computed for the zoo version",
+    )
     zoo_version: str
 
 

@@ -41,13 +41,16 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] 
 def serve_command(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="API processes (each holds the served zoo in memory)")
+    ] = 1,
 ) -> None:
     """Run the HTTP API (workers run separately: `task2vec worker`)."""
     import uvicorn
 
     _key_policy(host)
     _require_migrated()
-    uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+    uvicorn.run("app.api.main:app", host=host, port=port, workers=workers, log_level="info")
 
 
 def _require_migrated() -> None:

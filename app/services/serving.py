@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.services.cache import LRUCache
 from app.services.layout import DataLayout
 from app.services.publishing import current_version, ensure_published
 from app.services.versions import Version
@@ -35,17 +36,24 @@ METHODS = FAST_METHODS + WORKER_METHODS
 
 @dataclass
 class ZooState:
+    """One version of the zoo, ready to answer, with the rankings it computed: a ranking is a
+    pure function of the task's embedding, the method and the version, so it is kept (per
+    task and method; a task's embedding never changes) for as long as the version is served."""
+
     zoo: Zoo
     version: Version
     methods: dict[str, Recommender] = field(default_factory=dict)
+    rankings: LRUCache[tuple[str, str], list[Ranked]] = field(
+        default_factory=lambda: LRUCache(4096)
+    )
 
     @classmethod
-    def load(cls, version: Version) -> ZooState:
+    def load(cls, version: Version, ranking_cache_size: int = 4096) -> ZooState:
         """The version's zoo with its saved index and a freshly fit learned scorer."""
         zoo = Zoo.load(version.folder)
         zoo.index()
         methods: dict[str, Recommender] = {**recommenders(zoo), "learned": LearnedScorer(zoo)}
-        return cls(zoo, version, methods)
+        return cls(zoo, version, methods, LRUCache(ranking_cache_size))
 
     def neighbours(self, embedding: Embedding, k: int) -> list[dict[str, Any]]:
         self.zoo.check_compatible(embedding)
@@ -67,6 +75,16 @@ class ZooState:
             raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
         self.zoo.check_compatible(embedding)
         return self.methods[method](self.zoo, Query(embedding, data))
+
+    def ranking(self, task_id: str, method: str, embedding: Embedding) -> tuple[list[Ranked], bool]:
+        """The task's ranking by a method the API answers in-process, and whether it was
+        computed now (False: this process had it from an earlier request)."""
+        kept = self.rankings.get((task_id, method))
+        if kept is not None:
+            return kept, False
+        ranked = self.rank(method, embedding)
+        self.rankings.put((task_id, method), ranked)
+        return ranked, True
 
 
 class ZooStates:
@@ -109,19 +127,20 @@ class ZooStates:
             return state
         with self._lock:
             self._wanted = version
+        size = settings.ranking_cache_size
         if not self.background:
-            return self._install(ZooState.load(version))
+            return self._install(ZooState.load(version, size))
         with self._lock:
             if self._loading != version:
                 self._loading = version
-                threading.Thread(target=self._swap, args=(version,), daemon=True).start()
+                threading.Thread(target=self._swap, args=(version, size), daemon=True).start()
         return state
 
     def _load_current(self, settings: Settings) -> ZooState:
         version = current_version(settings) or self._first_version(settings)
         with self._lock:
             self._wanted = version
-        return ZooState.load(version)
+        return ZooState.load(version, settings.ranking_cache_size)
 
     def _install(self, loaded: ZooState) -> ZooState:
         with self._lock:
@@ -129,9 +148,9 @@ class ZooStates:
                 self._state = loaded
             return self._state
 
-    def _swap(self, version: Version) -> None:
+    def _swap(self, version: Version, ranking_cache_size: int) -> None:
         try:
-            served = self._install(ZooState.load(version))
+            served = self._install(ZooState.load(version, ranking_cache_size))
         except Exception:
             log.exception("zoo version %s did not load; still serving the previous one", version.id)
             served = None
@@ -175,6 +194,22 @@ class ZooStates:
                     log.warning("the zoo is not available: %s", exc)
                     last_error = repr(exc)
             stop.wait(max(settings.zoo_poll_seconds, 0.5))
+
+
+def limit_numeric_threads(threads: int) -> None:
+    """Cap the threads of every numeric library the served zoo uses (OpenBLAS or MKL under
+    numpy and scipy, OpenMP under FAISS and torch) for this process. The API answers requests
+    on a threadpool, in parallel already; a parallel kernel inside each would have its threads
+    spin and contend for the same cores (with ``uvicorn --workers`` several times over)."""
+    import faiss
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS, so that it is limited too)
+    import sklearn.linear_model  # noqa: F401
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
 
 
 def ranking_items(ranking: list[Ranked], k: int) -> list[dict[str, Any]]:

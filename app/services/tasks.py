@@ -1,7 +1,11 @@
 """A user's tasks after upload: their embeddings, and the rankings served for them.
 
-A ranking is always recorded (method, zoo version, ranked experts), whether the API answered
-it in-process or a worker computed it.
+Every ranking served is recorded (method, zoo version, the experts in order), once: a worker's
+ranking once per job, however often the job runs; an in-process ranking once per task, method
+and zoo version, when it is first computed. A ranking is a pure function of those three, so a
+row per read would store the same answer again, and a write on every read would make reads
+queue behind one another on the database (SQLite takes one writer at a time). Reads are
+counted by the metrics instead.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import EmbeddingRow, Job, Recommendation, Task
 from app.services import jobs, queue
+from app.services.cache import LRUCache
 from app.services.jobs import JobKind
 from app.services.problems import ProblemError, not_found
 from app.services.serving import ZooState, ranking_items
@@ -30,11 +35,23 @@ def get(session: Session, *, task_id: str, tenant: str) -> Task:
     return task
 
 
+#: Embeddings read in this process, with their task's tenant: neither changes once stored.
+EMBEDDINGS: LRUCache[str, tuple[str, Embedding]] = LRUCache(1024)
+
+
 def embedding_of(session: Session, *, task_id: str, tenant: str) -> Embedding:
-    """The task's embedding; 409 until it exists (naming the job that makes it)."""
+    """The task's embedding; 409 until it exists (naming the job that makes it). One this
+    process read before is answered from memory, without the database."""
+    kept = EMBEDDINGS.get(task_id)
+    if kept is not None:
+        if kept[0] != tenant:
+            raise not_found("task", task_id)
+        return kept[1]
     task = get(session, task_id=task_id, tenant=tenant)
     if task.embedding is not None:
-        return Embedding.load(task.embedding.path)
+        embedding = Embedding.load(task.embedding.path)
+        EMBEDDINGS.put(task_id, (task.tenant, embedding))
+        return embedding
     job = session.scalar(select(Job).where(Job.task_id == task_id).order_by(Job.created_at.desc()))
     where = f"; see /v1/jobs/{job.id} ({job.status})" if job else ""
     raise ProblemError(
@@ -100,26 +117,45 @@ def record_ranking(
 def rank_now(
     session: Session, *, zoo: ZooState, task_id: str, method: str, k: int, tenant: str
 ) -> dict[str, Any]:
-    """Rank with a method the API answers in-process, and record the ranking."""
+    """Rank with a method the API answers in-process; a ranking computed now is recorded
+    (its whole order: ``k`` only cuts the answer), unless it already was."""
     embedding = embedding_of(session, task_id=task_id, tenant=tenant)
     started = time.perf_counter()
-    ranking = ranking_items(zoo.rank(method, embedding), k)
+    ranked, computed = zoo.ranking(task_id, method, embedding)
     seconds = time.perf_counter() - started
-    record_ranking(
-        session,
-        tenant=tenant,
-        task_id=task_id,
-        method=method,
-        ranking=ranking,
-        version_id=zoo.version.id,
-    )
+    if computed and not _recorded(session, task_id, method, zoo.version.id):
+        record_ranking(
+            session,
+            tenant=tenant,
+            task_id=task_id,
+            method=method,
+            ranking=ranking_items(ranked, len(ranked)),
+            version_id=zoo.version.id,
+        )
     return {
         "task_id": task_id,
         "method": method,
-        "ranking": ranking,
+        "ranking": ranking_items(ranked, k),
         "seconds": round(seconds, 6),
+        "cached": not computed,
         "zoo_version": zoo.version.content,
     }
+
+
+def _recorded(session: Session, task_id: str, method: str, version_id: int) -> bool:
+    """Whether an in-process ranking of the task by ``method`` under the version is on record
+    (another API process, or this one before a restart, may have computed it)."""
+    found = session.scalar(
+        select(Recommendation.id)
+        .where(
+            Recommendation.task_id == task_id,
+            Recommendation.method == method,
+            Recommendation.index_version_id == version_id,
+            Recommendation.job_id.is_(None),
+        )
+        .limit(1)
+    )
+    return found is not None
 
 
 def queue_rank(

@@ -58,6 +58,13 @@ def test_upload_embed_neighbours_and_recommendations(
         assert ranked.status_code == 200, ranked.text
         assert ranked.json()["method"] == method
         assert 1 <= len(ranked.json()["ranking"]) <= 2
+        assert ranked.json()["cached"] is False
+    # Read again: the ranking this process computed for the zoo version, and no new row.
+    first = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"k": 3}).json()
+    again = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"k": 3}).json()
+    assert first["cached"]
+    assert again["cached"]
+    assert again["ranking"] == first["ranking"]
 
     queued = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "logme"})
     assert queued.status_code == 202
@@ -67,8 +74,12 @@ def test_upload_embed_neighbours_and_recommendations(
     assert len(result["result"]["ranking"]) == 3
     assert result["links"]["task"] == f"/v1/tasks/{body['task_id']}"
     with session_scope(settings.resolved_database_url()) as session:
-        methods = [r.method for r in session.query(Recommendation).order_by(Recommendation.id)]
+        rows = session.query(Recommendation).order_by(Recommendation.id).all()
+        methods = [r.method for r in rows]
+        learned = rows[0].ranking
+    # One row per ranking computed (method and zoo version), whatever k asked; the whole order.
     assert methods == ["learned", "task2vec-knn", "task2vec-asym", "global-best", "logme"]
+    assert [r["expert"] for r in learned] == [r["expert"] for r in first["ranking"]]
 
     # The same bytes again: the same task, the same job, nothing new to compute.
     again = client.post("/v1/tasks", files={"file": ("other-name.npz", upload)}).json()

@@ -191,3 +191,22 @@ def test_gpu_path_is_used_when_asked_for_and_present(tiny_task: LabelledImages) 
     assert on_gpu.dim == on_cpu.dim
     # Same draws and labels (sampled on the CPU generator); only float rounding differs.
     assert symmetric(on_gpu, on_cpu) < 1e-3
+
+
+@pytest.mark.parametrize("estimator", ["per-sample", "batch"])
+def test_every_stage_reports_its_progress(tiny_task: LabelledImages, estimator: str) -> None:
+    """Each stage reports (done, total) as it goes, from 0 to all of it: a job's progress
+    moves through the Fisher stage too, batch by batch."""
+    reports: dict[str, list[tuple[int, int]]] = {}
+    config = replace(FAST, fisher_estimator=estimator)  # type: ignore[arg-type]
+    embed(
+        tiny_task,
+        config,
+        progress=lambda stage, done, total: reports.setdefault(stage, []).append((done, total)),
+    )
+    assert {"features", "head", "fisher"} <= set(reports)
+    fisher = reports["fisher"]
+    assert fisher[0] == (0, 16)
+    assert fisher[-1] == (16, 16)
+    assert [done for done, _ in fisher] == sorted(done for done, _ in fisher)
+    assert any(0 < done < 16 for done, _ in fisher)  # batches of 8: halfway is reported
