@@ -1,0 +1,66 @@
+"""The ranking read's hot path: bounded caches, one recorded row per ranking computed, and
+the numeric libraries of a serving process held to one thread."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from app.api.main import create_app
+from app.db.models import Recommendation
+from app.db.session import session_scope
+from app.services.cache import LRUCache
+from app.settings import Settings
+from tests.helpers import npz_upload, run_job
+
+
+def test_the_cache_keeps_the_most_recently_used() -> None:
+    cache: LRUCache[str, int] = LRUCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "b" is now the least recently used
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
+    assert len(cache) == 2
+    off: LRUCache[str, int] = LRUCache(0)
+    off.put("a", 1)
+    assert off.get("a") is None
+
+
+def test_without_a_ranking_cache_every_read_computes_and_one_row_is_kept(
+    settings: Settings, sent: list[str]
+) -> None:
+    uncached = settings.model_copy(update={"ranking_cache_size": 0})
+    with TestClient(create_app(uncached)) as client:
+        body = client.post("/v1/tasks", files={"file": ("a.npz", npz_upload(3))}).json()
+        run_job(uncached, body["job_id"])
+        url = f"/v1/tasks/{body['task_id']}/recommendations"
+        answers = [client.get(url, params={"k": 2}).json() for _ in range(3)]
+    assert [a["cached"] for a in answers] == [False, False, False]
+    assert answers[0]["ranking"] == answers[1]["ranking"] == answers[2]["ranking"]
+    with session_scope(uncached.resolved_database_url()) as session:
+        rows = session.scalar(select(func.count()).select_from(Recommendation))
+    assert rows == 1
+
+
+def test_a_serving_process_runs_its_numeric_libraries_on_one_thread() -> None:
+    """``app.api.main:app`` (what uvicorn imports) caps BLAS, OpenMP and torch threads."""
+    code = (
+        "import app.api.main as m, torch, faiss\n"
+        "from threadpoolctl import threadpool_info\n"
+        "m.app\n"
+        "print(sorted({i['num_threads'] for i in threadpool_info()}),"
+        " torch.get_num_threads(), faiss.omp_get_max_threads())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"T2V_API_KEYS": "off", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[1]", "1", "1"]
