@@ -1,0 +1,72 @@
+"""Stored files that no row holds: what a request cut off between storing a file and
+committing its row leaves behind (the API killed mid-request, the database gone at that
+moment), and half-written temporary files.
+
+A file is stored before its row commits, so a young file without a row may belong to a request
+still under way: only files older than a grace period are removed, far longer than a request
+may take. Every worker prunes now and then (``leases.Sweeper``); the shared data directory
+makes any one of them enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import select
+
+from app.db.models import Dataset, Expert, ZooTask
+from app.db.session import session_scope
+from app.services.layout import DataLayout
+from app.services.storage import UPLOAD_SUFFIX, WEIGHTS_SUFFIX
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: A file streams to a temporary name before it is renamed into place: hidden (``storage``,
+#: ``files.atomic_write``) or a download (``weights.fetch``).
+TEMPORARY_SUFFIXES = (".download", ".tmp")
+
+
+def _files(root: Path) -> Iterator[Path]:
+    if root.is_dir():
+        yield from (p for p in root.rglob("*") if p.is_file())
+
+
+def _temporary(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.endswith(TEMPORARY_SUFFIXES)
+
+
+def prune(settings: Settings, older_than: float) -> list[Path]:
+    """Remove stored uploads and expert weights that no dataset, zoo task or expert row holds,
+    and temporary files, last modified more than ``older_than`` seconds ago; what went."""
+    layout = DataLayout.of(settings)
+    cutoff = time.time() - older_than
+    candidates = [
+        p
+        for root in (layout.uploads, layout.weights)
+        for p in _files(root)
+        if p.stat().st_mtime < cutoff
+    ]
+    if not candidates:
+        return []
+    # Stored files are named by their content, so a name is the file wherever the data
+    # directory is mounted.
+    with session_scope(settings.resolved_database_url()) as session:
+        held = {Path(p).name for p in session.scalars(select(Dataset.path))}
+        held |= {Path(w).name for w in session.scalars(select(Expert.weights))}
+        held |= {Path(str(s.get("dataset"))).name for s in session.scalars(select(ZooTask.spec))}
+    removed = []
+    for path in candidates:
+        stored = path.suffix in (UPLOAD_SUFFIX, WEIGHTS_SUFFIX) and not _temporary(path)
+        if stored and path.name in held:
+            continue
+        if not stored and not _temporary(path):
+            continue  # not a file the service writes: left alone
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    if removed:
+        log.info("removed %d stored files that no row holds", len(removed))
+    return removed
