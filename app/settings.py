@@ -80,6 +80,13 @@ class Settings(BaseSettings):
     api_numeric_threads: int = Field(default=1, ge=1)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Log records as JSON objects, one a line, or as text for a person; unset, the command
+    #: decides: json for ``task2vec serve`` and ``task2vec worker``, text for ``task2vec run``.
+    log_format: Literal["json", "text"] | None = None
+    #: ``task2vec worker`` serves its Prometheus metrics on this port (0: not at all), on
+    #: ``worker_metrics_host``.
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
 
     def dataset_limits(self) -> ArchiveLimits:
         return ArchiveLimits(

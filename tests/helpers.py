@@ -147,6 +147,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         "T2V_JOB_LEASE_SECONDS": str(settings.job_lease_seconds),
         "T2V_JOB_RESEND_SECONDS": str(settings.job_resend_seconds),
         "T2V_SWEEP_SECONDS": str(settings.sweep_seconds),
+        "T2V_WORKER_METRICS_PORT": str(settings.worker_metrics_port),
         **extra,
     }
 

@@ -17,12 +17,14 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as SQLATimeoutError
 
 from app.db.models import Expert, Job, Task, ZooTask
 from app.db.session import dispose_engines, session_scope
+from app.observability import context, multiprocess
+from app.observability import worker as metrics
 from app.services import leases, tasks, zoo_admin
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
@@ -50,12 +52,13 @@ def _probe(config: EmbedConfig) -> ProbeNetwork:
     return _PROBES[key]
 
 
-def _job_params(url: str, job_id: str) -> dict[str, Any]:
+def _job_row(url: str, job_id: str) -> tuple[str, dict[str, Any], str | None]:
+    """The job's kind, parameters and the request that created it."""
     with session_scope(url) as session:
         job = session.get(Job, job_id)
         if job is None:
             raise LookupError(f"job {job_id} does not exist")
-        return dict(job.params)
+        return job.kind, dict(job.params), job.request_id
 
 
 def _task_context(url: str, job_id: str) -> tuple[str, str, str]:
@@ -85,21 +88,51 @@ def _execute(
     """Claim the job and run ``body`` under its lease. A user-fixable error fails the job with
     422 (no retry), anything unforeseen with 500 (and a log); ``on_fail`` also gets the error,
     with the job's parameters (an expert or zoo task records it on its own row). A database
-    error propagates, for Celery to retry; a lost lease ends the attempt without a write."""
-    attempt = leases.claim(settings, job_id)
-    if attempt is None:
-        log.info("job %s is finished or running under a live lease: message dropped", job_id)
-        return
-    url = settings.resolved_database_url()
-    recorder = JobRecorder(url, job_id, attempt, settings.job_lease_seconds)
-    params = _job_params(url, job_id)
+    error propagates, for Celery to retry; a lost lease ends the attempt without a write.
+
+    Every log line of the job carries its id and the id of the request that created it; the
+    attempt is counted and timed (``app.observability.worker``)."""
+    with context.bound(job=job_id):
+        attempt = leases.claim(settings, job_id)
+        if attempt is None:
+            log.info("job %s is finished or running under a live lease: message dropped", job_id)
+            return
+        url = settings.resolved_database_url()
+        kind, params, request_id = _job_row(url, job_id)
+        with context.bound(request=request_id):
+            recorder = JobRecorder(url, job_id, attempt, settings.job_lease_seconds)
+            log.info("job %s (%s): attempt %d started", job_id, kind, attempt)
+            metrics.JOBS_STARTED.labels(kind).inc()
+            running = metrics.JOBS_RUNNING.labels(kind)
+            running.inc()
+            started = time.perf_counter()
+            outcome = metrics.RETRIED  # unless the attempt returns: an error left for Celery
+            try:
+                outcome = _attempt(recorder, params, doing, body, on_fail, invalid)
+            finally:
+                running.dec()
+                seconds = time.perf_counter() - started
+                metrics.job_finished(kind, outcome, seconds, recorder.timings)
+                log.info("job %s: attempt %d %s in %.2f s", job_id, attempt, outcome, seconds)
+
+
+def _attempt(
+    recorder: JobRecorder,
+    params: dict[str, Any],
+    doing: str,
+    body: Body,
+    on_fail: Callable[[dict[str, Any], dict[str, Any]], None] | None,
+    invalid: str,
+) -> str:
+    """Run ``body`` for the claimed attempt; its outcome."""
+    job_id, attempt = recorder.job_id, recorder.attempt
     try:
         with recorder.heartbeat():
             body(recorder, params)
-        return
+        return metrics.SUCCEEDED
     except LeaseLostError:
         log.warning("job %s: attempt %d lost its lease to another", job_id, attempt)
-        return
+        return metrics.LEASE_LOST
     except TRANSIENT:
         log.warning("job %s: attempt %d hit a database error; retried", job_id, attempt)
         raise
@@ -112,9 +145,10 @@ def _execute(
     try:
         recorder.fail(error)
     except LeaseLostError:
-        return
+        return metrics.LEASE_LOST
     if on_fail is not None:
         on_fail(error, params)
+    return metrics.FAILED
 
 
 def run_embed(job_id: str, settings: Settings) -> None:
@@ -261,10 +295,20 @@ for _kind in JobKind:
 @worker_ready.connect
 def _start_sweeping(**_: Any) -> None:
     """Every worker sweeps for jobs that would otherwise wait forever (``leases.sweep``)."""
-    leases.Sweeper(get_settings()).start()
+    leases.Sweeper(get_settings(), on_report=_count_sweep).start()
+
+
+def _count_sweep(report: leases.SweepReport) -> None:
+    metrics.swept(len(report.expired), len(report.resent), len(report.failed))
 
 
 @worker_process_init.connect
 def _forget_parent_connections(**_: Any) -> None:
     """A forked pool process must not share its parent's database connections."""
     dispose_engines()
+
+
+@worker_process_shutdown.connect
+def _metrics_of_a_process_gone(pid: int, **_: Any) -> None:
+    """A pool process that exits drops its live gauges (metrics in multiprocess mode)."""
+    multiprocess.process_exited(pid)

@@ -8,18 +8,22 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
+from starlette.types import ASGIApp
 
 from app.api import jobs, problems, tasks, zoo
 from app.api.auth import RateLimiter
 from app.api.limits import RequestLength
+from app.api.observe import RequestObserver
 from app.api.schemas import Health, Ready
 from app.db.session import engine_for
+from app.observability.metrics import ApiMetrics, ZooSize
 from app.services import queue
 from app.services import tasks as tasks_service
+from app.services.jobs import JobKind
 from app.services.serving import ZooStates, limit_numeric_threads
 from app.settings import Settings, get_settings
 
@@ -51,8 +55,24 @@ async def _following_the_zoo(app: FastAPI) -> AsyncIterator[None]:
         follower.join(timeout=10)
 
 
+class _ObservedApp(FastAPI):
+    """Requests are identified and timed outside every other middleware, so that answers
+    of the last-resort error handler (500) are too."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return RequestObserver(super().build_middleware_stack(), self.state.metrics.requests)
+
+
+def _served_zoo(zoos: ZooStates) -> ZooSize | None:
+    state = zoos.served
+    if state is None:
+        return None
+    version = state.version
+    return ZooSize(content=version.content, tasks=version.tasks, experts=version.experts)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
-    app = FastAPI(
+    app = _ObservedApp(
         title="Task2Vec model recommendation",
         version="1.0.0",
         description="Upload a labelled image dataset; get the zoo's experts ranked for it.",
@@ -61,6 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or get_settings()
     app.state.zoos = ZooStates()
     app.state.rate_limiter = RateLimiter()
+    app.state.metrics = ApiMetrics(
+        app.state.settings.resolved_database_url(),
+        queues={kind.value: kind.queue for kind in JobKind},
+        served=lambda: _served_zoo(app.state.zoos),
+    )
     app.add_middleware(RequestLength, settings=app.state.settings)
     if app.state.settings.cors_origins:  # off unless origins are named
         app.add_middleware(
@@ -77,6 +102,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/healthz", response_model=Health, summary="The process is up")
     def healthz() -> Health:
         return Health(status="ok")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics (documented in the README, not in the OpenAPI: no key needed)."""
+        body, media_type = request.app.state.metrics.render(request.headers.get("accept"))
+        return Response(body, media_type=media_type)
 
     @app.get(
         "/readyz",

@@ -11,6 +11,7 @@ import typer
 from sqlalchemy.orm import Session
 
 from app.cli.common import app, fail, load_zoo
+from app.cli.processes import log_format, serve_api, worker_observability
 from app.db.session import session_scope
 from app.progress import err
 from app.services import api_keys
@@ -45,12 +46,11 @@ def serve_command(
         int, typer.Option(min=1, help="API processes (each holds the served zoo in memory)")
     ] = 1,
 ) -> None:
-    """Run the HTTP API (workers run separately: `task2vec worker`)."""
-    import uvicorn
-
+    """Run the HTTP API (workers run separately: `task2vec worker`). Logs JSON lines unless
+    T2V_LOG_FORMAT=text."""
     _key_policy(host)
     _require_migrated()
-    uvicorn.run("app.api.main:app", host=host, port=port, workers=workers, log_level="info")
+    serve_api(host, port, workers)
 
 
 def _require_migrated() -> None:
@@ -155,12 +155,14 @@ def worker_command(
     queues: Annotated[str, typer.Option(help="comma-separated queues")] = "embed,evaluate",
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
 ) -> None:
-    """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines."""
-    from app.services.queue import celery_for
+    """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines. Logs
+    JSON lines unless T2V_LOG_FORMAT=text; serves metrics on T2V_WORKER_METRICS_PORT."""
+    with worker_observability() as fmt:  # first: it decides how metrics are kept
+        from app.services.queue import celery_for
 
-    celery_for(get_settings().resolved_broker_url()).worker_main(
-        ["worker", "--loglevel=INFO", f"--queues={queues}", f"--concurrency={concurrency}"]
-    )
+        quiet = ["--quiet"] if fmt == "json" else []  # no banner: JSON lines only
+        options = ["--loglevel=INFO", f"--queues={queues}", f"--concurrency={concurrency}"]
+        celery_for(get_settings().resolved_broker_url()).worker_main([*quiet, "worker", *options])
 
 
 @app.command("run")
@@ -169,12 +171,11 @@ def run_command(
     port: Annotated[int, typer.Option(help="port")] = 8000,
 ) -> None:
     """The whole service on this machine: migrate the database, build and publish the zoo on
-    first use, start a Celery worker process and the API. Ctrl-C stops both."""
+    first use, start a Celery worker process and the API. Ctrl-C stops both. Logs text for a
+    person at the terminal unless T2V_LOG_FORMAT=json."""
     import os
     import signal
     import subprocess
-
-    import uvicorn
 
     from app.db.migrate import upgrade
     from app.services.layout import DataLayout
@@ -194,6 +195,7 @@ def run_command(
         f"zoo version {version.content[:12]}: {version.tasks} tasks, {version.experts} experts"
     )
     _key_policy(host)
+    log_format("text")  # the worker started here logs alike
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     base = f"http://{host}:{port}"
     err.print(
@@ -201,7 +203,7 @@ def run_command(
         f"  curl -F file=@shoes.zip '{base}/v1/recommendations?wait=120'"
     )
     try:
-        uvicorn.run("app.api.main:app", host=host, port=port, log_level="info")
+        serve_api(host, port, default_format="text")
     finally:
         if worker.poll() is None:
             worker.send_signal(signal.SIGTERM)

@@ -215,6 +215,8 @@ class Job(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: The request that created the job (``X-Request-ID``): its worker's log lines carry it.
+    request_id: Mapped[str | None] = mapped_column(String(128))
     stage: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id"))

@@ -7,6 +7,7 @@ move the row along and write progress, timings, results and errors (problem docu
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobStatus
 from app.db.session import session_scope, updated
+from app.observability import context
 from app.services.problems import not_found
 
 log = logging.getLogger(__name__)
@@ -63,12 +65,15 @@ ROUTES: dict[JobKind, tuple[str, str]] = {
 def create(
     session: Session, *, kind: JobKind, task_id: str | None, tenant: str, **params: Any
 ) -> Job:
+    """A queued job, stamped with the request being answered (if any: a job a worker creates
+    gets the request of the job it runs), so that re-sends and its worker's logs carry it."""
     job = Job(
         kind=kind,
         task_id=task_id,
         tenant=tenant,
         params=params,
         status=JobStatus.queued,
+        request_id=context.request_id.get(),
     )
     session.add(job)
     session.flush()
@@ -188,7 +193,12 @@ class JobRecorder:
                 except SQLAlchemyError:
                     log.warning("job %s: lease not renewed (database unavailable)", self.job_id)
 
-        beat = threading.Thread(target=renew, name=f"lease-{self.job_id}", daemon=True)
+        beat = threading.Thread(  # its log lines carry the job's ids too
+            target=contextvars.copy_context().run,
+            args=(renew,),
+            name=f"lease-{self.job_id}",
+            daemon=True,
+        )
         beat.start()
         try:
             yield

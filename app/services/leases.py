@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -207,10 +208,13 @@ def _send(settings: Settings, job_id: str, kind: str) -> None:
 
 
 class Sweeper:
-    """``sweep`` every ``sweep_seconds`` in a daemon thread, for a worker's life."""
+    """``sweep`` every ``sweep_seconds`` in a daemon thread, for a worker's life; each
+    report goes to ``on_report`` (the worker counts them)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: Settings, on_report: Callable[[SweepReport], None] | None = None
+    ) -> None:
+        self.settings, self.on_report = settings, on_report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
 
@@ -227,6 +231,8 @@ class Sweeper:
             except SQLAlchemyError:
                 log.warning("job sweep skipped: the database is unavailable")
                 continue
+            if self.on_report is not None:
+                self.on_report(report)
             if report.expired or report.resent or report.failed:
                 log.info(
                     "job sweep: lease expired %s, re-sent %s, failed %s",

@@ -50,6 +50,9 @@ def celery_for(broker: str) -> Celery:
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
         broker_connection_timeout=3,
         task_routes={kind.task: {"queue": kind.queue} for kind in JobKind},
+        # Task events (sent, received, started, succeeded, ...) for monitors such as Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     if broker.startswith(("redis://", "rediss://", "sentinel://")):
         celery.conf.broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT}

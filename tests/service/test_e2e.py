@@ -4,17 +4,28 @@ management."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.api.main import create_app
 from app.settings import Settings
-from tests.helpers import cnn_weights, fresh_database, npz_upload, service_settings, worker
+from tests.helpers import (
+    cnn_weights,
+    free_port,
+    fresh_database,
+    npz_upload,
+    service_settings,
+    worker,
+)
 
 REDIS = "redis://127.0.0.1:6379/9"
 
@@ -32,8 +43,30 @@ def stack(request: pytest.FixtureRequest, tiny_zoo: Path, tmp_path: Path) -> Ite
 
 
 def _with_worker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
+    settings = settings.model_copy(update={"worker_metrics_port": free_port()})
     with worker(settings, tmp_path / "worker.log"):
         yield settings
+
+
+def _worker_metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The worker's metrics endpoint, parsed: (sample name, labels) → value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _succeeded(kind: str) -> frozenset[tuple[str, str]]:
+    return frozenset({("kind", kind), ("outcome", "succeeded")})
+
+
+def _job_lines(worker_log: str, job_id: str) -> list[dict[str, Any]]:
+    """The worker's JSON log lines that carry ``job_id``."""
+    lines = [json.loads(line) for line in worker_log.splitlines() if line.startswith("{")]
+    return [line for line in lines if line.get("job_id") == job_id]
 
 
 def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path) -> None:
@@ -64,6 +97,25 @@ def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path
             time.sleep(0.2)
         assert job["status"] == "succeeded", job
         assert all("error" in item["evidence"] for item in job["result"]["ranking"])
+
+    # The jobs ran in a pool process; the worker's main process serves their metrics (the
+    # last job's a moment after its row says it succeeded).
+    ranked = ("t2v_worker_job_duration_seconds_count", _succeeded("rank"))
+    deadline = time.monotonic() + 10
+    while ranked not in (metrics := _worker_metrics(stack.worker_metrics_port)):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.1)
+    for kind in ("embed", "rank"):
+        done = _succeeded(kind)
+        assert metrics[("t2v_worker_job_duration_seconds_count", done)] == 1, metrics
+        assert metrics[("t2v_worker_job_duration_seconds_sum", done)] > 0
+        assert metrics[("t2v_worker_jobs_started_total", frozenset({("kind", kind)}))] == 1
+    fisher = frozenset({("kind", "embed"), ("stage", "fisher")})
+    assert metrics[("t2v_worker_job_stage_duration_seconds_count", fisher)] == 1
+    # Its log lines are JSON objects carrying the job's id and the request that created it.
+    lines = _job_lines((tmp_path / "worker.log").read_text(), body["job_id"])
+    assert any(line["message"].endswith(" started") for line in lines), lines
+    assert {line["request_id"] for line in lines} == {response.headers["x-request-id"]}
 
 
 def test_zoo_management_through_a_real_worker(stack: Settings, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ and publishes the zoo, starts a worker and the API; Ctrl-C stops both."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -70,3 +71,7 @@ def test_run_serves_and_ctrl_c_stops_the_worker_too(tiny_zoo: Path, tmp_path: Pa
     assert "zoo version" in output
     assert "8 tasks, 3 experts" in output
     assert f"curl -F file=@shoes.zip 'http://127.0.0.1:{port}/v1/recommendations" in output
+    # Logs for a person at the terminal: text lines, each request's with its id.
+    access = r'INFO +uvicorn\.access: .* "GET /v1/zoo HTTP/1\.1" 200 \[request_id=[0-9a-f]{32}\]'
+    assert re.search(access, output), output
+    assert not any(line.startswith("{") for line in output.splitlines())

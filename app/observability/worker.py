@@ -1,0 +1,64 @@
+"""The workers' Prometheus metrics. Celery's prefork pool runs jobs in child processes, so
+``task2vec worker`` with a metrics port runs prometheus_client in multiprocess mode: every
+process writes its values to files in a private directory (``multiprocess.enable``, before
+this module is imported) and the worker's main process merges them when scraped.
+
+- ``t2v_worker_jobs_started_total{kind}``: attempts claimed;
+- ``t2v_worker_job_duration_seconds{kind, outcome}``: an attempt from claim to end; outcome
+  ``succeeded``, ``failed``, ``lease-lost`` or ``retried`` (a database error, retried);
+- ``t2v_worker_job_stage_duration_seconds{kind, stage}``: the stages an attempt timed (their
+  names come from the code: ``loading dataset``, ``fisher``, ``ranking (logme)``, ...);
+- ``t2v_worker_jobs_running{kind}``: attempts running now (live processes only);
+- ``t2v_worker_sweep_jobs_total{action}``: what the sweeps did: ``expired`` (a lease expired:
+  back to the queue, re-sent), ``resent`` (queued too long: re-sent), ``failed`` (out of
+  attempts: failed as lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import Counter, Gauge, Histogram
+
+#: Outcomes of an attempt.
+SUCCEEDED, FAILED, LEASE_LOST, RETRIED = "succeeded", "failed", "lease-lost", "retried"
+#: From a ranking of a few seconds to an embedding or a publish of many minutes.
+DURATION_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+JOBS_STARTED = Counter("t2v_worker_jobs_started", "Attempts at jobs claimed", ("kind",))
+JOB_DURATION = Histogram(
+    "t2v_worker_job_duration_seconds",
+    "An attempt at a job, from its claim to its end, by kind and outcome",
+    ("kind", "outcome"),
+    buckets=DURATION_BUCKETS,
+)
+STAGE_DURATION = Histogram(
+    "t2v_worker_job_stage_duration_seconds",
+    "The stages of an attempt (loading dataset, features, fisher, matrix, publishing, ...)",
+    ("kind", "stage"),
+    buckets=DURATION_BUCKETS,
+)
+JOBS_RUNNING = Gauge(
+    "t2v_worker_jobs_running",
+    "Attempts running now",
+    ("kind",),
+    multiprocess_mode="livesum",
+)
+SWEEP_JOBS = Counter(
+    "t2v_worker_sweep_jobs",
+    "Jobs the sweeps acted on: expired (lease expired, re-sent), resent (queued too long, "
+    "re-sent), failed (out of attempts, failed as lost)",
+    ("action",),
+)
+
+
+def job_finished(kind: str, outcome: str, seconds: float, stages: Mapping[str, float]) -> None:
+    JOB_DURATION.labels(kind, outcome).observe(seconds)
+    for stage, stage_seconds in stages.items():
+        STAGE_DURATION.labels(kind, stage).observe(stage_seconds)
+
+
+def swept(expired: int, resent: int, failed: int) -> None:
+    for action, n in (("expired", expired), ("resent", resent), ("failed", failed)):
+        if n:
+            SWEEP_JOBS.labels(action).inc(n)
