@@ -238,6 +238,40 @@ def test_a_database_outage_answers_503_and_recovers(
             engine_for(cut_url).dispose()
 
 
+def test_a_worker_cut_off_from_the_database_mid_job_finishes_it(
+    tiny_zoo: Path, tmp_path: Path
+) -> None:
+    """The database goes away under a running job for longer than its lease, then returns:
+    the worker's writes fail, Celery retries them with backoff, the sweep re-sends the job
+    whose lease expired, and the job finishes, once, without restarting anything."""
+    relay = _Cut()
+    log = tmp_path / "worker.log"
+    with fresh_database("postgresql", tmp_path) as url:
+        direct = service_settings(tiny_zoo, url, tmp_path).model_copy(update=FAST)
+        cut_url = url.replace("127.0.0.1:5432", f"127.0.0.1:{relay.port}")
+        settings = direct.model_copy(update={"database_url": cut_url})
+        try:
+            with TestClient(create_app(settings)) as client, worker(settings, log):
+                accepted = client.post("/v1/tasks", files={"file": ("c.npz", npz_upload(3))})
+                assert accepted.status_code == 202, accepted.text
+                job_id = accepted.json()["job_id"]
+                _wait(direct, job_id, {JobStatus.running}, 180, log)
+                relay.cut()
+                time.sleep(2 * FAST["job_lease_seconds"])
+                relay.mend()
+                mended = time.monotonic()
+                job = _wait(direct, job_id, {JobStatus.succeeded, JobStatus.failed}, 180, log)
+                recovered = time.monotonic() - mended
+        finally:
+            relay.cut()
+            engine_for(cut_url).dispose()
+        assert job.status == JobStatus.succeeded, job.error
+        print(f"finished on attempt {job.attempt}, {recovered:.1f} s after the database returned")
+        assert recovered < 60
+        with session_scope(url) as session:
+            assert session.scalar(select(func.count()).select_from(EmbeddingRow)) == 1
+
+
 def test_a_refused_dataset_fails_once_and_is_not_retried(
     settings: Settings, client: TestClient, sent: list[str]
 ) -> None:
