@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     job_resend_seconds: float = Field(default=120.0, gt=0)
     #: How often (seconds) every worker sweeps for expired leases and stale queued jobs.
     sweep_seconds: float = Field(default=5.0, gt=0)
+    #: A stored upload or weight file that no row holds (its request was cut off before
+    #: committing) is removed by the sweep once this old: far longer than any request takes.
+    orphan_files_seconds: float = Field(default=3600.0, gt=0)
     #: Rankings each API process keeps per zoo version (a ranking is a pure function of the
     #: task's embedding, the method and the version); 0: compute every read.
     ranking_cache_size: int = Field(default=4096, ge=0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.db.models import Expert, Job, JobStatus, ZooTask, utcnow
 from app.db.session import session_scope, updated
-from app.services import queue
+from app.services import orphans, queue
 from app.services.jobs import JobKind
 from app.services.problems import problem
 from app.settings import Settings
@@ -209,7 +210,9 @@ def _send(settings: Settings, job_id: str, kind: str) -> None:
 
 class Sweeper:
     """``sweep`` every ``sweep_seconds`` in a daemon thread, for a worker's life; each
-    report goes to ``on_report`` (the worker counts them)."""
+    report goes to ``on_report`` (the worker counts them). Every quarter of
+    ``orphan_files_seconds`` it also removes stored files that no row holds
+    (``orphans.prune``)."""
 
     def __init__(
         self, settings: Settings, on_report: Callable[[SweepReport], None] | None = None
@@ -224,8 +227,18 @@ class Sweeper:
     def stop(self) -> None:
         self._stop.set()
 
+    def _prune(self) -> None:
+        try:
+            orphans.prune(self.settings, self.settings.orphan_files_seconds)
+        except Exception:  # the files wait for the next round; the sweeps go on
+            log.warning("stored files not pruned", exc_info=True)
+
     def _run(self) -> None:
+        pruned = time.monotonic()
         while not self._stop.wait(self.settings.sweep_seconds):
+            if time.monotonic() - pruned >= self.settings.orphan_files_seconds / 4:
+                pruned = time.monotonic()
+                self._prune()
             try:
                 report = sweep(self.settings)
             except SQLAlchemyError:

@@ -5,6 +5,7 @@ stored file is removed by the orphan pruning; nothing is half-registered."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from sqlalchemy import select
 
 from app.db.models import Dataset, Job, JobStatus, Task
 from app.db.session import session_scope
-from app.services import orphans
+from app.services import leases, orphans
 from app.services.jobs import JobKind
 from app.settings import Settings
 from tests.helpers import (
@@ -148,3 +149,25 @@ def test_an_api_killed_during_uploads_loses_no_accepted_job(
     assert orphans.prune(embedded, older_than=3600) == []
     assert set(orphans.prune(embedded, older_than=0)) == orphan
     assert _stored(embedded) == before
+
+
+def test_every_worker_sweeper_prunes_orphans_now_and_then(embedded: Settings) -> None:
+    """The sweep thread of every worker removes stored files no row holds, once old enough,
+    and leaves a young one (a request may still be about to commit its row)."""
+    uploads = embedded.data_dir / "uploads" / "ab"
+    uploads.mkdir(parents=True)
+    old, young = uploads / f"ab{'0' * 62}.upload", uploads / f"ab{'1' * 62}.upload"
+    for path in (old, young):
+        path.write_bytes(b"bytes no row holds")
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    quick = embedded.model_copy(update={"sweep_seconds": 0.1, "orphan_files_seconds": 30.0})
+    sweeper = leases.Sweeper(quick)
+    sweeper.start()
+    try:
+        deadline = time.monotonic() + 30
+        while old.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        sweeper.stop()
+    assert young.exists()
