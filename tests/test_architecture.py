@@ -14,33 +14,21 @@ from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: What an entry point (the API, the workers, the command line) may import.
+_ENTRY_POINT = {
+    "app.services",
+    "app.observability",
+    "app.zoo",
+    "app.task2vec",
+    "app.db",
+    "app.settings",
+}
+
 #: Each package (or module) and what it may import from the project, besides itself.
 ALLOWED: dict[str, set[str]] = {
-    "app.api": {
-        "app.services",
-        "app.observability",
-        "app.zoo",
-        "app.task2vec",
-        "app.db",
-        "app.settings",
-    },
-    "workers": {
-        "app.services",
-        "app.observability",
-        "app.zoo",
-        "app.task2vec",
-        "app.db",
-        "app.settings",
-    },
-    "app.cli": {
-        "app.services",
-        "app.observability",
-        "app.zoo",
-        "app.task2vec",
-        "app.db",
-        "app.settings",
-        "app.progress",
-    },
+    "app.api": _ENTRY_POINT,
+    "workers": _ENTRY_POINT,
+    "app.cli": {*_ENTRY_POINT, "app.progress"},
     "app.services": {
         "app.observability",
         "app.zoo",
