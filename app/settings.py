@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     api_keys: Literal["auto", "required", "off"] = "auto"
     #: Requests per minute and key (a token bucket of that size per API process); 0: no limit.
     rate_limit_per_minute: int = Field(default=600, ge=0)
+    #: Failed authentications (no key, a malformed, unknown or revoked one) a client address
+    #: may make a minute; past them its requests are answered 429 without a lookup until the
+    #: budget refills. 0: no limit.
+    auth_failures_per_minute: int = Field(default=30, ge=0)
     #: Origins allowed to call the API from a browser; empty (the default): CORS stays off.
     cors_origins: list[str] = Field(default_factory=list)
     #: A job's lease, in seconds: a worker renews it every third of this while it works; a

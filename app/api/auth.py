@@ -1,12 +1,18 @@
-"""Who is calling: the API key on each request (``app.services.api_keys``), its scopes, and a
-rate limit per key.
+"""Who is calling: the API key on each request (``app.services.api_keys``), its scopes, and
+rate limits: per key for the requests it makes, per client address for failed
+authentication.
 
 With ``T2V_API_KEYS=off`` (allowed only when the API listens on loopback: ``task2vec serve``
 and ``run`` refuse otherwise) every request is the tenant ``local`` with every scope.
+
+A request with a body is authenticated by the door middleware (``app.api.door``) before any
+byte of it is read; the caller it found travels in the request's state, so the route's
+dependency does not look the key up again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import threading
@@ -19,13 +25,13 @@ from app.db.models import LOCAL_TENANT
 from app.db.session import session_scope
 from app.services import api_keys
 from app.services.api_keys import SCOPES, Caller
+from app.services.cache import LRUCache
 from app.services.problems import ProblemError
 from app.settings import Settings
 
 
-def _from_loopback(request: Request) -> bool:
-    """Whether the peer is this machine (test clients, which name no address, count as it)."""
-    host = request.client.host if request.client else ""
+def _loopback(host: str) -> bool:
+    """Whether a peer address is this machine (test clients, which name no address, count)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -42,45 +48,105 @@ def unauthorized(detail: str) -> ProblemError:
     return error
 
 
-def caller_of(request: Request) -> Caller:
-    settings: Settings = request.app.state.settings
-    if settings.api_keys == "off":
-        if not _from_loopback(request):
-            raise unauthorized("this service runs without keys and answers only its own machine")
-        return Caller(LOCAL_TENANT, frozenset(SCOPES))
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise unauthorized(KEY_HINT)
-    # Its own short transaction: the request's session stays unopened while the body is
-    # stored and checked.
-    with session_scope(settings.resolved_database_url()) as session:
-        caller = api_keys.authenticate(session, token=token)
-    if caller is None:
-        raise unauthorized("the API key is unknown or revoked")
-    return caller
+def rate_limited(wait: float, detail: str) -> ProblemError:
+    seconds = max(1, math.ceil(wait))
+    error = ProblemError(
+        429, "rate-limited", "Too many requests", f"{detail}; retry in {seconds} s"
+    )
+    error.headers["Retry-After"] = str(seconds)
+    return error
 
 
 class RateLimiter:
-    """A token bucket per key: ``per_minute`` requests a minute, bursts up to that many. Kept
-    in the API process, so with several replicas each allows its own share."""
+    """A token bucket per key (an API key's id, or a client address): ``per_minute`` a
+    minute, bursts up to that many. Kept in the API process, so with several replicas each
+    allows its own share."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # key → (tokens, last refill)
 
+    def _refilled(self, key: str, per_minute: int, now: float) -> float:
+        tokens, last = self._buckets.get(key, (float(per_minute), now))
+        return min(float(per_minute), tokens + (now - last) * per_minute / 60.0)
+
     def wait_needed(self, key: str, per_minute: int) -> float:
         """0 when the request may go now (and spend a token), else seconds to wait."""
         now = time.monotonic()
-        rate = per_minute / 60.0
         with self._lock:
-            tokens, last = self._buckets.get(key, (float(per_minute), now))
-            tokens = min(float(per_minute), tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / rate
+            tokens = self._refilled(key, per_minute, now)
+            spent = tokens >= 1.0
+            self._buckets[key] = (tokens - 1.0 if spent else tokens, now)
+        return 0.0 if spent else (1.0 - tokens) * 60.0 / per_minute
+
+    def peek(self, key: str, per_minute: int) -> float:
+        """Seconds until ``key`` has a token again (0: it has one), spending none."""
+        with self._lock:
+            tokens = self._refilled(key, per_minute, time.monotonic())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) * 60.0 / per_minute
+
+
+class KeyCheck:
+    """Authentication with a memory of failures: each client address may fail
+    ``auth_failures_per_minute`` times a minute (a missing, malformed, unknown or revoked
+    key), after which its requests are answered 429 without a lookup until the budget
+    refills; a key found unknown or revoked is remembered as such for ``UNKNOWN_FOR``
+    seconds, so repeating it costs no database lookup. Known keys are never remembered:
+    revoking one takes effect at once."""
+
+    UNKNOWN_FOR = 300.0
+
+    def __init__(self) -> None:
+        self.failures = RateLimiter()
+        self.unknown: LRUCache[str, float] = LRUCache(10_000)
+
+    def caller(self, settings: Settings, authorization: str | None, address: str) -> Caller:
+        """The caller of a request, or the ProblemError to answer (401 or 429)."""
+        if settings.api_keys == "off":
+            if not _loopback(address):
+                raise unauthorized(
+                    "this service runs without keys and answers only its own machine"
+                )
+            return Caller(LOCAL_TENANT, frozenset(SCOPES))
+        budget = settings.auth_failures_per_minute
+        if budget:
+            wait = self.failures.peek(address, budget)
+            if wait > 0:
+                raise rate_limited(wait, f"more than {budget} failed authentications a minute")
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise self._failed(settings, address, KEY_HINT)
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        until = self.unknown.get(digest)
+        if until is not None and until > time.monotonic():
+            raise self._failed(settings, address, "the API key is unknown or revoked")
+        with session_scope(settings.resolved_database_url()) as session:
+            caller = api_keys.authenticate(session, token=token)
+        if caller is None:
+            self.unknown.put(digest, time.monotonic() + self.UNKNOWN_FOR)
+            raise self._failed(settings, address, "the API key is unknown or revoked")
+        return caller
+
+    def _failed(self, settings: Settings, address: str, detail: str) -> ProblemError:
+        if settings.auth_failures_per_minute:
+            self.failures.wait_needed(address, settings.auth_failures_per_minute)
+        return unauthorized(detail)
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def caller_of(request: Request) -> Caller:
+    """The caller the door found for a request with a body; for others, looked up now."""
+    found: Caller | None = getattr(request.state, "caller", None)
+    if found is not None:
+        return found
+    check: KeyCheck = request.app.state.key_check
+    return check.caller(
+        request.app.state.settings, request.headers.get("authorization"), _address(request)
+    )
 
 
 def limited_caller(request: Request, caller: Annotated[Caller, Depends(caller_of)]) -> Caller:
@@ -91,15 +157,9 @@ def limited_caller(request: Request, caller: Annotated[Caller, Depends(caller_of
     limiter: RateLimiter = request.app.state.rate_limiter
     wait = limiter.wait_needed(caller.key_id, settings.rate_limit_per_minute)
     if wait > 0:
-        error = ProblemError(
-            429,
-            "rate-limited",
-            "Too many requests",
-            f"this key may make {settings.rate_limit_per_minute} requests a minute; "
-            f"retry in {math.ceil(wait)} s",
+        raise rate_limited(
+            wait, f"this key may make {settings.rate_limit_per_minute} requests a minute"
         )
-        error.headers["Retry-After"] = str(math.ceil(wait))
-        raise error
     return caller
 
 

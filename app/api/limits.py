@@ -1,15 +1,14 @@
 """Request size at the door: before any byte of a body is read, a POST must say how long it
 is (Content-Length, or chunked transfer), a declared length over the upload limit is refused
-at once, and a body that streams past it is cut off (413). With keys on, a POST without an
-Authorization header is refused before its body is read."""
+at once, and a body that streams past it is cut off (413). The key was checked before, at the
+door (``app.api.door``)."""
 
 from __future__ import annotations
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.auth import KEY_HINT, unauthorized
-from app.api.problems import as_response, problem_response
+from app.api.problems import problem_response
 from app.settings import Settings
 
 #: Room for the multipart framing and form fields around an upload of the largest size.
@@ -47,9 +46,6 @@ class RequestLength:
                         f"the request declares {int(length)} bytes; uploads are limited to "
                         f"{self.settings.max_upload_bytes} bytes",
                     )
-            elif self.settings.api_keys != "off" and b"authorization" not in headers:
-                # No key, no body: an anonymous client cannot make the service spool bytes.
-                response = as_response(unauthorized(KEY_HINT))
             if response is not None:
                 await response(scope, receive, send)
                 return

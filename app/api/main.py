@@ -15,7 +15,8 @@ from sqlalchemy import text
 from starlette.types import ASGIApp
 
 from app.api import jobs, problems, tasks, zoo
-from app.api.auth import RateLimiter
+from app.api.auth import KeyCheck, RateLimiter
+from app.api.door import Door
 from app.api.limits import RequestLength
 from app.api.observe import RequestObserver
 from app.api.schemas import Health, Ready
@@ -86,7 +87,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         queues={kind.value: kind.queue for kind in JobKind},
         served=lambda: _served_zoo(app.state.zoos),
     )
+    app.state.key_check = KeyCheck()
     app.add_middleware(RequestLength, settings=app.state.settings)
+    app.add_middleware(Door, settings=app.state.settings, check=app.state.key_check)
     if app.state.settings.cors_origins:  # off unless origins are named
         app.add_middleware(
             CORSMiddleware,

@@ -88,6 +88,27 @@ def as_response(exc: ProblemError, instance: str | None = None) -> JSONResponse:
     )
 
 
+#: Errors that mean the database is down or out of connections (not a bug).
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+)
+
+
+def database_unavailable(instance: str) -> JSONResponse:
+    """A state that passes: 503 with Retry-After, and no driver text (it names hosts and
+    ports) in the answer."""
+    return problem_response(
+        503,
+        "database-unavailable",
+        "The database is unavailable",
+        "the service cannot reach its database; retry shortly",
+        instance=instance,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -102,19 +123,10 @@ def install(app: FastAPI) -> None:
         )
 
     async def _database(request: Request, exc: Exception) -> JSONResponse:
-        """The database is down or out of connections: a state that passes, so 503 with
-        Retry-After, and no driver text (it names hosts and ports) in the answer."""
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return problem_response(
-            503,
-            "database-unavailable",
-            "The database is unavailable",
-            "the service cannot reach its database; retry shortly",
-            instance=request.url.path,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
+        return database_unavailable(request.url.path)
 
-    for unavailable in (OperationalError, InterfaceError, PoolTimeoutError):
+    for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, _database)
 
     @app.exception_handler(ProblemError)

@@ -137,13 +137,14 @@ ANSWERS = [
     ("GET", "/healthz", 200),
     ("GET", "/nowhere", 404),  # no route
     ("GET", "/v1/jobs/0a1b", 401),  # problem+json from a dependency
-    ("POST", "/v1/tasks", 413),  # problem+json from a middleware
+    ("POST", "/v1/tasks", 401),  # problem+json from a middleware (the door: no key)
     ("GET", "/boom", 500),  # problem+json from the last-resort handler
 ]
 
 
 def body(method: str) -> bytes | None:
-    """Over the upload limit (1 byte, and the room for a form) for a POST."""
+    """Over the upload limit (1 byte, and the room for a form) for a POST: refused at the door
+    all the same, for want of a key."""
     return b"x" * 2**21 if method == "POST" else None
 
 
