@@ -79,7 +79,6 @@ async def _submit(
     """Check and register a stored upload; its embedding job is sent unless one exists."""
     data = await run_in_threadpool(
         uploads.validate,
-        session,
         settings=settings,
         stored=stored,
         filename=filename,
@@ -142,7 +141,7 @@ async def create_task(
         key,
         {"file": stored.sha256},
         answer,
-        refused=lambda: uploads.discard_unreferenced(session, stored=stored),
+        refused=stored.discard,
     )
 
 
@@ -299,7 +298,7 @@ async def recommend_upload(
         key,
         {"file": stored.sha256},
         answer,
-        refused=lambda: uploads.discard_unreferenced(session, stored=stored),
+        refused=stored.discard,
         ignore=("wait",),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -37,7 +38,7 @@ from app.services import weights as expert_weights
 from app.services.layout import DataLayout
 from app.services.problems import ProblemError
 from app.services.serving import ZooState
-from app.services.storage import WEIGHTS_SUFFIX
+from app.services.storage import WEIGHTS_SUFFIX, StoredFile
 from app.settings import Settings
 from app.task2vec.errors import Task2VecError
 from app.zoo.experts import ExpertSpec, load_expert
@@ -186,8 +187,9 @@ def _floats(field: str, raw: str | None, default: tuple[float, float, float]) ->
 
 async def _weights(
     settings: Settings, architecture: str, uri: str | None, upload: UploadFile | None
-) -> str:
-    """Where the expert's weights are: a stored upload, or what ``weights_uri`` names."""
+) -> tuple[str, StoredFile | None]:
+    """Where the expert's weights will be (a stored upload's content-addressed name, or what
+    ``weights_uri`` names), and the upload still under its request's own name."""
     if (uri is None) == (upload is None):
         raise ProblemError(
             422,
@@ -198,9 +200,9 @@ async def _weights(
     if upload is not None:
         root = DataLayout.of(settings).weights
         stored = await store_upload(upload, root, settings.max_upload_bytes, WEIGHTS_SUFFIX)
-        return str(stored.path)
+        return str(stored.final), stored
     assert uri is not None
-    return await run_in_threadpool(expert_weights.place, settings, architecture, uri)
+    return await run_in_threadpool(expert_weights.place, settings, architecture, uri), None
 
 
 def _check_loads(spec: ExpertSpec) -> None:
@@ -250,7 +252,7 @@ async def register_expert(
     key = key_of(request)
     if key is None:  # 409 before anything is stored (a retry with a key may be a replay)
         await run_in_threadpool(_check_free, settings, Expert, name)
-    where = await _weights(settings, architecture, weights_uri, weights)
+    where, stored = await _weights(settings, architecture, weights_uri, weights)
     fields = {
         "name": name,
         "architecture": architecture,
@@ -281,7 +283,10 @@ async def register_expert(
             tags=tuple(t.strip() for t in (tags or "").split(",") if t.strip()),
         )
         if not expert_weights.remote(where):  # remote weights are checked once downloaded
-            await run_in_threadpool(_check_loads, spec)
+            here = spec if stored is None else replace(spec, weights=str(stored.path))
+            await run_in_threadpool(_check_loads, here)
+        if stored is not None:
+            stored.keep()  # in place before the row naming it commits
         job = await run_in_threadpool(
             zoo_admin.register,
             session,
@@ -295,7 +300,8 @@ async def register_expert(
         return await idempotent(request, settings, caller.tenant, key, fields, answer)
     except ProblemError:
         session.rollback()
-        await run_in_threadpool(expert_weights.discard, session, settings=settings, where=where)
+        if stored is not None:
+            stored.discard()
         raise
 
 
@@ -326,13 +332,13 @@ async def add_zoo_task(
         await run_in_threadpool(_check_free, settings, ZooTask, name)
         data = await run_in_threadpool(
             uploads.validate,
-            session,
             settings=settings,
             stored=stored,
             filename=filename,
             image_size=zoo.zoo.embed_config.image_size,
         )
-        spec = uploaded_task(name, str(stored.path), data, (domain or "").strip()[:64] or None)
+        spec = uploaded_task(name, str(stored.final), data, (domain or "").strip()[:64] or None)
+        stored.keep()  # in place before the row naming it commits
         job = await run_in_threadpool(
             zoo_admin.register,
             session,
@@ -347,5 +353,5 @@ async def add_zoo_task(
         return await idempotent(request, settings, caller.tenant, key, fields, answer)
     except ProblemError:
         session.rollback()
-        await run_in_threadpool(uploads.discard_unreferenced, session, stored=stored)
+        stored.discard()
         raise

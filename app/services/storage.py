@@ -1,8 +1,11 @@
 """Content-addressed files: ``<root>/<sha[:2]>/<sha256><suffix>``.
 
-A file streams to a temporary name in the same folder while it is hashed and counted; only a
-complete one is renamed into place, so a reader never sees a partial file and the same bytes
-are stored once, whoever sends them.
+An upload streams to a name of its request's own while it is hashed and counted, and stays
+there while it is checked; only when the row naming it is about to commit is it moved to its
+content-addressed name (``StoredFile.keep``). A request that is refused removes its own file
+and nothing else: a content-addressed file may be another request's (another tenant's, with
+the same bytes), so it is never unlinked by a request; ``orphans.prune`` removes those no row
+holds. A reader never sees a partial file, and the same bytes are stored once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.task2vec.files import atomic_write
@@ -26,9 +29,28 @@ class UploadTooLargeError(Exception):
 
 @dataclass(frozen=True)
 class StoredFile:
+    """An upload: where its bytes are now (``path``: the request's own name until kept) and
+    the content-addressed name it is kept under (``final``)."""
+
     sha256: str
     path: Path
     bytes: int
+    final: Path
+
+    def keep(self) -> StoredFile:
+        """Move the request's file to its content-addressed name, before the row naming it
+        commits. Another request may have put the same bytes there: replacing them with the
+        same bytes is harmless."""
+        if self.path != self.final and self.path.exists():
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.path, self.final)
+        return replace(self, path=self.final)
+
+    def discard(self) -> None:
+        """Remove the request's own file (a refused request keeps nothing); a kept one is
+        left to ``orphans.prune``."""
+        if self.path != self.final:
+            self.path.unlink(missing_ok=True)
 
 
 #: Stored uploads share one suffix: the format is sniffed from the bytes, so the same bytes
@@ -48,7 +70,9 @@ async def store_stream(
     limit: int,
     suffix: str = UPLOAD_SUFFIX,
 ) -> StoredFile:
-    """Write ``chunks`` under ``root`` by content; refuse more than ``limit`` bytes."""
+    """Write ``chunks`` under ``root``, under a name of this request's own (hidden: a file
+    left by a process killed meanwhile is pruned as temporary); refuse more than ``limit``
+    bytes."""
     root.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     size = 0
@@ -62,13 +86,11 @@ async def store_stream(
                     raise UploadTooLargeError(limit)
                 digest.update(chunk)
                 out.write(chunk)
-        sha = digest.hexdigest()
-        final = content_path(root, sha, suffix)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-        return StoredFile(sha, final, size)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    sha = digest.hexdigest()
+    return StoredFile(sha, tmp, size, content_path(root, sha, suffix))
 
 
 def file_digest(path: Path) -> str:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db.models import Dataset, Job, JobStatus, Task, ZooTask
+from app.db.models import Dataset, Job, JobStatus, Task
 from app.services import jobs, queue
 from app.services.jobs import JobKind
 from app.services.problems import ProblemError
@@ -45,28 +45,17 @@ def too_large(exc: Exception) -> ProblemError:
 
 
 def validate(
-    session: Session, *, settings: Settings, stored: StoredFile, filename: str, image_size: int
+    *, settings: Settings, stored: StoredFile, filename: str, image_size: int
 ) -> LabelledImages:
-    """The stored upload as a dataset, or a 422 naming the problem; a rejected file that no
-    dataset row holds is removed (nothing half-stored)."""
+    """The stored upload as a dataset, or a 422 naming the problem; the request's file of a
+    rejected one is removed (nothing half-stored)."""
     try:
         return load_dataset(stored.path, image_size=image_size, limits=settings.dataset_limits())
     except Task2VecError as exc:
-        discard_unreferenced(session, stored=stored)
-        detail = str(exc).replace(stored.path.name, filename)
+        stored.discard()
+        detail = str(exc).replace(str(stored.path), filename).replace(stored.path.name, filename)
         kind = exc.kind if isinstance(exc, DatasetError) else "invalid-dataset"
         raise ProblemError(422, kind, "The dataset cannot be used", detail) from None
-
-
-def discard_unreferenced(session: Session, *, stored: StoredFile) -> None:
-    """Remove a stored upload that no dataset row and no zoo task holds (a refused request
-    keeps nothing)."""
-    known = session.scalar(select(Dataset.id).where(Dataset.sha256 == stored.sha256).limit(1))
-    in_zoo = any(
-        spec.get("dataset") == str(stored.path) for spec in session.scalars(select(ZooTask.spec))
-    )
-    if known is None and not in_zoo:
-        stored.path.unlink(missing_ok=True)
 
 
 def skipped_view(data: LabelledImages) -> list[dict[str, str]]:
@@ -85,7 +74,7 @@ def _dataset_row(
     row = Dataset(
         tenant=tenant,
         sha256=stored.sha256,
-        path=str(stored.path),
+        path=str(stored.final),
         filename=filename,
         bytes=stored.bytes,
         num_images=len(data),
@@ -125,6 +114,7 @@ def register(
     """The dataset, its task and the job embedding it (unless one exists or is under way).
     Commits: a new job is committed and sent (``queue.send``); otherwise the unit of work
     ends here too, so a caller that then waits on the job holds no connection."""
+    stored = stored.keep()  # in place before the row naming it commits
     for attempt in range(2):  # a concurrent identical upload may win the unique constraint
         try:
             dataset = _dataset_row(session, stored, filename, data, tenant)

@@ -11,10 +11,6 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from app.db.models import Expert
 from app.services.layout import DataLayout
 from app.services.problems import ProblemError
 from app.services.storage import WEIGHTS_SUFFIX, store_file
@@ -95,12 +91,3 @@ def fetch(settings: Settings, url: str) -> Path:
         return store(settings, tmp)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def discard(session: Session, *, settings: Settings, where: str) -> None:
-    """Remove a stored weight file that no expert row names (a rejected expert keeps none)."""
-    path = Path(where)
-    if not path.is_relative_to(DataLayout.of(settings).weights):
-        return
-    if session.scalar(select(Expert.id).where(Expert.weights == where).limit(1)) is None:
-        path.unlink(missing_ok=True)
