@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     max_skipped_fraction: float = Field(default=0.1, ge=0, le=1)
     #: Longest ``wait`` a client may ask for on POST /v1/recommendations, in seconds.
     max_wait_seconds: float = Field(default=600.0, ge=0)
+    #: Requests of one key that may wait at once; past it a request answers 202 at once.
+    max_waits_per_key: int = Field(default=8, ge=0)
     #: How often (seconds) the API and the workers look for a newly published zoo version.
     zoo_poll_seconds: float = Field(default=2.0, ge=0)
     #: Published zoo versions whose folders are kept on disk (older ones are deleted).

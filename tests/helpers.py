@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -189,3 +191,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_api(settings: Settings, port: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """``task2vec serve`` on ``port`` (keys off, loopback), in its own process group; ready
+    once ``/readyz`` answers 200."""
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+            env=worker_env(settings, T2V_API_KEYS="off", **env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)

@@ -20,6 +20,7 @@ from app.api.door import Door
 from app.api.limits import RequestLength
 from app.api.observe import RequestObserver
 from app.api.schemas import Health, Ready
+from app.api.waits import Waits
 from app.db.session import engine_for
 from app.observability.metrics import ApiMetrics, ZooSize
 from app.services import queue
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         served=lambda: _served_zoo(app.state.zoos),
     )
     app.state.key_check = KeyCheck()
+    app.state.waits = Waits()
     app.add_middleware(RequestLength, settings=app.state.settings)
     app.add_middleware(Door, settings=app.state.settings, check=app.state.key_check)
     if app.state.settings.cors_origins:  # off unless origins are named

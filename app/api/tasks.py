@@ -3,7 +3,6 @@ zoo's experts (its job: ``app.api.jobs``; the zoo itself: ``app.api.zoo``)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
@@ -29,9 +28,9 @@ from app.api.schemas import (
     UploadRanking,
 )
 from app.api.uploads import store_upload
+from app.api.waits import Waits, wait_for
 from app.db.models import JobStatus
-from app.db.session import session_scope
-from app.services import jobs, tasks, uploads
+from app.services import tasks, uploads
 from app.services.jobs import JobState
 from app.services.layout import DataLayout
 from app.services.problems import ProblemError
@@ -220,20 +219,6 @@ def recommendations(
     return Ranking.model_validate(ranked)
 
 
-def _job_state(settings: Settings, job_id: str, tenant: str) -> JobState:
-    """A short transaction of its own: a wait holds no connection between polls."""
-    with session_scope(settings.resolved_database_url()) as session:
-        return jobs.state(session, job_id=job_id, tenant=tenant)
-
-
-async def _wait_for(settings: Settings, job_id: str, tenant: str, deadline: float) -> JobState:
-    while True:
-        job = await run_in_threadpool(_job_state, settings, job_id, tenant)
-        if job.finished or time.monotonic() >= deadline:
-            return job
-        await asyncio.sleep(0.1)
-
-
 def _failed(job: JobState) -> ProblemError:
     return ProblemError.of(job.error or {}, job=f"/v1/jobs/{job.id}")
 
@@ -261,49 +246,57 @@ async def recommend_upload(
     started = time.monotonic()
     key = key_of(request)
     stored = await store_upload(file, DataLayout.of(settings).uploads, settings.max_upload_bytes)
-    deadline = started + min(wait, settings.max_wait_seconds)
     tenant = caller.tenant
+    waits: Waits = request.app.state.waits
+    # A wait holds a slot of the key's for the whole request; past the cap it does not wait.
+    with waits.slot(caller.key_id or tenant, settings.max_waits_per_key) as may_wait:
+        deadline = started + (min(wait, settings.max_wait_seconds) if may_wait else 0.0)
 
-    async def answer() -> JSONResponse:
-        submitted = await _submit(
-            session, settings, stored, file.filename or "upload", zoo.zoo.embed_config, tenant
-        )
-        uploaded = time.monotonic()
-        job = await _wait_for(settings, submitted.job_id, tenant, deadline)
-        if job.status == JobStatus.failed:
-            raise _failed(job)
-        if job.status != JobStatus.succeeded:
-            return accepted(job.id, JobAccepted(task_id=submitted.task_id, job_id=job.id))
-        ranked = await _rank(session, settings, zoo, submitted.task_id, method, k, tenant, deadline)
-        if isinstance(ranked, JSONResponse):
-            return ranked
-        timings = Timings(
-            upload_s=round(uploaded - started, 3),
-            queue_wait_s=None if job.queue_wait_s is None else round(job.queue_wait_s, 3),
-            job_s=None if job.run_s is None else round(job.run_s, 3),
-            job_stages=job.timings,
-            total_s=round(time.monotonic() - started, 3),
-        )
-        body = UploadRanking.model_validate(
-            {**ranked, "job_id": submitted.job_id, "timings": timings}
-        )
-        # The ranking's row is stored before the answer is recorded for its Idempotency-Key.
-        await run_in_threadpool(session.commit)
-        return JSONResponse(body.model_dump(mode="json", exclude_unset=True))
+        async def answer() -> JSONResponse:
+            submitted = await _submit(
+                session, settings, stored, file.filename or "upload", zoo.zoo.embed_config, tenant
+            )
+            uploaded = time.monotonic()
+            job = await wait_for(
+                settings, submitted.job_id, tenant, deadline, request.is_disconnected
+            )
+            if job.status == JobStatus.failed:
+                raise _failed(job)
+            if job.status != JobStatus.succeeded:
+                return accepted(job.id, JobAccepted(task_id=submitted.task_id, job_id=job.id))
+            ranked = await _rank(
+                request, session, settings, zoo, submitted.task_id, method, k, tenant, deadline
+            )
+            if isinstance(ranked, JSONResponse):
+                return ranked
+            timings = Timings(
+                upload_s=round(uploaded - started, 3),
+                queue_wait_s=None if job.queue_wait_s is None else round(job.queue_wait_s, 3),
+                job_s=None if job.run_s is None else round(job.run_s, 3),
+                job_stages=job.timings,
+                total_s=round(time.monotonic() - started, 3),
+            )
+            body = UploadRanking.model_validate(
+                {**ranked, "job_id": submitted.job_id, "timings": timings}
+            )
+            # The ranking's row is stored before the answer is recorded for its Idempotency-Key.
+            await run_in_threadpool(session.commit)
+            return JSONResponse(body.model_dump(mode="json", exclude_unset=True))
 
-    return await idempotent(
-        request,
-        settings,
-        tenant,
-        key,
-        {"file": stored.sha256},
-        answer,
-        refused=stored.discard,
-        ignore=("wait",),
-    )
+        return await idempotent(
+            request,
+            settings,
+            tenant,
+            key,
+            {"file": stored.sha256},
+            answer,
+            refused=stored.discard,
+            ignore=("wait",),
+        )
 
 
 async def _rank(
+    request: Request,
     session: Session,
     settings: Settings,
     zoo: ZooState,
@@ -329,7 +322,7 @@ async def _rank(
         k=k,
         tenant=tenant,
     )
-    job = await _wait_for(settings, rank_job.id, tenant, deadline)
+    job = await wait_for(settings, rank_job.id, tenant, deadline, request.is_disconnected)
     if job.status == JobStatus.failed:
         raise _failed(job)
     if job.status != JobStatus.succeeded or job.result is None:

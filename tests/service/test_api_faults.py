@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,9 +28,9 @@ from tests.helpers import (
     png_bytes,
     random_images,
     service_settings,
+    start_api,
     stop,
     worker,
-    worker_env,
     write_zip,
 )
 
@@ -43,27 +41,6 @@ FAST = {"job_lease_seconds": 4.0, "sweep_seconds": 1.0, "job_resend_seconds": 3.
 def embedded(tiny_zoo: Path, tmp_path: Path) -> Iterator[Settings]:
     with fresh_database("sqlite", tmp_path) as url:
         yield service_settings(tiny_zoo, url, tmp_path).model_copy(update=FAST)
-
-
-def _api(settings: Settings, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-            env=worker_env(settings, T2V_API_KEYS="off"),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
 
 
 def _stored(settings: Settings) -> set[Path]:
@@ -84,7 +61,7 @@ def test_an_api_killed_during_uploads_loses_no_accepted_job(
     log = tmp_path / "processes.log"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    api = _api(embedded, port, log)
+    api = start_api(embedded, port, log)
     slow = _slow_to_validate(tmp_path / "slow.zip").read_bytes()
     outcomes: list[object] = []
 
@@ -119,7 +96,7 @@ def test_an_api_killed_during_uploads_loses_no_accepted_job(
             assert len(orphan) == 1
 
             # A new API: the accepted jobs finish, with the worker that never stopped.
-            api = _api(embedded, port, log)
+            api = start_api(embedded, port, log)
             deadline = time.monotonic() + 180
             for job_id in accepted:
                 while (job := httpx.get(f"{base}/v1/jobs/{job_id}").json())["status"] not in (
