@@ -28,7 +28,7 @@ from app.observability import worker as metrics
 from app.services import leases, tasks, zoo_admin
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
-from app.services.problems import problem
+from app.services.problems import problem, redact
 from app.services.queue import celery_for
 from app.services.serving import ZooStates, ranking_items
 from app.services.versions import Version
@@ -138,10 +138,12 @@ def _attempt(
         raise
     except Task2VecError as exc:
         kind = exc.kind if isinstance(exc, DatasetError) else invalid
-        error = problem(422, kind, f"Failed while {doing}", str(exc))
-    except Exception as exc:
+        error = problem(422, kind, f"Failed while {doing}", redact(str(exc)))
+    except Exception:
+        # The exception's text can name hosts, credentials and paths: it goes to the log.
         log.exception("job %s failed while %s", job_id, doing)
-        error = problem(500, "internal", f"Internal error while {doing}", repr(exc))
+        detail = "the worker failed on this job; the error is logged with the job's id"
+        error = problem(500, "internal", f"Internal error while {doing}", detail)
     try:
         recorder.fail(error)
     except LeaseLostError:

@@ -141,7 +141,9 @@ class ExpertOut(BaseModel):
     status: str
     in_served_zoo: bool
     mean_error: float | None
-    error: dict[str, Any] | None
+    error: dict[str, Any] | None = Field(
+        description="why it failed: type, title and status (the detail is on its job)"
+    )
     links: Links
 
 
@@ -153,7 +155,9 @@ class ZooTaskOut(BaseModel):
     status: str
     in_served_zoo: bool
     best_expert: str | None
-    error: dict[str, Any] | None
+    error: dict[str, Any] | None = Field(
+        description="why it failed: type, title and status (the detail is on its job)"
+    )
     links: Links
 
 

@@ -36,7 +36,7 @@ from app.db.session import session_scope
 from app.services import uploads, zoo_admin, zoo_items
 from app.services import weights as expert_weights
 from app.services.layout import DataLayout
-from app.services.problems import ProblemError
+from app.services.problems import ProblemError, public
 from app.services.serving import ZooState
 from app.services.storage import WEIGHTS_SUFFIX, StoredFile
 from app.settings import Settings
@@ -105,7 +105,7 @@ def _expert_view(row: Expert, zoo: ZooState) -> ExpertOut:
         status=row.status,
         in_served_zoo=bool(served),
         mean_error=float(zoo.zoo.errors[:, served[0]].mean()) if served else None,
-        error=row.error,
+        error=public(row.error),
         links=_links("experts", row.name, row.job_id),
     )
 
@@ -121,7 +121,7 @@ def _zoo_task_view(row: ZooTask, zoo: ZooState) -> ZooTaskOut:
         status=row.status,
         in_served_zoo=bool(served),
         best_expert=best,
-        error=row.error,
+        error=public(row.error),
         links=_links("zoo/tasks", row.name, row.job_id),
     )
 

@@ -6,9 +6,29 @@ job rows in the same shape the API answers with.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 PROBLEM_BASE = "https://task2vec.dev/problems/"
+
+
+#: ``scheme://user:password@`` in a URL: what ``redact`` removes.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the userinfo (user names, passwords, tokens) of every URL in it removed:
+    error texts are stored and shown, credentials never."""
+    return _USERINFO.sub(r"\1", text)
+
+
+def public(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What every tenant may see of a zoo item's stored error: its type, title and status.
+    The detail can name internal hosts and paths; it stays in the logs and on the job, which
+    only the tenant that made it can read."""
+    if error is None:
+        return None
+    return {k: error[k] for k in ("type", "title", "status") if k in error}
 
 
 def problem(status: int, kind: str, title: str, detail: str) -> dict[str, Any]:

@@ -163,8 +163,10 @@ def test_weights_by_file_path_and_by_url(
         run_job(settings, sent[-1])
         failed = client.get("/v1/experts/by-url").json()
         assert failed["status"] == "failed"
-        assert "cannot be downloaded" in failed["error"]["detail"]
-        assert client.get(f"/v1/jobs/{sent[-1]}").json()["status"] == "failed"
+        assert failed["error"]["type"].endswith("/invalid-expert")
+        job = client.get(f"/v1/jobs/{sent[-1]}").json()
+        assert job["status"] == "failed"
+        assert "cannot be downloaded" in job["error"]["detail"]
 
         # A failed expert's name can be registered again.
         again = client.post("/v1/experts", data=_expert_form("by-url", weights_uri=f"{base}/w.pt"))
