@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     #: loopback address), or "auto" (off on loopback, required elsewhere; decided by
     #: ``task2vec serve``/``run``, and required when the app is started any other way).
     api_keys: Literal["auto", "required", "off"] = "auto"
+    #: Serve /docs, /redoc and /openapi.json; unset: only when API keys are off (with keys
+    #: required, the API's description is not handed to whoever asks).
+    public_docs: bool | None = None
     #: Requests per minute and key (a token bucket of that size per API process); 0: no limit.
     rate_limit_per_minute: int = Field(default=600, ge=0)
     #: Failed authentications (no key, a malformed, unknown or revoked one) a client address

@@ -17,6 +17,7 @@ from starlette.types import ASGIApp
 from app.api import jobs, problems, tasks, zoo
 from app.api.auth import KeyCheck, RateLimiter
 from app.api.door import Door
+from app.api.headers import SecurityHeaders
 from app.api.limits import RequestLength
 from app.api.observe import RequestObserver
 from app.api.schemas import Health, Ready
@@ -62,7 +63,8 @@ class _ObservedApp(FastAPI):
     of the last-resort error handler (500) are too."""
 
     def build_middleware_stack(self) -> ASGIApp:
-        return RequestObserver(super().build_middleware_stack(), self.state.metrics.requests)
+        stack = SecurityHeaders(super().build_middleware_stack())
+        return RequestObserver(stack, self.state.metrics.requests)
 
 
 def _served_zoo(zoos: ZooStates) -> ZooSize | None:
@@ -74,13 +76,18 @@ def _served_zoo(zoos: ZooStates) -> ZooSize | None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    docs = settings.public_docs if settings.public_docs is not None else settings.api_keys == "off"
     app = _ObservedApp(
         title="Task2Vec model recommendation",
         version="1.0.0",
         description="Upload a labelled image dataset; get the zoo's experts ranked for it.",
         lifespan=_following_the_zoo,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings
     app.state.zoos = ZooStates()
     app.state.rate_limiter = RateLimiter()
     app.state.metrics = ApiMetrics(

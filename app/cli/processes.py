@@ -39,6 +39,7 @@ def serve_api(
             workers=workers,
             log_level="info",
             log_config=config,
+            server_header=False,  # no software banner in the answers
         )
     finally:
         if directory is not None:

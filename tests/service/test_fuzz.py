@@ -25,7 +25,13 @@ def test_every_operation_conforms_to_its_schema(
     monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)  # jobs stay queued
     with fresh_database("sqlite", tmp_path) as url:
         settings = service_settings(tiny_zoo, url, tmp_path).model_copy(
-            update={"max_wait_seconds": 0, "rate_limit_per_minute": 0, "api_keys": api_keys}
+            update={
+                "max_wait_seconds": 0,
+                "rate_limit_per_minute": 0,
+                "auth_failures_per_minute": 0,  # every refusal a 401, none turned into 429
+                "api_keys": api_keys,
+                "public_docs": True,
+            }
         )
     app = create_app(settings)
     app.state.zoos.current(settings)  # the zoo loaded, as after start-up

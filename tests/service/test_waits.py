@@ -118,6 +118,7 @@ def test_a_client_that_hangs_up_frees_its_wait(settings: Settings, tmp_path: Pat
         stop(api)
     assert response.status_code == 202, response.text
     assert waited > 2.5
+    assert "server" not in response.headers  # no software banner
 
 
 def _multipart(data: bytes) -> bytes:
