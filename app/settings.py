@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     #: A stored upload or weight file that no row holds (its request was cut off before
     #: committing) is removed by the sweep once this old: far longer than any request takes.
     orphan_files_seconds: float = Field(default=3600.0, gt=0)
+    #: How long an Idempotency-Key holds its request's answer (then the key is free again).
+    idempotency_ttl_seconds: float = Field(default=86400.0, gt=0)
     #: Rankings each API process keeps per zoo version (a ranking is a pure function of the
     #: task's embedding, the method and the version); 0: compute every read.
     ranking_cache_size: int = Field(default=4096, ge=0)

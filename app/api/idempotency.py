@@ -3,7 +3,9 @@ again instead of a second job; the same key with a different request is an error
 
 A request is identified by its fingerprint: the route, the query parameters that change the
 answer, the form fields and the sha256 of each uploaded file (never the raw multipart bytes,
-whose boundaries differ on every send). Records are per tenant.
+whose boundaries differ on every send). Records are per tenant, and hold their key for
+``IDEMPOTENCY_TTL_SECONDS`` (a day); the workers' sweep deletes older ones
+(``app.services.orphans``).
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
 from app.db.models import IdempotencyRecord
@@ -97,9 +100,25 @@ def claim(settings: Settings, tenant: str, key: str, print_: str) -> JSONRespons
     except IntegrityError:
         with session_scope(url) as session:
             row = session.scalar(_select(tenant, key))
-            if row is None:  # released meanwhile: the next try claims it
-                return claim(settings, tenant, key, print_)
-            return _recorded(row, key, print_)
+            if row is not None and _expired(row, settings):
+                session.execute(
+                    delete(IdempotencyRecord).where(
+                        IdempotencyRecord.id == row.id,
+                        IdempotencyRecord.created_at == row.created_at,
+                    )
+                )
+                row = None
+        if row is None:  # released or expired meanwhile: the next try claims it
+            return claim(settings, tenant, key, print_)
+        return _recorded(row, key, print_)
+
+
+def _expired(row: IdempotencyRecord, settings: Settings) -> bool:
+    """A record older than ``idempotency_ttl_seconds`` no longer holds its key."""
+    created = row.created_at
+    if created.tzinfo is None:  # SQLite hands datetimes back without their zone (UTC)
+        created = created.replace(tzinfo=UTC)
+    return created < datetime.now(UTC) - timedelta(seconds=settings.idempotency_ttl_seconds)
 
 
 def complete(settings: Settings, tenant: str, key: str, response: JSONResponse) -> None:

@@ -211,8 +211,8 @@ def _send(settings: Settings, job_id: str, kind: str) -> None:
 class Sweeper:
     """``sweep`` every ``sweep_seconds`` in a daemon thread, for a worker's life; each
     report goes to ``on_report`` (the worker counts them). Every quarter of
-    ``orphan_files_seconds`` it also removes stored files that no row holds
-    (``orphans.prune``)."""
+    ``orphan_files_seconds`` it also removes stored files that no row holds and expired
+    Idempotency-Key records (``orphans``)."""
 
     def __init__(
         self, settings: Settings, on_report: Callable[[SweepReport], None] | None = None
@@ -230,8 +230,9 @@ class Sweeper:
     def _prune(self) -> None:
         try:
             orphans.prune(self.settings, self.settings.orphan_files_seconds)
-        except Exception:  # the files wait for the next round; the sweeps go on
-            log.warning("stored files not pruned", exc_info=True)
+            orphans.prune_idempotency_records(self.settings)
+        except Exception:  # they wait for the next round; the sweeps go on
+            log.warning("stored files or idempotency records not pruned", exc_info=True)
 
     def _run(self) -> None:
         pruned = time.monotonic()

@@ -1,6 +1,7 @@
-"""Stored files that no row holds: what a request cut off between storing a file and
-committing its row leaves behind (the API killed mid-request, the database gone at that
-moment), and half-written temporary files.
+"""What no one will use again: stored files that no row holds (what a request cut off
+between storing a file and committing its row leaves behind: the API killed mid-request, the
+database gone at that moment; half-written temporary files), and Idempotency-Key records past
+their time.
 
 A file is stored before its row commits, so a young file without a row may belong to a request
 still under way: only files older than a grace period are removed, far longer than a request
@@ -13,11 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
-from app.db.models import Dataset, Expert, ZooTask
+from app.db.models import Dataset, Expert, IdempotencyRecord, ZooTask, utcnow
 from app.db.session import session_scope
 from app.services.layout import DataLayout
 from app.services.storage import UPLOAD_SUFFIX, WEIGHTS_SUFFIX
@@ -70,3 +72,14 @@ def prune(settings: Settings, older_than: float) -> list[Path]:
     if removed:
         log.info("removed %d stored files that no row holds", len(removed))
     return removed
+
+
+def prune_idempotency_records(settings: Settings) -> int:
+    """Delete Idempotency-Key records older than ``idempotency_ttl_seconds``; how many went.
+    (An expired record no longer holds its key even before it is deleted.)"""
+    cutoff = utcnow() - timedelta(seconds=settings.idempotency_ttl_seconds)
+    with session_scope(settings.resolved_database_url()) as session:
+        result = session.execute(
+            delete(IdempotencyRecord).where(IdempotencyRecord.created_at < cutoff)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
