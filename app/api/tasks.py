@@ -117,7 +117,7 @@ async def create_task(
             session,
             settings,
             stored,
-            file.filename or "upload",
+            uploads.safe_filename(file.filename),
             zoo.zoo.embed_config,
             caller.tenant,
         )
@@ -254,7 +254,12 @@ async def recommend_upload(
 
         async def answer() -> JSONResponse:
             submitted = await _submit(
-                session, settings, stored, file.filename or "upload", zoo.zoo.embed_config, tenant
+                session,
+                settings,
+                stored,
+                uploads.safe_filename(file.filename),
+                zoo.zoo.embed_config,
+                tenant,
             )
             uploaded = time.monotonic()
             job = await wait_for(

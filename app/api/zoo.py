@@ -325,7 +325,7 @@ async def add_zoo_task(
     key = key_of(request)
     if key is None:  # 409 before anything is stored (a retry with a key may be a replay)
         await run_in_threadpool(_check_free, settings, ZooTask, name)
-    filename = file.filename or "upload"
+    filename = uploads.safe_filename(file.filename)
     stored = await store_upload(file, DataLayout.of(settings).uploads, settings.max_upload_bytes)
 
     async def answer() -> JSONResponse:

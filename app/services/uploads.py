@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import asdict, dataclass
 
 from sqlalchemy import select
@@ -38,6 +39,29 @@ class Submitted:
     job_status: str
     new_job: bool
     skipped: list[dict[str, str]]
+
+
+#: Characters never kept in a stored file name: markup and quoting (the name is shown back
+#: in answers, and by whatever reads them); path separators.
+_UNSAFE_IN_NAMES = set("<>\"'`&/\\")
+MAX_FILENAME = 255
+
+
+def safe_filename(name: str | None) -> str:
+    """The name an upload is recorded under: its last path component, NFC, without control
+    characters (NUL included) or markup, at most 255 characters (the extension kept);
+    ``upload`` when nothing is left."""
+    text = unicodedata.normalize("NFC", name or "")
+    text = text.replace("\\", "/").rsplit("/", 1)[-1]
+    text = "".join(c for c in text if c.isprintable() and c not in _UNSAFE_IN_NAMES)
+    text = text.strip(" .") or "upload"
+    if len(text) > MAX_FILENAME:
+        stem, dot, extension = text.rpartition(".")
+        if dot and 0 < len(extension) <= 16:
+            text = stem[: MAX_FILENAME - len(extension) - 1] + "." + extension
+        else:
+            text = text[:MAX_FILENAME]
+    return text
 
 
 def too_large(exc: Exception) -> ProblemError:

@@ -55,6 +55,17 @@ def check_member_name(raw: str) -> str:
     return "/".join(parts)
 
 
+#: How a zip starts: a local file header, or the end record of an empty archive.
+_ZIP_STARTS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def zip_at_start(path: Path) -> bool:
+    """Whether a zip begins at the first byte. Python's zipfile also opens a zip appended to
+    other data (found from its end), which would let one file read as two formats."""
+    with path.open("rb") as fh:
+        return fh.read(4) in _ZIP_STARTS
+
+
 class Archive:
     """Read-only view over a zip or tar file: member listing and bounded reads."""
 
@@ -66,10 +77,16 @@ class Archive:
         self._tar_members: dict[str, tarfile.TarInfo] = {}
         self._zip_names: dict[str, str] = {}
         try:
-            if zipfile.is_zipfile(path):
+            if zipfile.is_zipfile(path) and zip_at_start(path):
                 self._zip = zipfile.ZipFile(path)  # closed in close()
             elif (tar := _open_tar(path, limits)) is not None:
                 self._tar = tar
+            elif zipfile.is_zipfile(path):
+                raise DatasetError(
+                    f"{path.name}: bytes before the first zip entry (a zip joined to other "
+                    "data); send the zip alone",
+                    "corrupt-archive",
+                )
             elif _starts_like_an_archive(path):
                 raise DatasetError(
                     f"{path.name}: a damaged or truncated archive", "corrupt-archive"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import posixpath
+import unicodedata
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from app.task2vec.archives import (
     check_member_name,
     decode_image,
     load_npz,
+    zip_at_start,
 )
 from app.task2vec.errors import DatasetError
 from app.task2vec.limits import DEFAULT_LIMITS, ArchiveLimits
@@ -112,6 +114,8 @@ def from_arrays(
         )
     if labels.dtype.kind not in "iuU":
         raise DatasetError(f"labels must be integers or strings, got {labels.dtype}", "invalid-npz")
+    if labels.dtype.kind == "U":  # one class however its name was composed (NFC and NFD café)
+        labels = np.array([unicodedata.normalize("NFC", str(label)) for label in labels])
     values, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if len(values) < 2:
         raise DatasetError(
@@ -266,6 +270,7 @@ def load_archive(
         if manifests:
             manifest = manifests[0]
             base = posixpath.dirname(manifest.name)
+            paired: set[str] = set()
             for rel, label in _manifest_rows(archive, manifest):
                 name = check_member_name(posixpath.join(base, rel.replace("\\", "/")))
                 member = by_name.get(name)
@@ -275,6 +280,11 @@ def load_archive(
                         "such image",
                         "bad-manifest",
                     )
+                if member.name in paired:  # 'img0.png' and './img0.png' are one image
+                    raise DatasetError(
+                        f"{MANIFEST_NAME} lists the image {member.name!r} twice", "bad-manifest"
+                    )
+                paired.add(member.name)
                 pairs.append((member, label))
             listed = {m.name for m, _ in pairs} | {manifest.name}
             skipped += [
@@ -374,6 +384,8 @@ def load_dataset(
 
 def _is_npz(path: Path) -> bool:
     """An .npz is a zip of .npy arrays: told apart by its members, not by its file name."""
+    if not zip_at_start(path):
+        return False
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()

@@ -19,6 +19,7 @@ from app.api.main import create_app
 from app.db.models import Dataset, Job, Task
 from app.db.session import session_scope
 from app.services import queue
+from app.services.uploads import safe_filename
 from app.settings import Settings
 from tests.helpers import fresh_database, npz_upload, service_settings
 
@@ -306,6 +307,27 @@ CASES: list[tuple[str, str, Callable[[], bytes], int, str]] = [
         "bad-manifest",
     ),
     (
+        "manifest lists one image twice, spelt two ways",
+        "d.zip",
+        lambda: manifest(GOOD_ROWS + "./img/0.png,b\n"),
+        422,
+        "bad-manifest",
+    ),
+    (
+        "bytes before the first zip entry",
+        "d.zip",
+        lambda: b"MZ\x90\x00 a stub in front" + zipped(good_members()),
+        422,
+        "corrupt-archive",
+    ),
+    (
+        "an npz with bytes in front",
+        "d.npz",
+        lambda: b"#!/bin/sh\n" * 8 + npz(x=images(4), y=np.array([0, 0, 1, 1])),
+        422,
+        "corrupt-archive",
+    ),
+    (
         "manifest with extra columns",
         "d.zip",
         lambda: manifest(GOOD_ROWS.replace("img/3.png,b", "img/3.png,b,extra")),
@@ -547,3 +569,58 @@ def test_a_chunked_body_past_the_limit_is_cut_off(client: TestClient, hardened: 
     assert response.status_code == 413, response.text
     assert response.json()["type"].endswith("/upload-too-large")
     assert _stored(hardened) == before
+
+
+def test_an_npz_appended_to_a_tar_is_read_as_the_tar(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One file, one format: the tar it starts as, never the zip found from its end."""
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as t:
+        for name, data in good_members():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    both = buffer.getvalue() + npz(x=images(9), y=np.array([0, 1, 2] * 3))
+    assert zipfile.is_zipfile(io.BytesIO(both))
+    response = client.post("/v1/tasks", files={"file": ("both.tar", both)})
+    assert response.status_code == 202, response.text
+    task = client.get(f"/v1/tasks/{response.json()['task_id']}").json()
+    assert task["dataset"]["classes"] == ["a", "b"]
+    assert task["dataset"]["num_images"] == 6
+
+
+def test_class_names_are_one_however_they_are_composed(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    labels = np.array([nfc, nfd, nfc, "tea", "tea", "tea"])
+    response = client.post("/v1/tasks", files={"file": ("drinks.npz", npz(x=images(6), y=labels))})
+    assert response.status_code == 202, response.text
+    task = client.get(f"/v1/tasks/{response.json()['task_id']}").json()
+    assert task["dataset"]["classes"] == [nfc, "tea"]
+    assert task["dataset"]["class_counts"] == [3, 3]
+
+
+def test_file_names_are_stored_safely(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)
+    for sent, kept in (
+        ("..\\..\\<i>x y<i>.zip", "ix yi.zip"),
+        ("a" * 300 + ".zip", "a" * 251 + ".zip"),
+    ):
+        members = [*good_members(), (f"a/{len(sent)}.png", png(seed=len(sent)))]
+        response = client.post("/v1/tasks", files={"file": (sent, zipped(members))})
+        assert response.status_code == 202, response.text
+        task = client.get(f"/v1/tasks/{response.json()['task_id']}").json()
+        assert task["dataset"]["filename"] == kept
+
+
+def test_safe_filename() -> None:
+    assert safe_filename("a\x00b\x1b<script>.zip") == "abscript.zip"
+    assert safe_filename("C:\\data\\shoes.zip") == "shoes.zip"
+    assert safe_filename("../../etc/passwd") == "passwd"
+    assert safe_filename(None) == safe_filename(" .. ") == "upload"
+    assert safe_filename("cafe\u0301.zip") == "caf\u00e9.zip"
+    assert len(safe_filename("x" * 1000)) == 255
