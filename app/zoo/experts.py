@@ -128,17 +128,42 @@ def load_expert(spec: ExpertSpec) -> nn.Module:
         probe = load_probe(spec.architecture, weights=spec.weights, image_size=spec.input_size)
         model: nn.Module = _ProbeFeatures(probe)
     else:
-        model = _scratch_network(spec.architecture, spec.input_size)
+        # The architecture is built on the meta device (no memory), the weights are read and
+        # their shapes checked against it before any real tensor exists; a fitting state
+        # dict then becomes the module's tensors (assign): a large architecture named with
+        # small or wrong weights costs nothing.
+        with torch.device("meta"):
+            model = _scratch_network(spec.architecture, spec.input_size)
         state = read_state_dict(Path(spec.weights))
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ProbeWeightsError(
-                f"expert {spec.name!r}: the weights do not fit {spec.architecture} ({exc})"
-            ) from exc
+        _check_fits(spec, model.state_dict(), state)
+        model.load_state_dict(state, assign=True)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _check_fits(
+    spec: ExpertSpec, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> None:
+    """The state dict has exactly the architecture's tensors, shapes and dtypes."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{name}: {tuple(state[name].shape)} {state[name].dtype}, needs "
+        f"{tuple(want.shape)} {want.dtype}"
+        for name, want in expected.items()
+        if name in state and (state[name].shape != want.shape or state[name].dtype != want.dtype)
+    ]
+    if missing or unexpected or wrong:
+        parts = [
+            f"missing {', '.join(missing[:5])}" if missing else "",
+            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
+            "; ".join(wrong[:5]),
+        ]
+        raise ProbeWeightsError(
+            f"expert {spec.name!r}: the weights do not fit {spec.architecture} "
+            f"({'; '.join(p for p in parts if p)})"
+        )
 
 
 def _normalise(images: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from app.task2vec.errors import ConfigError, ProbeWeightsError
-from app.zoo.experts import ExpertSpec, extract_features, load_expert, train_expert
+from app.zoo.experts import ExpertSpec, SmallMLP, extract_features, load_expert, train_expert
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.tasks import TaskSpec, materialize
 
@@ -74,3 +76,30 @@ def test_holdout_error_is_deterministic_and_tracks_separability() -> None:
     assert holdout_error(noise, labels, protocol) > 0.3
     assert holdout_error(noise, labels, protocol) == holdout_error(noise, labels, protocol)
     assert "30% held out" in protocol.describe()["split"]
+
+
+def test_weights_are_checked_before_a_large_architecture_is_built(tmp_path: Path) -> None:
+    """mlp-4096x6 at 64 px has 134M parameters (536 MB): named with small weights, it is
+    refused by the shapes without allocating them (peak memory of a fresh process)."""
+    weights = tmp_path / "small.pt"
+    torch.save(SmallMLP(8, 1, 8).state_dict(), weights)
+    code = (
+        "import resource, sys\n"
+        "from app.zoo.experts import ExpertSpec, load_expert\n"
+        "from app.task2vec.errors import ProbeWeightsError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"spec = ExpertSpec('big', 'mlp-4096x6', {str(weights)!r}, 64)\n"
+        "try:\n"
+        "    load_expert(spec)\n"
+        "except ProbeWeightsError as exc:\n"
+        "    print(exc, file=sys.stderr)\n"
+        "else:\n"
+        "    raise SystemExit('loaded')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert int(out.stdout) < 100_000  # KiB: far below the 536 MB the weights would take
+    assert "do not fit mlp-4096x6" in out.stderr
+    assert "body.1.weight: (8, 192)" in out.stderr
