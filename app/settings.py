@@ -31,14 +31,19 @@ class Settings(BaseSettings):
     #: Largest accepted upload, in bytes.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     #: Upload limits (``app.task2vec.limits.ArchiveLimits``): archive members, bytes per
-    #: member and in all once uncompressed, compression ratio per member, pixels per image,
-    #: classes, the fewest images per class, and the largest fraction of undecodable images
-    #: that is skipped (reported) rather than refused.
+    #: member and in all once uncompressed, compression ratio per member, pixels per image and
+    #: in all, decoded-to-compressed ratio per image, classes, the fewest images per class,
+    #: and the largest fraction of undecodable images that is skipped (reported) rather than
+    #: refused.
     max_archive_members: int = Field(default=200_000, gt=0)
     max_member_bytes: int = Field(default=64 * 1024**2, gt=0)
     max_uncompressed_bytes: int = Field(default=4 * 1024**3, gt=0)
     max_compression_ratio: float = Field(default=200.0, gt=1)
-    max_image_pixels: int = Field(default=32 * 1024**2, gt=0)
+    max_image_pixels: int = Field(default=16 * 1024**2, gt=0)
+    max_total_pixels: int = Field(default=1024**3, gt=0)
+    max_image_ratio: float = Field(default=250.0, gt=1)
+    #: Uploads validated (decoded) at once by an API process, outside its request threads.
+    validation_threads: int = Field(default=2, ge=1)
     max_classes: int = Field(default=1_000, ge=2)
     min_images_per_class: int = Field(default=2, ge=1)
     max_skipped_fraction: float = Field(default=0.1, ge=0, le=1)
@@ -109,6 +114,8 @@ class Settings(BaseSettings):
             max_member_bytes=self.max_member_bytes,
             max_compression_ratio=self.max_compression_ratio,
             max_image_pixels=self.max_image_pixels,
+            max_total_pixels=self.max_total_pixels,
+            max_image_ratio=self.max_image_ratio,
             max_classes=self.max_classes,
             min_images_per_class=self.min_images_per_class,
             max_skipped_fraction=self.max_skipped_fraction,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from anyio import CapacityLimiter
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
@@ -44,8 +45,10 @@ def _check_broker(settings: Settings) -> None:
 
 @asynccontextmanager
 async def _following_the_zoo(app: FastAPI) -> AsyncIterator[None]:
-    """A thread that keeps the served zoo version current while the app runs."""
+    """A thread that keeps the served zoo version current while the app runs; the pool that
+    validates uploads (``app.api.uploads.validate``) is sized."""
     tasks_service.EMBEDDINGS.size = app.state.settings.embedding_cache_size
+    app.state.validation = CapacityLimiter(app.state.settings.validation_threads)
     stop = threading.Event()
     follower = threading.Thread(
         target=app.state.zoos.follow, args=(app.state.settings, stop), daemon=True

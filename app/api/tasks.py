@@ -27,7 +27,7 @@ from app.api.schemas import (
     Timings,
     UploadRanking,
 )
-from app.api.uploads import store_upload
+from app.api.uploads import store_upload, validate
 from app.api.waits import Waits, wait_for
 from app.db.models import JobStatus
 from app.services import tasks, uploads
@@ -68,6 +68,7 @@ def accepted(job_id: str, body: BaseModel) -> JSONResponse:
 
 
 async def _submit(
+    request: Request,
     session: Session,
     settings: Settings,
     stored: StoredFile,
@@ -76,13 +77,7 @@ async def _submit(
     tenant: str,
 ) -> Submitted:
     """Check and register a stored upload; its embedding job is sent unless one exists."""
-    data = await run_in_threadpool(
-        uploads.validate,
-        settings=settings,
-        stored=stored,
-        filename=filename,
-        image_size=config.image_size,
-    )
+    data = await validate(request, settings, stored, filename, config.image_size)
     return await run_in_threadpool(
         uploads.register,
         session,
@@ -114,6 +109,7 @@ async def create_task(
 
     async def answer() -> JSONResponse:
         submitted = await _submit(
+            request,
             session,
             settings,
             stored,
@@ -254,6 +250,7 @@ async def recommend_upload(
 
         async def answer() -> JSONResponse:
             submitted = await _submit(
+                request,
                 session,
                 settings,
                 stored,

@@ -30,7 +30,7 @@ from app.api.schemas import (
     ZooTaskPage,
 )
 from app.api.tasks import accepted
-from app.api.uploads import store_upload
+from app.api.uploads import store_upload, validate
 from app.db.models import Expert, ZooTask
 from app.db.session import session_scope
 from app.services import uploads, zoo_admin, zoo_items
@@ -330,13 +330,7 @@ async def add_zoo_task(
 
     async def answer() -> JSONResponse:
         await run_in_threadpool(_check_free, settings, ZooTask, name)
-        data = await run_in_threadpool(
-            uploads.validate,
-            settings=settings,
-            stored=stored,
-            filename=filename,
-            image_size=zoo.zoo.embed_config.image_size,
-        )
+        data = await validate(request, settings, stored, filename, zoo.zoo.embed_config.image_size)
         spec = uploaded_task(name, str(stored.final), data, (domain or "").strip()[:64] or None)
         stored.keep()  # in place before the row naming it commits
         job = await run_in_threadpool(

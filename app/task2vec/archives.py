@@ -7,7 +7,8 @@ or unsafe names are refused. An .npz is checked the same way, and every array he
 before numpy allocates anything. Every refusal is a ``DatasetError`` whose ``kind`` names it.
 
 What the members mean (class folders or a ``labels.csv`` manifest, which ones are images) is
-``app.task2vec.datasets``'s business; this module only lists, reads and decodes them safely.
+``app.task2vec.datasets``'s business; this module only lists and reads them safely
+(decoding an image: ``app.task2vec.images``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from app.task2vec.errors import DatasetError
 from app.task2vec.limits import DEFAULT_LIMITS, ArchiveLimits
@@ -327,42 +327,6 @@ def _tar_kind(info: tarfile.TarInfo) -> str:
     if info.islnk():
         return "a hard link"
     return "a device, fifo or socket"
-
-
-def decode_image(name: str, data: bytes, limits: ArchiveLimits) -> np.ndarray:
-    """Decode one image to (H, W, 1) or (H, W, 3) uint8, refusing bombs and broken files.
-
-    The size in the image's header is checked before any pixel is decoded (no global PIL
-    setting and no warning filter: decoding runs in several threads at once)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            frames = getattr(image, "n_frames", 1)
-            if width * height * max(frames, 1) > limits.max_image_pixels:
-                raise DatasetError(
-                    f"image {name!r} is {width}x{height} pixels"
-                    f"{f' x {frames} frames' if frames > 1 else ''}, over the limit of "
-                    f"{limits.max_image_pixels}",
-                    "image-too-large",
-                )
-            image.load()
-            if image.mode in ("1", "L", "I;16", "I", "F"):
-                array = np.asarray(image.convert("L"))[..., None]
-            else:
-                array = np.asarray(image.convert("RGB"))
-    except DatasetError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DatasetError(
-            f"image {name!r} is too large to decode safely ({exc})", "image-too-large"
-        ) from exc
-    except Exception as exc:  # PIL raises many types for broken files
-        raise DatasetError(
-            f"image {name!r} cannot be decoded ({exc})", "undecodable-images"
-        ) from exc
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise DatasetError(f"image {name!r} is empty", "undecodable-images")
-    return array
 
 
 # --------------------------------------------------------------------------------------------

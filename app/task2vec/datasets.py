@@ -33,15 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.task2vec.archives import (
-    Archive,
-    Member,
-    check_member_name,
-    decode_image,
-    load_npz,
-    zip_at_start,
-)
+from app.task2vec.archives import Archive, Member, check_member_name, load_npz, zip_at_start
 from app.task2vec.errors import DatasetError
+from app.task2vec.images import PixelBudget, decode_image
 from app.task2vec.limits import DEFAULT_LIMITS, ArchiveLimits
 
 IMAGE_EXTENSIONS = frozenset(
@@ -313,9 +307,10 @@ def load_archive(
         if not pairs:
             raise DatasetError(f"{path.name}: {MANIFEST_NAME} lists no images", "bad-layout")
         decoded, labels, broken = [], [], []
+        budget = PixelBudget(limits)
         for member, label in pairs:
             try:
-                image = decode_image(member.name, archive.read(member), limits)
+                image = decode_image(member.name, archive.read(member), limits, budget)
             except DatasetError as exc:
                 if exc.kind != "undecodable-images":
                     raise

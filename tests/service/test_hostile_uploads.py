@@ -30,6 +30,7 @@ LIMITS = {
     "max_uncompressed_bytes": 2_000_000,
     "max_compression_ratio": 50.0,
     "max_image_pixels": 250_000,
+    "max_total_pixels": 400_000,
     "max_classes": 5,
 }
 
@@ -312,6 +313,13 @@ CASES: list[tuple[str, str, Callable[[], bytes], int, str]] = [
         lambda: manifest(GOOD_ROWS + "./img/0.png,b\n"),
         422,
         "bad-manifest",
+    ),
+    (
+        "images adding up past the pixel budget",
+        "d.zip",
+        lambda: zipped([(f"{c}/{i}.png", png(size=300, seed=i)) for c in "ab" for i in range(3)]),
+        422,
+        "too-many-pixels",
     ),
     (
         "bytes before the first zip entry",

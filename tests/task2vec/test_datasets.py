@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 
 from app.task2vec.datasets import load_dataset, to_probe_input
 from app.task2vec.errors import DatasetError
+from app.task2vec.images import decode_image
 from app.task2vec.limits import ArchiveLimits
 from tests.helpers import png_bytes, random_images, write_tar, write_zip
 
@@ -167,3 +169,40 @@ def test_decompression_bomb_images_are_refused(tmp_path: Path) -> None:
         load_dataset(
             path, limits=ArchiveLimits(max_image_pixels=1_000_000, max_compression_ratio=1e6)
         )
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_cheap_to_send_and_dear_to_decode_is_refused_before_decoding() -> None:
+    """24 KB of PNG that decodes to 25 Mpx (the per-image cap, 16 Mpx by default, says no
+    from the header); 4 Mpx of one grey in a few KB (over 250 times its size decoded)."""
+    huge = _png(Image.new("L", (5000, 5000)))
+    with pytest.raises(DatasetError, match="over the limit of") as refused:
+        decode_image("huge.png", huge, ArchiveLimits())
+    assert refused.value.kind == "image-too-large"
+    flat = _png(Image.new("L", (2000, 2000), 128))
+    with pytest.raises(DatasetError, match="times its size") as refused:
+        decode_image("flat.png", flat, ArchiveLimits())
+    assert refused.value.kind == "compression-bomb"
+    noise = np.random.default_rng(0).integers(0, 256, (1100, 1000), dtype=np.uint8)
+    assert decode_image("photo.png", _png(Image.fromarray(noise)), ArchiveLimits()).shape == (
+        1100,
+        1000,
+        1,
+    )
+
+
+def test_the_pixels_of_an_upload_are_capped_in_all(tmp_path: Path) -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (300, 300), dtype=np.uint8)
+    image = _png(Image.fromarray(noise))
+    members = [(f"{c}/{i}.png", image) for c in "ab" for i in range(3)]
+    path = write_zip(tmp_path / "d.zip", members)
+    limits = ArchiveLimits(max_total_pixels=5 * 300 * 300, max_compression_ratio=1e6)
+    with pytest.raises(DatasetError, match="add up to more than") as refused:
+        load_dataset(path, limits=limits)
+    assert refused.value.kind == "too-many-pixels"
+    assert len(load_dataset(path, limits=replace(limits, max_total_pixels=6 * 300 * 300))) == 6
