@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     #: A folder whose weight files an expert may name by path (``weights_uri``); unset, the
     #: weights are uploaded or named by URL.
     weights_import_dir: Path | None = None
+    #: Let downloads (``weights_uri``) reach loopback, private, link-local and reserved
+    #: addresses: for tests and closed networks only (``app.services.outbound``).
+    allow_private_urls: bool = False
+    #: A download ends when it takes longer than this, or when it reads slower than
+    #: ``download_min_bytes_per_second`` after its first 10 s.
+    download_deadline_seconds: float = Field(default=600.0, gt=0)
+    download_min_bytes_per_second: float = Field(default=16 * 1024, ge=0)
     #: API keys: "required", "off" (every request is the tenant "local"; only allowed on a
     #: loopback address), or "auto" (off on loopback, required elsewhere; decided by
     #: ``task2vec serve``/``run``, and required when the app is started any other way).

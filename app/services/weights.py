@@ -8,14 +8,13 @@ the probe loader (``imagenet``, ``random:N``). A rejected expert leaves no file 
 from __future__ import annotations
 
 import tempfile
-import urllib.request
 from pathlib import Path
 
+from app.services import outbound
 from app.services.layout import DataLayout
-from app.services.problems import ProblemError
+from app.services.problems import ProblemError, redact
 from app.services.storage import WEIGHTS_SUFFIX, store_file
 from app.settings import Settings
-from app.task2vec.errors import ConfigError
 from app.task2vec.probes import PROBES
 
 
@@ -37,6 +36,10 @@ def place(settings: Settings, architecture: str, uri: str) -> str:
     of the probe loader, or a file under ``weights_import_dir`` copied into the data
     directory (at most ``max_upload_bytes``)."""
     if remote(uri):
+        try:  # the scheme and the host's addresses, now; the worker checks every hop again
+            outbound.check(uri, outbound.Policy.of(settings, settings.max_upload_bytes))
+        except outbound.OutboundError as exc:
+            raise _invalid(redact(uri), str(exc)) from None
         return uri
     if architecture in PROBES and (uri == "imagenet" or uri.startswith("random")):
         return uri
@@ -67,27 +70,17 @@ def place(settings: Settings, architecture: str, uri: str) -> str:
 
 
 def fetch(settings: Settings, url: str) -> Path:
-    """Download an expert's weights (at most ``max_upload_bytes``) into the content store."""
-    limit = settings.max_upload_bytes
+    """Download an expert's weights (at most ``max_upload_bytes``, through the outbound
+    guard) to a file of this download's own, which the caller keeps (``store``) or
+    removes; nothing of a failed download stays."""
     folder = DataLayout.of(settings).weights
     folder.mkdir(parents=True, exist_ok=True)
+    policy = outbound.Policy.of(settings, settings.max_upload_bytes)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".download", delete=False) as out:
         tmp = Path(out.name)
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                total = 0
-                while chunk := response.read(1 << 20):
-                    total += len(chunk)
-                    if total > limit:
-                        raise ConfigError(f"weights at {url} exceed {limit} bytes")
-                    out.write(chunk)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ConfigError(f"weights at {url} cannot be downloaded ({exc})") from exc
+            outbound.download(url, out, policy)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    try:
-        return store(settings, tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return tmp

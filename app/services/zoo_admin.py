@@ -112,10 +112,15 @@ def evaluate_expert(settings: Settings, name: str, progress: Progress | None = N
     if weights.remote(spec.weights):
         if progress is not None:
             progress("downloading weights", 0, 1)
-        stored = weights.fetch(settings, spec.weights)
+        fetched = weights.fetch(settings, spec.weights)
+        try:  # weights that do not load fail here, and their file goes with them
+            load_expert(replace(spec, weights=str(fetched)))
+            stored = weights.store(settings, fetched)
+        finally:
+            fetched.unlink(missing_ok=True)
         _mark(settings, Expert, name, weights=str(stored))
-        spec = replace(spec, weights=str(stored))
-    load_expert(spec)  # weights that do not load fail here, before any evaluation
+    else:
+        load_expert(spec)  # weights that do not load fail here, before any evaluation
     add_entries(settings, [(t, expert_id) for t in tasks if t not in have], progress)
     _mark(settings, Expert, name, status=ZooItemStatus.ready, error=None)
     return publish(settings, progress=progress)

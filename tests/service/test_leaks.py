@@ -28,7 +28,7 @@ def test_redact_removes_the_userinfo_of_urls() -> None:
 def test_a_failed_experts_detail_reaches_only_its_tenant(
     settings: Settings, sent: list[str]
 ) -> None:
-    keyed = settings.model_copy(update={"api_keys": "required"})
+    keyed = settings.model_copy(update={"api_keys": "required", "allow_private_urls": True})
     admin = _bearer(keyed, "platform", "zoo:admin", "tasks:read")
     other = _bearer(keyed, "acme", "tasks:read")
     url = f"http://bob:s3cret@127.0.0.1:{free_port()}/weights.pt"  # nothing listens there
@@ -54,7 +54,7 @@ def test_a_failed_experts_detail_reaches_only_its_tenant(
             assert "127.0.0.1" not in text
         assert client.get(f"/v1/jobs/{sent[-1]}", headers=other).status_code == 404
         job = client.get(f"/v1/jobs/{sent[-1]}", headers=admin).json()
-        assert "cannot be downloaded" in job["error"]["detail"]
+        assert "could not be fetched" in job["error"]["detail"]
         assert "s3cret" not in job["error"]["detail"]
         assert "bob" not in job["error"]["detail"]
 

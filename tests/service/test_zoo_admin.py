@@ -153,6 +153,7 @@ def test_weights_by_file_path_and_by_url(
     assert by_path.status_code == 202, by_path.text
     run_job(settings, sent[-1])
 
+    settings.allow_private_urls = True  # the server below listens on loopback
     handler = partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -166,7 +167,7 @@ def test_weights_by_file_path_and_by_url(
         assert failed["error"]["type"].endswith("/invalid-expert")
         job = client.get(f"/v1/jobs/{sent[-1]}").json()
         assert job["status"] == "failed"
-        assert "cannot be downloaded" in job["error"]["detail"]
+        assert "could not be fetched" in job["error"]["detail"]
 
         # A failed expert's name can be registered again.
         again = client.post("/v1/experts", data=_expert_form("by-url", weights_uri=f"{base}/w.pt"))

@@ -1,0 +1,208 @@
+"""Every URL the service fetches goes through here (expert weights today; callbacks later).
+
+A URL may name http or https only. Its host is resolved, and every address it resolves to must
+be public: loopback, private, link-local, shared, reserved, multicast and unspecified
+addresses are refused (IPv4-mapped IPv6 ones too), unless ``T2V_ALLOW_PRIVATE_URLS`` allows
+them for tests and closed networks. The connection then goes to the address that was checked,
+not to a second lookup of the name (a name that resolves anew to an internal address cannot
+slip through), with the name kept for the Host header and TLS. Redirects are followed by hand,
+each hop checked the same way, at most ``MAX_REDIRECTS``. A download has an overall deadline
+and a least rate (after a grace period), and a size cap.
+
+What went wrong is logged; the error a caller sees says only that the URL could not be
+fetched, or that its address or scheme is not allowed: reason phrases, refused or closed
+ports and body bytes would make the service a port scanner of its own network.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.services.problems import redact
+from app.settings import Settings
+from app.task2vec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Sink(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
+class OutboundError(ConfigError):
+    """A URL that is not allowed, or that could not be fetched (the detail is in the log)."""
+
+
+def public(address: IPAddress) -> bool:
+    """Whether an address is one the public internet routes (``is_global``), and no
+    multicast; an IPv4-mapped IPv6 address is judged by its IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a URL may be fetched. ``allowed`` judges each resolved address (``public``, or
+    every address with ``T2V_ALLOW_PRIVATE_URLS``)."""
+
+    max_bytes: int
+    deadline_seconds: float = 600.0
+    min_bytes_per_second: float = 16 * 1024
+    grace_seconds: float = 10.0
+    allowed: Callable[[IPAddress], bool] = public
+
+    @classmethod
+    def of(cls, settings: Settings, max_bytes: int) -> Policy:
+        return cls(
+            max_bytes=max_bytes,
+            deadline_seconds=settings.download_deadline_seconds,
+            min_bytes_per_second=settings.download_min_bytes_per_second,
+            allowed=_anywhere if settings.allow_private_urls else public,
+        )
+
+
+def _anywhere(_: IPAddress) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL: where to connect (a checked address) and what to ask for."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    address: str
+    path: str
+
+
+def shown(url: str) -> str:
+    """A URL as errors and logs show it: no credentials, no query."""
+    parts = urllib.parse.urlsplit(redact(url))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def check(url: str, policy: Policy) -> Target:
+    """The URL resolved and judged, or ``OutboundError``."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise OutboundError(f"{shown(url)!r} is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise OutboundError(f"{shown(url)!r}: only http and https URLs are fetched")
+    host = parts.hostname
+    if not host:
+        raise OutboundError(f"{shown(url)!r} names no host")
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        log.info("outbound: %s does not resolve", host)
+        raise OutboundError(f"{shown(url)!r} could not be fetched") from None
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in found]
+    if not addresses or not all(policy.allowed(a) for a in addresses):
+        log.info("outbound: %s resolves to %s: refused", host, addresses)
+        raise OutboundError(
+            f"{shown(url)!r}: the host's address is not allowed (loopback, private, "
+            "link-local, reserved or multicast; T2V_ALLOW_PRIVATE_URLS=true allows them on a "
+            "closed network)"
+        )
+    path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    return Target(url, parts.scheme, host, port, str(addresses[0]), path)
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a checked address, with the URL's host name for SNI and certificates."""
+
+    def __init__(self, target: Target, timeout: float) -> None:
+        super().__init__(target.host, target.port, timeout=timeout)
+        self.target = target
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.target.address, self.port), self.timeout)
+        context = ssl.create_default_context()
+        self.sock = context.wrap_socket(sock, server_hostname=self.target.host)
+
+
+def _connection(target: Target, timeout: float) -> http.client.HTTPConnection:
+    if target.scheme == "https":
+        return _PinnedHTTPS(target, timeout)
+    return http.client.HTTPConnection(target.address, target.port, timeout=timeout)
+
+
+def download(url: str, out: Sink, policy: Policy) -> int:
+    """Write the body at ``url`` to ``out``; the bytes written, or ``OutboundError``."""
+    started = time.monotonic()
+    for _ in range(MAX_REDIRECTS + 1):
+        target = check(url, policy)
+        left = policy.deadline_seconds - (time.monotonic() - started)
+        # No byte for a grace period ends the download too (each read waits at most that).
+        connection = _connection(target, timeout=max(0.1, min(policy.grace_seconds, left)))
+        try:
+            connection.request(
+                "GET",
+                target.path,
+                headers={"Host": _host_header(target), "User-Agent": "task2vec-service"},
+            )
+            response = connection.getresponse()
+            if response.status in REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise _failed(url, f"redirect {response.status} without a Location")
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise _failed(url, f"status {response.status} {response.reason}")
+            return _body(url, response, out, policy, started)
+        except OSError as exc:  # refused, reset, timed out, TLS
+            raise _failed(url, repr(exc)) from None
+        except http.client.HTTPException as exc:
+            raise _failed(url, repr(exc)) from None
+        finally:
+            connection.close()
+    raise _failed(url, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _host_header(target: Target) -> str:
+    default = 443 if target.scheme == "https" else 80
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return host if target.port == default else f"{host}:{target.port}"
+
+
+def _body(
+    url: str, response: http.client.HTTPResponse, out: Sink, policy: Policy, started: float
+) -> int:
+    total = 0
+    body_started = time.monotonic()
+    while chunk := response.read1(1 << 16):
+        total += len(chunk)
+        if total > policy.max_bytes:
+            raise OutboundError(f"{shown(url)!r} holds more than {policy.max_bytes} bytes")
+        out.write(chunk)
+        now = time.monotonic()
+        if now - started > policy.deadline_seconds:
+            raise _failed(url, f"not done within {policy.deadline_seconds:g} s")
+        reading = now - body_started
+        if reading > policy.grace_seconds and total / reading < policy.min_bytes_per_second:
+            raise _failed(url, f"{total / reading:.0f} bytes/s, under the least rate")
+    return total
+
+
+def _failed(url: str, why: str) -> OutboundError:
+    log.warning("outbound: %s could not be fetched: %s", shown(url), why)
+    return OutboundError(f"{shown(url)!r} could not be fetched")
