@@ -38,7 +38,6 @@ from app.services.serving import FAST_METHODS, METHODS, WORKER_METHODS, ZooState
 from app.services.storage import StoredFile
 from app.services.uploads import Submitted
 from app.settings import Settings
-from app.task2vec.embedding import EmbedConfig
 
 router = APIRouter(
     prefix="/v1", responses=documented(400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503)
@@ -72,11 +71,13 @@ async def _submit(
     session: Session,
     settings: Settings,
     stored: StoredFile,
-    filename: str,
-    config: EmbedConfig,
+    file: UploadFile,
+    zoo: ZooState,
     tenant: str,
 ) -> Submitted:
-    """Check and register a stored upload; its embedding job is sent unless one exists."""
+    """Check and register a stored upload under the zoo's embedding configuration; its
+    embedding job is sent unless one exists."""
+    filename, config = uploads.safe_filename(file.filename), zoo.zoo.embed_config
     data = await validate(request, settings, stored, filename, config.image_size)
     return await run_in_threadpool(
         uploads.register,
@@ -108,15 +109,7 @@ async def create_task(
     stored = await store_upload(file, DataLayout.of(settings).uploads, settings.max_upload_bytes)
 
     async def answer() -> JSONResponse:
-        submitted = await _submit(
-            request,
-            session,
-            settings,
-            stored,
-            uploads.safe_filename(file.filename),
-            zoo.zoo.embed_config,
-            caller.tenant,
-        )
+        submitted = await _submit(request, session, settings, stored, file, zoo, caller.tenant)
         body = TaskAccepted(
             task_id=submitted.task_id,
             job_id=submitted.job_id,
@@ -249,15 +242,7 @@ async def recommend_upload(
         deadline = started + (min(wait, settings.max_wait_seconds) if may_wait else 0.0)
 
         async def answer() -> JSONResponse:
-            submitted = await _submit(
-                request,
-                session,
-                settings,
-                stored,
-                uploads.safe_filename(file.filename),
-                zoo.zoo.embed_config,
-                tenant,
-            )
+            submitted = await _submit(request, session, settings, stored, file, zoo, tenant)
             uploaded = time.monotonic()
             job = await wait_for(
                 settings, submitted.job_id, tenant, deadline, request.is_disconnected

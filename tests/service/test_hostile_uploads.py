@@ -69,9 +69,9 @@ def symlink_zip() -> bytes:
     return zip_with(info, b"/etc/passwd")
 
 
-def tarred(extra: Callable[[tarfile.TarFile], None] | None = None) -> bytes:
+def tarred(extra: Callable[[tarfile.TarFile], None] | None = None, mode: str = "w:gz") -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as t:
+    with tarfile.open(fileobj=buffer, mode=mode) as t:
         for name, data in good_members():
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -584,13 +584,7 @@ def test_an_npz_appended_to_a_tar_is_read_as_the_tar(
 ) -> None:
     """One file, one format: the tar it starts as, never the zip found from its end."""
     monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: None)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as t:
-        for name, data in good_members():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    both = buffer.getvalue() + npz(x=images(9), y=np.array([0, 1, 2] * 3))
+    both = tarred(mode="w") + npz(x=images(9), y=np.array([0, 1, 2] * 3))
     assert zipfile.is_zipfile(io.BytesIO(both))
     response = client.post("/v1/tasks", files={"file": ("both.tar", both)})
     assert response.status_code == 202, response.text
