@@ -23,10 +23,11 @@ install: system $(STAMP)
 run: install
 	$(BIN)/task2vec run
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e ./client  # task2vec_client, installable alone too
 	touch $(STAMP)
 
 lint: install
@@ -34,7 +35,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy app workers bench
+	$(BIN)/mypy app workers bench client/task2vec_client
 
 test: lint typecheck
 	$(BIN)/pytest

@@ -1,0 +1,38 @@
+"""Python client of the Task2Vec model recommendation service: ``Client`` and
+``AsyncClient`` with typed answers (``models``) and one error type (``ProblemError``).
+
+    from task2vec_client import Client
+
+    with Client("http://127.0.0.1:8000") as t2v:           # key: argument or T2V_API_KEY
+        answer = t2v.recommend("shoes.zip", k=3, wait=120)
+        for expert in answer.ranking:
+            print(expert.rank, expert.expert, expert.score)
+"""
+
+from task2vec_client.client import AsyncClient, Client
+from task2vec_client.errors import JobFailedError, ProblemError
+from task2vec_client.models import (
+    JobAccepted,
+    JobOut,
+    Neighbours,
+    Ranking,
+    TaskAccepted,
+    TaskOut,
+    UploadRanking,
+    ZooOut,
+)
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "JobAccepted",
+    "JobFailedError",
+    "JobOut",
+    "Neighbours",
+    "ProblemError",
+    "Ranking",
+    "TaskAccepted",
+    "TaskOut",
+    "UploadRanking",
+    "ZooOut",
+]

@@ -1,0 +1,154 @@
+"""Typed answers of the service. Each model has the name of the schema it mirrors in the
+service's ``/openapi.json``; a test of the service compares them field by field, so the two
+cannot drift. Unknown fields are kept (a newer service may add some)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Progress(_Model):
+    stage: str | None
+    fraction: float
+
+
+class JobOut(_Model):
+    id: str
+    kind: str
+    status: str
+    progress: Progress
+    task_id: str | None
+    params: dict[str, Any]
+    timings: dict[str, Any]
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: dict[str, Any] | None
+    result: dict[str, Any] | None
+    links: dict[str, str]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+
+class TaskAccepted(_Model):
+    task_id: str
+    job_id: str
+    status: str
+    skipped: list[dict[str, str]]
+    links: dict[str, str]
+
+
+class JobAccepted(_Model):
+    job_id: str
+    status: str | None = None
+    task_id: str | None = None
+
+
+class DatasetOut(_Model):
+    sha256: str
+    filename: str
+    bytes: int
+    num_images: int | None
+    classes: list[Any] | None
+    class_counts: list[Any] | None
+    skipped: list[dict[str, str]]
+
+
+class EmbeddingOut(_Model):
+    dim: int
+    difficulty: float
+    seconds: float
+
+
+class TaskOut(_Model):
+    id: str
+    probe: str
+    dataset: DatasetOut
+    embedding: EmbeddingOut | None
+    links: dict[str, str]
+
+
+class Neighbour(_Model):
+    task: str
+    domain: str
+    distance: float
+    best_expert: str
+
+
+class Neighbours(_Model):
+    task_id: str
+    neighbors: list[Neighbour]
+
+
+class RankedExpert(_Model):
+    rank: int
+    expert: str
+    score: float
+    evidence: dict[str, Any]
+
+
+class Ranking(_Model):
+    task_id: str
+    method: str
+    ranking: list[RankedExpert]
+    seconds: float
+    cached: bool = False
+    zoo_version: str
+
+
+class Timings(_Model):
+    upload_s: float
+    queue_wait_s: float | None
+    job_s: float | None
+    job_stages: dict[str, Any]
+    total_s: float
+
+
+class UploadRanking(_Model):
+    task_id: str
+    job_id: str
+    method: str
+    ranking: list[RankedExpert]
+    seconds: float | None = None
+    zoo_version: str | None = None
+    timings: Timings
+
+
+class ZooOut(_Model):
+    version: str
+    tasks: int
+    experts: int
+    probe: str
+    embedding: dict[str, Any]
+    protocol: dict[str, Any]
+    pending: dict[str, int]
+
+
+#: Every model, by the name of the service schema it mirrors.
+MODELS: dict[str, type[BaseModel]] = {
+    m.__name__: m
+    for m in (
+        Progress,
+        JobOut,
+        TaskAccepted,
+        JobAccepted,
+        DatasetOut,
+        EmbeddingOut,
+        TaskOut,
+        Neighbour,
+        Neighbours,
+        RankedExpert,
+        Ranking,
+        Timings,
+        UploadRanking,
+        ZooOut,
+    )
+}
