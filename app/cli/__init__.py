@@ -6,10 +6,10 @@ Problems the user can fix (bad data, missing weights, contradictory options) end
 
 from __future__ import annotations
 
-from app.cli import engine, service, zoo
+from app.cli import engine, remote, service, zoo
 from app.cli.common import app
 
-__all__ = ["app", "engine", "main", "service", "zoo"]
+__all__ = ["app", "engine", "main", "remote", "service", "zoo"]
 
 
 def main() -> None:

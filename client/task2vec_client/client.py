@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from task2vec_client.errors import JobFailedError, ProblemError
 from task2vec_client.models import (
+    ExpertPage,
     JobAccepted,
     JobOut,
     Neighbours,
@@ -226,6 +227,11 @@ class Client:
         result: JobOut = _parsed(self._send("GET", f"/v1/jobs/{job_id}"), JobOut)
         return result
 
+    def experts(self, *, limit: int = 100, offset: int = 0) -> ExpertPage:
+        response = self._send("GET", "/v1/experts", {"limit": limit, "offset": offset})
+        result: ExpertPage = _parsed(response, ExpertPage)
+        return result
+
     def wait_for(
         self,
         job_id: str,
@@ -357,6 +363,11 @@ class AsyncClient:
 
     async def job(self, job_id: str) -> JobOut:
         result: JobOut = _parsed(await self._send("GET", f"/v1/jobs/{job_id}"), JobOut)
+        return result
+
+    async def experts(self, *, limit: int = 100, offset: int = 0) -> ExpertPage:
+        response = await self._send("GET", "/v1/experts", {"limit": limit, "offset": offset})
+        result: ExpertPage = _parsed(response, ExpertPage)
         return result
 
     async def wait_for(

@@ -132,6 +132,26 @@ class ZooOut(_Model):
     pending: dict[str, int]
 
 
+class ExpertOut(_Model):
+    id: str
+    architecture: str
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    source_task: str | None
+    tags: list[str]
+    status: str
+    in_served_zoo: bool
+    mean_error: float | None
+    error: dict[str, Any] | None
+    links: dict[str, str]
+
+
+class ExpertPage(_Model):
+    total: int
+    items: list[ExpertOut]
+
+
 #: Every model, by the name of the service schema it mirrors.
 MODELS: dict[str, type[BaseModel]] = {
     m.__name__: m
@@ -150,5 +170,7 @@ MODELS: dict[str, type[BaseModel]] = {
         Timings,
         UploadRanking,
         ZooOut,
+        ExpertOut,
+        ExpertPage,
     )
 }
