@@ -234,7 +234,10 @@ async def register_expert(
     name: Annotated[str, Form(description="unique name: letters, digits, '.', '_', '-'")],
     architecture: Annotated[str, Form(description="cnn-<width>x<depth>, or a probe network")],
     input_size: Annotated[int, Form(ge=8, le=1024, description="input resolution")],
-    weights: Annotated[UploadFile | None, File(description="a state_dict (.pt)")] = None,
+    weights: Annotated[
+        UploadFile | None,
+        File(description="a state_dict: safetensors, or a PyTorch file (read weights_only)"),
+    ] = None,
     weights_uri: Annotated[
         str | None,
         Form(

@@ -207,14 +207,34 @@ def _downloads_allowed() -> bool:
     return os.environ.get("TASK2VEC_ALLOW_DOWNLOAD", "1").lower() not in {"0", "false", "no"}
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then that much JSON."""
     try:
-        loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as fh:
+            head = fh.read(9)
+            size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from a safetensors file or a PyTorch file, which is read
+    ``weights_only`` (a pickle in it never runs)."""
+    try:
+        if _is_safetensors(path):
+            from safetensors.torch import load_file
+
+            loaded: Any = load_file(str(path), device="cpu")
+        else:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise ProbeWeightsError(f"weights file {str(path)!r} does not exist") from exc
     except Exception as exc:
         raise ProbeWeightsError(
-            f"weights file {str(path)!r} is not a PyTorch state dict: {exc}"
+            f"weights file {str(path)!r} is not a PyTorch state dict or a safetensors file: {exc}"
         ) from exc
     for key in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):

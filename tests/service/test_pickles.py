@@ -87,3 +87,34 @@ def test_every_load_in_the_code_refuses_pickles() -> None:
         assert _keyword(call, "weights_only") is True, f"{path}:{call.lineno}"
     for path, call in numpy_loads:
         assert _keyword(call, "allow_pickle") is False, f"{path}:{call.lineno}"
+
+
+def test_expert_weights_may_be_safetensors(
+    client: TestClient, settings: Settings, sent: list[str], tmp_path: Path
+) -> None:
+    from safetensors.torch import save
+
+    state = torch.load(io.BytesIO(cnn_weights()), weights_only=True)
+    form = {"architecture": "cnn-4x1", "input_size": "28"}
+    good = client.post(
+        "/v1/experts",
+        data={**form, "name": "safe"},
+        files={"weights": ("w.safetensors", save(state))},
+    )
+    assert good.status_code == 202, good.text
+    wrong = dict(state)
+    wrong["body.0.weight"] = torch.zeros(3, 3, 3, 3)
+    refused = client.post(
+        "/v1/experts",
+        data={**form, "name": "unsafe"},
+        files={"weights": ("w.safetensors", save(wrong))},
+    )
+    assert refused.status_code == 422
+    assert "body.0.weight: (3, 3, 3, 3)" in refused.json()["detail"]
+    truncated = save(state)[:-10]
+    broken = client.post(
+        "/v1/experts",
+        data={**form, "name": "broken"},
+        files={"weights": ("w.safetensors", truncated)},
+    )
+    assert broken.status_code == 422
