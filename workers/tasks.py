@@ -18,11 +18,9 @@ from dataclasses import replace
 from typing import Any
 
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as SQLATimeoutError
 
 from app.db.models import Expert, Job, Task, ZooTask
-from app.db.session import dispose_engines, session_scope
+from app.db.session import UNAVAILABLE, dispose_engines, session_scope
 from app.observability import context, multiprocess
 from app.observability import worker as metrics
 from app.services import leases, tasks, zoo_admin
@@ -72,8 +70,8 @@ def _task_context(url: str, job_id: str) -> tuple[str, str, str]:
         return task.id, task.dataset.path, task.tenant
 
 
-#: Errors of the database or the broker, not of the job: retried with backoff.
-TRANSIENT: tuple[type[Exception], ...] = (OperationalError, InterfaceError, SQLATimeoutError)
+#: Errors of the database, not of the job: retried with backoff.
+TRANSIENT = UNAVAILABLE
 Body = Callable[[JobRecorder, dict[str, Any]], None]
 
 

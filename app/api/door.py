@@ -12,7 +12,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api.auth import KeyCheck
-from app.api.problems import DATABASE_UNAVAILABLE, as_response, database_unavailable
+from app.api.problems import as_response, database_unavailable
+from app.db.session import UNAVAILABLE
 from app.services.problems import ProblemError
 from app.settings import Settings
 
@@ -49,7 +50,7 @@ class Door:
         except ProblemError as error:
             await as_response(error)(scope, receive, send)
             return
-        except DATABASE_UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             log.warning("database unavailable at the door: %s", exc)
             await database_unavailable(scope["path"])(scope, receive, send)
             return

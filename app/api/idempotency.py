@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from fastapi import Request
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app.db.models import IdempotencyRecord
+from app.db.models import IdempotencyRecord, as_utc, utcnow
 from app.db.session import session_scope
 from app.services.problems import ProblemError
 from app.settings import Settings
@@ -115,10 +115,8 @@ def claim(settings: Settings, tenant: str, key: str, print_: str) -> JSONRespons
 
 def _expired(row: IdempotencyRecord, settings: Settings) -> bool:
     """A record older than ``idempotency_ttl_seconds`` no longer holds its key."""
-    created = row.created_at
-    if created.tzinfo is None:  # SQLite hands datetimes back without their zone (UTC)
-        created = created.replace(tzinfo=UTC)
-    return created < datetime.now(UTC) - timedelta(seconds=settings.idempotency_ttl_seconds)
+    age = utcnow() - as_utc(row.created_at)
+    return age > timedelta(seconds=settings.idempotency_ttl_seconds)
 
 
 def complete(settings: Settings, tenant: str, key: str, response: JSONResponse) -> None:

@@ -10,10 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.db.session import UNAVAILABLE
 from app.services.problems import PROBLEM_BASE, ProblemError
 
 MEDIA_TYPE = "application/problem+json"
@@ -88,14 +87,6 @@ def as_response(exc: ProblemError, instance: str | None = None) -> JSONResponse:
     )
 
 
-#: Errors that mean the database is down or out of connections (not a bug).
-DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    OperationalError,
-    InterfaceError,
-    PoolTimeoutError,
-)
-
-
 def database_unavailable(instance: str) -> JSONResponse:
     """A state that passes: 503 with Retry-After, and no driver text (it names hosts and
     ports) in the answer."""
@@ -126,7 +117,7 @@ def install(app: FastAPI) -> None:
         log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
         return database_unavailable(request.url.path)
 
-    for unavailable in DATABASE_UNAVAILABLE:
+    for unavailable in UNAVAILABLE:
         app.add_exception_handler(unavailable, _database)
 
     @app.exception_handler(ProblemError)

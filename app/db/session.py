@@ -8,7 +8,13 @@ from functools import cache
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, Update, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
+
+#: Errors that mean the database is down or out of connections, not a bug: the API answers
+#: them 503 with Retry-After, a worker retries its job.
+UNAVAILABLE: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeoutError)
 
 _urls: set[str] = set()
 

@@ -24,13 +24,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.db.models import Expert, Job, JobStatus, ZooTask, utcnow
+from app.db.models import Expert, Job, JobStatus, ZooTask, as_utc, utcnow
 from app.db.session import session_scope, updated
 from app.services import orphans, queue
 from app.services.jobs import JobKind
@@ -118,17 +118,10 @@ def sweep(settings: Settings) -> SweepReport:
             _send(settings, job_id, kind)
     for job_id, kind, resends, sent in queued:
         wait = settings.job_resend_seconds * 2 ** min(resends, MAX_RESEND_DOUBLINGS)
-        if _as_utc(sent) + timedelta(seconds=wait) < now and _mark_resent(
-            url, job_id, resends, now
-        ):
+        if as_utc(sent) + timedelta(seconds=wait) < now and _mark_resent(url, job_id, resends, now):
             report.resent.append(job_id)
             _send(settings, job_id, kind)
     return report
-
-
-def _as_utc(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; they are stored in UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _settle_expired(url: str, job_id: str, attempt: int, now: datetime, **values: Any) -> bool:
