@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from app.db.models import EmbeddingRow, Job, Recommendation, Task
@@ -97,10 +97,19 @@ def record_ranking(
     version_id: int,
     job_id: str | None = None,
 ) -> None:
-    """Record a ranking served; a rank job's is recorded once, however often it runs."""
-    if job_id is not None and session.scalar(
-        select(Recommendation.id).where(Recommendation.job_id == job_id)
-    ):
+    """Record a ranking served, once: a rank job's however often the job runs; an
+    in-process one (no job) once per task, method and zoo version, whichever process or
+    request computed it first."""
+    if job_id is not None:
+        same = Recommendation.job_id == job_id
+    else:
+        same = and_(
+            Recommendation.task_id == task_id,
+            Recommendation.method == method,
+            Recommendation.index_version_id == version_id,
+            Recommendation.job_id.is_(None),
+        )
+    if session.scalar(select(Recommendation.id).where(same).limit(1)) is not None:
         return
     session.add(
         Recommendation(
@@ -118,12 +127,12 @@ def rank_now(
     session: Session, *, zoo: ZooState, task_id: str, method: str, k: int, tenant: str
 ) -> dict[str, Any]:
     """Rank with a method the API answers in-process; a ranking computed now is recorded
-    (its whole order: ``k`` only cuts the answer), unless it already was."""
+    (its whole order: ``k`` only cuts the answer; ``record_ranking`` keeps it once)."""
     embedding = embedding_of(session, task_id=task_id, tenant=tenant)
     started = time.perf_counter()
     ranked, computed = zoo.ranking(task_id, method, embedding)
     seconds = time.perf_counter() - started
-    if computed and not _recorded(session, task_id, method, zoo.version.id):
+    if computed:
         record_ranking(
             session,
             tenant=tenant,
@@ -140,22 +149,6 @@ def rank_now(
         "cached": not computed,
         "zoo_version": zoo.version.content,
     }
-
-
-def _recorded(session: Session, task_id: str, method: str, version_id: int) -> bool:
-    """Whether an in-process ranking of the task by ``method`` under the version is on record
-    (another API process, or this one before a restart, may have computed it)."""
-    found = session.scalar(
-        select(Recommendation.id)
-        .where(
-            Recommendation.task_id == task_id,
-            Recommendation.method == method,
-            Recommendation.index_version_id == version_id,
-            Recommendation.job_id.is_(None),
-        )
-        .limit(1)
-    )
-    return found is not None
 
 
 def queue_rank(
