@@ -143,22 +143,16 @@ async def idempotent(
     key: str | None,
     parts: dict[str, Any],
     answer: Callable[[], Awaitable[JSONResponse]],
-    refused: Callable[[], None] | None = None,
     ignore: tuple[str, ...] = (),
 ) -> JSONResponse:
     """``answer()``, or the recorded answer when ``key`` was seen with the same request (the
     route, its query but ``ignore``, and ``parts``: form fields, uploaded files' sha256). The
-    same key with another request is refused with 422, after ``refused()`` drops what the
-    request stored; while the first request runs, 409 with Retry-After."""
+    same key with another request is refused with 422; while the first request runs, 409
+    with Retry-After."""
     if key is None:
         return await answer()
     print_ = fingerprint(request, ignore, **parts)
-    try:
-        replayed = await run_in_threadpool(claim, settings, tenant, key, print_)
-    except ProblemError:
-        if refused is not None:
-            await run_in_threadpool(refused)
-        raise
+    replayed = await run_in_threadpool(claim, settings, tenant, key, print_)
     if replayed is not None:
         return replayed
     try:

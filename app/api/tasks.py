@@ -122,15 +122,12 @@ async def create_task(
         )
         return accepted(submitted.job_id, body)
 
-    return await idempotent(
-        request,
-        settings,
-        caller.tenant,
-        key,
-        {"file": stored.sha256},
-        answer,
-        refused=stored.discard,
-    )
+    try:
+        return await idempotent(
+            request, settings, caller.tenant, key, {"file": stored.sha256}, answer
+        )
+    finally:
+        stored.discard()  # the request's own file, unless its row took it
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut, summary="A task: dataset, probe, embedding")
@@ -270,16 +267,12 @@ async def recommend_upload(
             await run_in_threadpool(session.commit)
             return JSONResponse(body.model_dump(mode="json", exclude_unset=True))
 
-        return await idempotent(
-            request,
-            settings,
-            tenant,
-            key,
-            {"file": stored.sha256},
-            answer,
-            refused=stored.discard,
-            ignore=("wait",),
-        )
+        try:
+            return await idempotent(
+                request, settings, tenant, key, {"file": stored.sha256}, answer, ignore=("wait",)
+            )
+        finally:
+            stored.discard()  # the request's own file, unless its row took it
 
 
 async def _rank(

@@ -303,9 +303,10 @@ async def register_expert(
         return await idempotent(request, settings, caller.tenant, key, fields, answer)
     except ProblemError:
         session.rollback()
-        if stored is not None:
-            stored.discard()
         raise
+    finally:
+        if stored is not None:
+            stored.discard()  # the request's own file, unless its row took it
 
 
 @router.post(
@@ -350,5 +351,6 @@ async def add_zoo_task(
         return await idempotent(request, settings, caller.tenant, key, fields, answer)
     except ProblemError:
         session.rollback()
-        stored.discard()
         raise
+    finally:
+        stored.discard()  # the request's own file, unless its row took it

@@ -2,10 +2,11 @@
 
 An upload streams to a name of its request's own while it is hashed and counted, and stays
 there while it is checked; only when the row naming it is about to commit is it moved to its
-content-addressed name (``StoredFile.keep``). A request that is refused removes its own file
-and nothing else: a content-addressed file may be another request's (another tenant's, with
-the same bytes), so it is never unlinked by a request; ``orphans.prune`` removes those no row
-holds. A reader never sees a partial file, and the same bytes are stored once.
+content-addressed name (``StoredFile.keep``). Every request removes its own file when it ends,
+whatever the answer (refused, replayed, failed), and nothing else: a content-addressed file may
+be another request's (another tenant's, with the same bytes), so it is never unlinked by a
+request; ``orphans.prune`` removes those no row holds. A reader never sees a partial file,
+and the same bytes are stored once.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ class StoredFile:
         return replace(self, path=self.final)
 
     def discard(self) -> None:
-        """Remove the request's own file (a refused request keeps nothing); a kept one is
-        left to ``orphans.prune``."""
+        """Remove the request's own file if it is still there (the upload routes call this
+        when the request ends); once kept, the file has left that name."""
         if self.path != self.final:
             self.path.unlink(missing_ok=True)
 

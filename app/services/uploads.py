@@ -71,12 +71,11 @@ def too_large(exc: Exception) -> ProblemError:
 def validate(
     *, settings: Settings, stored: StoredFile, filename: str, image_size: int
 ) -> LabelledImages:
-    """The stored upload as a dataset, or a 422 naming the problem; the request's file of a
-    rejected one is removed (nothing half-stored)."""
+    """The stored upload as a dataset, or a 422 naming the problem (the request that
+    stored it removes its own file when it ends: ``StoredFile.discard``)."""
     try:
         return load_dataset(stored.path, image_size=image_size, limits=settings.dataset_limits())
     except Task2VecError as exc:
-        stored.discard()
         detail = str(exc).replace(str(stored.path), filename).replace(stored.path.name, filename)
         kind = exc.kind if isinstance(exc, DatasetError) else "invalid-dataset"
         raise ProblemError(422, kind, "The dataset cannot be used", detail) from None

@@ -72,3 +72,21 @@ def test_a_refused_request_leaves_another_tenants_upload_alone(
     assert len(files) == 2
     assert not any(name.startswith(".") for name in files)
     assert all(Path(keyed.data_dir / "uploads" / n[:2] / n).is_file() for n in files)
+
+
+def test_no_request_leaves_its_own_file_behind(
+    client: TestClient, settings: Settings, sent: list[str]
+) -> None:
+    """A replayed request (the same Idempotency-Key and bytes) is answered from the record,
+    and the bytes it streamed under its own name go with it, as do a refused request's."""
+    key = {"Idempotency-Key": "again"}
+    upload = npz_upload(2)
+    first = client.post("/v1/tasks", headers=key, files={"file": ("a.npz", upload)})
+    replay = client.post("/v1/tasks", headers=key, files={"file": ("a.npz", upload)})
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.json() == first.json()
+    reused = client.post("/v1/tasks", headers=key, files={"file": ("b.npz", npz_upload(3))})
+    assert reused.status_code == 422
+    files = [p.name for p in (settings.data_dir / "uploads").rglob("*") if p.is_file()]
+    assert len(files) == 1
+    assert not files[0].startswith(".")
