@@ -126,6 +126,41 @@ def cnn_weights(width: int = 4, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def small_extractor(seed: int = 0) -> torch.nn.Module:
+    """A small convolutional feature extractor (8 features), seeded, in eval mode."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+    ).eval()
+
+
+def onnx_model(module: torch.nn.Module | None = None, size: int = 28) -> bytes:
+    """``module`` (by default ``small_extractor()``) exported to ONNX, any batch size."""
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module or small_extractor(),
+        (torch.rand(1, 3, size, size),),
+        buffer,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+        dynamo=False,
+    )
+    return buffer.getvalue()
+
+
+def torchvision_weights(builder: str) -> bytes:
+    """A torchvision classifier's full state dict (random weights) as safetensors."""
+    from safetensors.torch import save
+    from torchvision import models
+
+    torch.manual_seed(0)
+    return save(models.get_model(builder, weights=None).state_dict())
+
+
 def create_key(settings: Settings, tenant: str, scopes: list[str]) -> tuple[str, str]:
     """A new API key for ``tenant``: its id and its token."""
     with session_scope(settings.resolved_database_url()) as session:

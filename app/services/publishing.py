@@ -32,10 +32,10 @@ from app.services.layout import DataLayout
 from app.services.versions import Version
 from app.services.zoo_items import expert_row, expert_spec, task_spec, zoo_task_row
 from app.settings import Settings
-from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import ConfigError, EmbeddingFileError
-from app.zoo.experts import extract_features, load_expert
+from app.zoo.experts import load_expert
+from app.zoo.features import extract_many
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.recommenders import LearnedScorer
 from app.zoo.tasks import TaskSpec, materialize
@@ -133,27 +133,25 @@ def add_entries(
         tasks = {t: task_spec(_row(session.get(ZooTask, t), t)) for t, _ in pairs}
         experts = {e: expert_spec(_row(session.get(Expert, e), e)) for _, e in pairs}
     models = {e: load_expert(spec) for e, spec in experts.items()}
-    data: tuple[int, LabelledImages] | None = None  # one decoded task in memory at a time
-    for done, (task_id, expert_id) in enumerate(sorted(pairs)):  # one task's pairs together
-        if data is None or data[0] != task_id:
-            data = (
-                task_id,
-                materialize(
-                    tasks[task_id],
-                    image_size=version.embed_config.image_size,
-                    split=version.protocol.split,
-                ),
-            )
-        images = data[1]
-        features = extract_features(experts[expert_id], models[expert_id], images)
-        error = holdout_error(features, images.labels, version.protocol)
-        try:
-            with session_scope(url) as session:
-                session.add(MatrixEntry(zoo_task_id=task_id, expert_id=expert_id, error=error))
-        except IntegrityError:
-            pass
-        if progress is not None:
-            progress("matrix", done + 1, len(pairs))
+    by_task: dict[int, list[int]] = {}
+    for task_id, expert_id in sorted(pairs):
+        by_task.setdefault(task_id, []).append(expert_id)
+    done = 0
+    for task_id, expert_ids in by_task.items():  # one decoded task in memory at a time
+        images = materialize(
+            tasks[task_id], image_size=version.embed_config.image_size, split=version.protocol.split
+        )
+        features = extract_many([(experts[e], models[e]) for e in expert_ids], images)
+        for expert_id, columns in zip(expert_ids, features, strict=True):
+            error = holdout_error(columns, images.labels, version.protocol)
+            try:
+                with session_scope(url) as session:
+                    session.add(MatrixEntry(zoo_task_id=task_id, expert_id=expert_id, error=error))
+            except IntegrityError:
+                pass
+            done += 1
+            if progress is not None:
+                progress("matrix", done, len(pairs))
 
 
 def _row(row: Row | None, id_: int) -> Row:

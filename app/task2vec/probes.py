@@ -234,7 +234,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ProbeWeightsError(f"weights file {str(path)!r} does not exist") from exc
     except Exception as exc:
         raise ProbeWeightsError(
-            f"weights file {str(path)!r} is not a PyTorch state dict or a safetensors file: {exc}"
+            f"weights file {str(path)!r} is not a PyTorch state dict or a safetensors file: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
         ) from exc
     for key in ("state_dict", "model"):
         if isinstance(loaded, Mapping) and isinstance(loaded.get(key), Mapping):

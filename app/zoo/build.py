@@ -27,7 +27,8 @@ import torch
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.files import atomic_write
-from app.zoo.experts import ExpertSpec, extract_features, load_expert, train_expert
+from app.zoo.experts import ExpertSpec, load_expert, train_expert
+from app.zoo.features import extract_features
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.provenance import EXPERT_POOL
 from app.zoo.recommenders import logme

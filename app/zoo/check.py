@@ -22,7 +22,7 @@ import numpy as np
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import embed
 from app.zoo.evaluate import Progress, ranking_metrics, summarise, versus
-from app.zoo.experts import extract_features
+from app.zoo.features import extract_features
 from app.zoo.matrix import holdout_error
 from app.zoo.recommenders import LearnedScorer, Query, Ranked, logme, ranked, recommenders
 from app.zoo.zoo import Zoo

@@ -43,7 +43,7 @@ from threadpoolctl import threadpool_limits
 from app.task2vec.distances import memoised_distances
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
-from app.zoo.experts import extract_features
+from app.zoo.features import extract_features
 from app.zoo.index import recall_at_k
 from app.zoo.recommenders import (
     LearnedScorer,

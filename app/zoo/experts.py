@@ -3,14 +3,15 @@
 An expert is a name, an architecture, weights, its input size and normalisation, an optional
 source task (the task it was trained on) and free-form tags. Whatever the architecture,
 ``load_expert`` returns a module that maps normalised images to a flat feature vector, and
-``extract_features`` is the one function that turns a dataset into an expert's features —
-used for the performance matrix, LogME and brute-force evaluation alike.
+``app.zoo.features`` turns a dataset into experts' features — for the performance matrix,
+LogME and brute-force evaluation alike.
 
 Architectures: the probe networks (``efficientnet_lite0``, ``resnet18``, ``resnet34``, whose
 pooled features are their penultimate layer: frozen ImageNet or random weights, or trained
 further on a zoo task), ``cnn-<width>x<depth>``, small convolutional networks, and
 ``mlp-<width>x<depth>``, fully connected networks on the raw pixels; ``train_expert`` trains
-any of them on a task.
+any of them on a task. Experts a team already has — torchvision and timm classifiers by name,
+TorchScript modules, ONNX models — are built by ``app.zoo.architectures``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
-from app.task2vec.errors import ConfigError, ProbeWeightsError
+from app.task2vec.errors import ConfigError
 from app.task2vec.probes import PROBES, ProbeNetwork, load_probe, read_state_dict
 from app.task2vec.sampling import balanced_draws
+from app.zoo import architectures
 
 _CNN = re.compile(r"^cnn-(\d+)x(\d+)$")
 _MLP = re.compile(r"^mlp-(\d+)x(\d+)$")
@@ -107,8 +108,27 @@ def _scratch_network(architecture: str, input_size: int) -> SmallCNN | SmallMLP:
         return SmallMLP(int(match[1]), int(match[2]), input_size)
     raise ConfigError(
         f"unknown expert architecture {architecture!r}; use one of "
-        f"{', '.join(PROBES)}, cnn-<width>x<depth> or mlp-<width>x<depth>"
+        f"{', '.join(PROBES)}, cnn-<width>x<depth>, mlp-<width>x<depth>, "
+        f"{', '.join(architectures.FAMILIES)}"
     )
+
+
+def known(architecture: str) -> bool:
+    """Whether ``architecture`` is spelled as one the experts can be built as (the name is
+    checked further when the expert loads)."""
+    return (
+        architecture in PROBES
+        or architectures.handles(architecture)
+        or bool(_CNN.match(architecture) or _MLP.match(architecture))
+    )
+
+
+def default_normalisation(architecture: str) -> architectures.Normalisation:
+    """Mean and std when a registration names none: ImageNet's, except for the small
+    networks, which the service trains on images scaled to [-1, 1]."""
+    if _CNN.match(architecture) or _MLP.match(architecture):
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return architectures.IMAGENET_NORMALISATION
 
 
 class _ProbeFeatures(nn.Module):
@@ -127,6 +147,8 @@ def load_expert(spec: ExpertSpec) -> nn.Module:
     if spec.architecture in PROBES:
         probe = load_probe(spec.architecture, weights=spec.weights, image_size=spec.input_size)
         model: nn.Module = _ProbeFeatures(probe)
+    elif architectures.handles(spec.architecture):
+        model = architectures.build(spec.name, spec.architecture, Path(spec.weights))
     else:
         # The architecture is built on the meta device (no memory), the weights are read and
         # their shapes checked against it before any real tensor exists; a fitting state
@@ -135,58 +157,19 @@ def load_expert(spec: ExpertSpec) -> nn.Module:
         with torch.device("meta"):
             model = _scratch_network(spec.architecture, spec.input_size)
         state = read_state_dict(Path(spec.weights))
-        _check_fits(spec, model.state_dict(), state)
+        architectures.check_fits(spec.name, spec.architecture, model.state_dict(), state)
         model.load_state_dict(state, assign=True)
     model.eval()
-    model.requires_grad_(False)
+    for parameter in model.parameters():  # (a ScriptModule has no requires_grad_)
+        parameter.requires_grad_(False)
     return model
 
 
-def _check_fits(
-    spec: ExpertSpec, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
-) -> None:
-    """The state dict has exactly the architecture's tensors, shapes and dtypes."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{name}: {tuple(state[name].shape)} {state[name].dtype}, needs "
-        f"{tuple(want.shape)} {want.dtype}"
-        for name, want in expected.items()
-        if name in state and (state[name].shape != want.shape or state[name].dtype != want.dtype)
-    ]
-    if missing or unexpected or wrong:
-        parts = [
-            f"missing {', '.join(missing[:5])}" if missing else "",
-            f"unexpected {', '.join(unexpected[:5])}" if unexpected else "",
-            "; ".join(wrong[:5]),
-        ]
-        raise ProbeWeightsError(
-            f"expert {spec.name!r}: the weights do not fit {spec.architecture} "
-            f"({'; '.join(p for p in parts if p)})"
-        )
-
-
-def _normalise(images: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+def normalise(images: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:
+    """Images in [0, 1] as the expert expects them: its mean and std per channel."""
     mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
     return (images - mean) / std
-
-
-@torch.no_grad()
-def extract_features(
-    spec: ExpertSpec,
-    model: nn.Module,
-    data: LabelledImages,
-    batch_size: int = 128,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """(N, D) float32 features of every image of ``data`` under the expert."""
-    device = device or next(model.parameters()).device
-    out = []
-    for idx in iter_batches(np.arange(len(data)), batch_size):
-        x = to_probe_input(data.images[idx], spec.input_size).to(device)
-        out.append(model(_normalise(x, spec)).float().cpu())
-    return torch.cat(out).numpy()
 
 
 def train_expert(
@@ -232,7 +215,7 @@ def train_expert(
     for _ in range(epochs):
         draws = balanced_draws(data.labels, steps * batch_size, generator)
         for idx in iter_batches(draws, batch_size):
-            x = _normalise(to_probe_input(data.images[idx], spec.input_size).to(device), spec)
+            x = normalise(to_probe_input(data.images[idx], spec.input_size).to(device), spec)
             loss = F.cross_entropy(head(model(x)), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)

@@ -20,7 +20,7 @@ from app.task2vec.datasets import LabelledImages
 from app.task2vec.distances import DEFAULT_ALPHA, asymmetric, complexity, symmetric
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
-from app.zoo.experts import extract_features
+from app.zoo.features import extract_many
 from app.zoo.index import Neighbour, log_transform
 from app.zoo.matrix import holdout_error
 from app.zoo.zoo import Zoo
@@ -207,9 +207,8 @@ def _log_evidence(
 
 
 def _expert_features(zoo: Zoo, data: LabelledImages) -> Iterator[np.ndarray]:
-    """Every expert's features of ``data``, in the zoo's expert order."""
-    for i, expert in enumerate(zoo.experts):
-        yield extract_features(expert, zoo.expert_model(i), data)
+    """Every expert's features of ``data``, in the zoo's expert order (one pass over it)."""
+    yield from extract_many([(e, zoo.expert_model(i)) for i, e in enumerate(zoo.experts)], data)
 
 
 def logme_recommender(zoo: Zoo, query: Query) -> list[Ranked]:

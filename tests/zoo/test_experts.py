@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from app.task2vec.errors import ConfigError, ProbeWeightsError
-from app.zoo.experts import ExpertSpec, SmallMLP, extract_features, load_expert, train_expert
+from app.zoo.experts import ExpertSpec, SmallMLP, load_expert, train_expert
+from app.zoo.features import extract_features
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.tasks import TaskSpec, materialize
 

@@ -1,0 +1,243 @@
+"""Experts a team already has — torchvision and timm classifiers by name, TorchScript modules,
+ONNX models — load as feature extractors that give the layer the documentation names, and a
+model that does not load, raises, gives NaNs or the wrong shape is refused with the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torchvision import models
+
+from app.task2vec.datasets import LabelledImages
+from app.task2vec.errors import ConfigError, ProbeWeightsError
+from app.zoo import architectures, features
+from app.zoo.experts import ExpertSpec, default_normalisation, known, load_expert
+from app.zoo.features import check_forward, extract_features, extract_many, load_checked
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning"
+)
+
+
+def _spec(architecture: str, weights: Path, size: int = 32) -> ExpertSpec:
+    return ExpertSpec("e", architecture, str(weights), size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def _small() -> nn.Module:
+    """A small feature extractor to export as TorchScript and ONNX."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).eval()
+
+
+def _onnx(module: nn.Module, path: Path, *, batch: int | None = None, size: int = 32) -> Path:
+    dynamic = None if batch else {"x": {0: "n"}}
+    torch.onnx.export(
+        module,
+        (torch.rand(batch or 1, 3, size, size),),
+        str(path),
+        input_names=["x"],
+        dynamic_axes=dynamic,
+        dynamo=False,
+    )
+    return path
+
+
+def test_a_torchvision_classifier_gives_the_input_of_its_last_linear_layer(tmp_path: Path) -> None:
+    net = models.get_model("mobilenet_v3_small", weights=None).eval()
+    full = tmp_path / "full.safetensors"
+    save_file(net.state_dict(), str(full))
+    headless = tmp_path / "headless.pt"
+    torch.save({k: v for k, v in net.state_dict().items() if "classifier.3" not in k}, headless)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want = net.classifier[:-1](torch.flatten(net.avgpool(net.features(x)), 1))
+    for weights in (full, headless):  # a full checkpoint or one without the classifier
+        expert = load_checked(_spec("torchvision/mobilenet_v3_small", weights))
+        with torch.no_grad():
+            got = expert(x)
+        assert got.shape == (3, 1024)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(("builder", "dim"), [("squeezenet1_1", 512), ("regnet_x_400mf", 400)])
+def test_builders_without_a_linear_head_or_that_cannot_build_on_meta(
+    tmp_path: Path, builder: str, dim: int
+) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(models.get_model(builder, weights=None).state_dict(), path)
+    spec = _spec(f"torchvision/{builder}", path)
+    assert check_forward(spec, load_expert(spec)) == dim
+
+
+def test_a_large_torchvision_architecture_named_with_small_weights_costs_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(_small().state_dict(), path)
+    with pytest.raises(ProbeWeightsError, match="do not fit torchvision/vgg19"):
+        load_expert(_spec("torchvision/vgg19", path))  # 143M parameters, built on meta
+
+
+def test_unknown_builders_and_models_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.save({}, path)
+    with pytest.raises(ConfigError, match="no classification builder 'fasterrcnn"):
+        load_expert(_spec("torchvision/fasterrcnn_resnet50_fpn", path))
+    with pytest.raises(ConfigError, match="timm has no model 'no-such-net'"):
+        load_expert(_spec("timm/no-such-net", path))
+    assert known("timm/resnet18") and known("onnx") and known("cnn-4x2")
+    assert not known("pickle") and not known("torchvisionresnet18")
+
+
+def test_a_timm_model_and_its_preset_normalisation(tmp_path: Path) -> None:
+    import timm
+
+    net = timm.create_model("resnet18", pretrained=False).eval()
+    path = tmp_path / "w.safetensors"
+    save_file(net.state_dict(), str(path))
+    expert = load_checked(_spec("timm/resnet18", path))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(expert(x), net.forward_head(net.forward_features(x), True))
+    mean, std = architectures.preset_normalisation("timm/resnet18")
+    assert mean == pytest.approx(net.pretrained_cfg["mean"])
+    assert std == pytest.approx(net.pretrained_cfg["std"])
+    assert architectures.preset_normalisation("onnx") == architectures.IMAGENET_NORMALISATION
+    assert default_normalisation("torchvision/resnet18") == architectures.IMAGENET_NORMALISATION
+    assert default_normalisation("cnn-4x2") == ((0.5,) * 3, (0.5,) * 3)
+
+
+def test_torchscript_and_onnx_experts_give_the_modules_features(tmp_path: Path) -> None:
+    module = _small()
+    scripted = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(module), str(scripted))
+    dynamic = _onnx(module, tmp_path / "dynamic.onnx")
+    fixed = _onnx(module, tmp_path / "fixed.onnx", batch=2)  # 5 images: chunks of 2, padded
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        want = module(x)
+    for architecture, path in (("torchscript", scripted), ("onnx", dynamic), ("onnx", fixed)):
+        expert = load_checked(_spec(architecture, path))
+        with torch.no_grad():
+            torch.testing.assert_close(expert(x), want, atol=1e-5, rtol=1e-4)
+
+
+class _Maps(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :2, :4, :4]  # (N, 2, 4, 4) maps, flattened to 32 features
+
+
+class _Nan(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)) * float("nan")
+
+
+class _Scalar(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+
+class _Fixed(nn.Module):
+    """A linear layer on flattened 16 px images: it fails at any other size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+class _Batch(nn.Module):
+    """Features that depend on the rest of the batch (batch statistics)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.mean((2, 3))
+        return flat - flat.mean(0, keepdim=True)
+
+
+def _scripted(module: nn.Module, path: Path) -> Path:
+    torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+def test_maps_are_flattened(tmp_path: Path) -> None:
+    spec = _spec("torchscript", _scripted(_Maps(), tmp_path / "maps.pt"))
+    assert check_forward(spec, load_expert(spec)) == 32
+
+
+@pytest.mark.parametrize(
+    ("module", "why"),
+    [
+        (_Nan(), "NaN or infinite features"),
+        (_Scalar(), r"returns shape \(\) for 4 images"),
+        (_Fixed(), "fails on 4 images of 32x32 px: "),
+        (_Batch(), "depend on the other images of its batch"),
+    ],
+)
+def test_a_model_that_raises_gives_nans_or_the_wrong_shape_is_refused(
+    tmp_path: Path, module: nn.Module, why: str
+) -> None:
+    for architecture, path in (
+        ("torchscript", _scripted(module, tmp_path / "m.pt")),
+        ("onnx", _onnx(module, tmp_path / "m.onnx", size=16 if isinstance(module, _Fixed) else 32)),
+    ):
+        with pytest.raises(ProbeWeightsError, match=why):
+            load_checked(_spec(architecture, path))
+
+
+def test_files_that_are_not_models_are_refused_with_the_reason(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00not a model" * 10)
+    with pytest.raises(ProbeWeightsError, match="not an ONNX model"):
+        load_expert(_spec("onnx", junk))
+    with pytest.raises(ProbeWeightsError, match="not a TorchScript module"):
+        load_expert(_spec("torchscript", junk))
+    with pytest.raises(ProbeWeightsError, match="not a PyTorch state dict or a safetensors"):
+        load_expert(_spec("torchvision/resnet18", junk))
+    two = tmp_path / "two.onnx"
+
+    class _Two(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a + b
+
+    torch.onnx.export(_Two(), (torch.rand(1, 3), torch.rand(1, 3)), str(two), dynamo=False)
+    with pytest.raises(ProbeWeightsError, match="takes one float input"):
+        load_expert(_spec("onnx", two))
+
+
+def test_one_pass_serves_every_expert_and_resizes_once_per_input_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(0)
+    data = LabelledImages(
+        rng.integers(0, 255, (40, 20, 20, 3), dtype=np.uint8), np.arange(40) % 2, ["a", "b"]
+    )
+    module = _small()
+    experts = [
+        (_spec("torchscript", _scripted(module, tmp_path / "a.pt"), size=16), None),
+        (_spec("onnx", _onnx(module, tmp_path / "b.onnx", size=16), size=16), None),
+        (_spec("torchscript", tmp_path / "a.pt", size=24), None),
+    ]
+    loaded = [(spec, load_expert(spec)) for spec, _ in experts]
+    alone = [extract_features(spec, model, data, batch_size=16) for spec, model in loaded]
+    resized: list[int] = []
+    original = features.to_probe_input
+
+    def counting(batch: np.ndarray, size: int) -> torch.Tensor:
+        resized.append(size)
+        return original(batch, size)
+
+    monkeypatch.setattr(features, "to_probe_input", counting)
+    together = extract_many(loaded, data, batch_size=16)
+    assert sorted(resized) == [16] * 3 + [24] * 3  # three batches, two sizes
+    for one, many in zip(alone, together, strict=True):
+        np.testing.assert_allclose(one, many, atol=1e-5)
+    np.testing.assert_allclose(together[0], together[1], atol=1e-4)  # TorchScript = ONNX
