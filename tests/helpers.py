@@ -138,6 +138,20 @@ def small_extractor(seed: int = 0) -> torch.nn.Module:
     ).eval()
 
 
+class NanFeatures(torch.nn.Module):
+    """An expert that gives NaN features (refused by its admission forward pass)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3)) * float("nan")
+
+
+class ScalarOutput(torch.nn.Module):
+    """An expert that gives one number for a whole batch (refused: not a row per image)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean()
+
+
 def onnx_model(module: torch.nn.Module | None = None, size: int = 28) -> bytes:
     """``module`` (by default ``small_extractor()``) exported to ONNX, any batch size."""
     buffer = io.BytesIO()

@@ -41,7 +41,9 @@ from app.services.serving import ZooState
 from app.services.storage import WEIGHTS_SUFFIX, StoredFile
 from app.settings import Settings
 from app.task2vec.errors import Task2VecError
-from app.zoo.experts import ExpertSpec, load_expert
+from app.zoo import architectures
+from app.zoo.experts import ExpertSpec, default_normalisation, known
+from app.zoo.features import load_checked
 from app.zoo.tasks import uploaded_task
 
 router = APIRouter(
@@ -206,10 +208,39 @@ async def _weights(
 
 
 def _check_loads(spec: ExpertSpec) -> None:
+    """The expert loads and passes a forward pass on a few images, or 422 with the reason."""
     try:
-        load_expert(spec)
+        load_checked(spec)
     except Task2VecError as exc:
         raise ProblemError(422, "invalid-expert", "The expert does not load", str(exc)) from None
+
+
+Triple = tuple[float, float, float]
+
+
+def _normalisation(
+    architecture: str, mean: str | None, std: str | None, normalisation: str | None
+) -> tuple[Triple, Triple]:
+    """The expert's mean and std: as given, the model's own preset, or the default of its
+    architecture (ImageNet's; 0.5 for the small networks the service trains)."""
+    if normalisation not in (None, "", "imagenet", "preset"):
+        detail = f"normalisation {normalisation!r}: 'imagenet' or 'preset'"
+        raise ProblemError(422, "invalid-expert", "Invalid expert", detail)
+    if normalisation and (mean or std):
+        detail = "give either mean and std, or normalisation, not both"
+        raise ProblemError(422, "invalid-expert", "Invalid expert", detail)
+    try:
+        default = (
+            architectures.preset_normalisation(architecture)
+            if normalisation == "preset"
+            else architectures.IMAGENET_NORMALISATION
+            if normalisation == "imagenet"
+            else default_normalisation(architecture)
+        )
+    except Task2VecError as exc:
+        raise ProblemError(422, "invalid-expert", "Invalid expert", str(exc)) from None
+    m, s = _floats("mean", mean, default[0]), _floats("std", std, default[1])
+    return (m[0], m[1], m[2]), (s[0], s[1], s[2])
 
 
 def _check_free(settings: Settings, model: type[Expert] | type[ZooTask], name: str) -> None:
@@ -232,11 +263,21 @@ async def register_expert(
     zoo: ZooDep,
     caller: Admin,
     name: Annotated[str, Form(description="unique name: letters, digits, '.', '_', '-'")],
-    architecture: Annotated[str, Form(description="cnn-<width>x<depth>, or a probe network")],
+    architecture: Annotated[
+        str,
+        Form(
+            max_length=64,
+            description="torchvision/<builder>, timm/<name>, torchscript, onnx, "
+            "cnn-<width>x<depth>, mlp-<width>x<depth>, or a probe network",
+        ),
+    ],
     input_size: Annotated[int, Form(ge=8, le=1024, description="input resolution")],
     weights: Annotated[
         UploadFile | None,
-        File(description="a state_dict: safetensors, or a PyTorch file (read weights_only)"),
+        File(
+            description="a state_dict (safetensors, or a PyTorch file read weights_only), "
+            "a TorchScript archive or an ONNX model"
+        ),
     ] = None,
     weights_uri: Annotated[
         str | None,
@@ -248,10 +289,23 @@ async def register_expert(
     ] = None,
     mean: Annotated[str | None, Form(description="normalisation mean, 'r,g,b'")] = None,
     std: Annotated[str | None, Form(description="normalisation std, 'r,g,b'")] = None,
+    normalisation: Annotated[
+        str | None,
+        Form(
+            description="'imagenet' or 'preset' (the model's own, e.g. timm's) instead of mean/std"
+        ),
+    ] = None,
     source_task: Annotated[str | None, Form(description="the zoo task it was trained on")] = None,
     tags: Annotated[str | None, Form(description="comma-separated tags")] = None,
 ) -> JSONResponse:
     _check_name("expert", name)
+    if not known(architecture):
+        detail = (
+            f"unknown expert architecture {architecture!r}; use torchvision/<builder>, "
+            "timm/<name>, torchscript, onnx, cnn-<width>x<depth>, mlp-<width>x<depth>, "
+            "efficientnet_lite0, resnet18 or resnet34"
+        )
+        raise ProblemError(422, "invalid-expert", "Invalid expert", detail)
     key = key_of(request)
     if key is None:  # 409 before anything is stored (a retry with a key may be a replay)
         await run_in_threadpool(_check_free, settings, Expert, name)
@@ -263,6 +317,7 @@ async def register_expert(
         "weights": where,
         "mean": mean,
         "std": std,
+        "normalisation": normalisation,
         "source_task": source_task,
         "tags": tags,
     }
@@ -272,16 +327,16 @@ async def register_expert(
         if source_task and source_task not in {t.name for t in zoo.zoo.tasks}:
             detail = f"source_task {source_task!r} is not a zoo task"
             raise ProblemError(422, "invalid-expert", "Invalid expert", detail)
-        default = ExpertSpec("", "", "", 0)
-        spec_mean = _floats("mean", mean, default.mean)
-        spec_std = _floats("std", std, default.std)
+        spec_mean, spec_std = await run_in_threadpool(
+            _normalisation, architecture, mean, std, normalisation
+        )
         spec = ExpertSpec(
             name=name,
             architecture=architecture,
             weights=where,
             input_size=input_size,
-            mean=(spec_mean[0], spec_mean[1], spec_mean[2]),
-            std=(spec_std[0], spec_std[1], spec_std[2]),
+            mean=spec_mean,
+            std=spec_std,
             source_task=source_task or None,
             tags=tuple(t.strip() for t in (tags or "").split(",") if t.strip()),
         )

@@ -242,7 +242,7 @@ class OnnxModule(nn.Module):
         self.batch = first if isinstance(first, int) and first > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        images = x.detach().to("cpu", torch.float32).numpy()
+        images = x.detach().to("cpu", torch.float32).contiguous().numpy()
         chunk = self.batch or len(images)
         out = []
         for start in range(0, len(images), chunk):

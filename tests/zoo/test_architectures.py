@@ -18,6 +18,7 @@ from app.task2vec.errors import ConfigError, ProbeWeightsError
 from app.zoo import architectures, features
 from app.zoo.experts import ExpertSpec, default_normalisation, known, load_expert
 from app.zoo.features import check_forward, extract_features, extract_many, load_checked
+from tests.helpers import NanFeatures, ScalarOutput
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning"
@@ -92,8 +93,8 @@ def test_unknown_builders_and_models_are_named(tmp_path: Path) -> None:
         load_expert(_spec("torchvision/fasterrcnn_resnet50_fpn", path))
     with pytest.raises(ConfigError, match="timm has no model 'no-such-net'"):
         load_expert(_spec("timm/no-such-net", path))
-    assert known("timm/resnet18") and known("onnx") and known("cnn-4x2")
-    assert not known("pickle") and not known("torchvisionresnet18")
+    assert all(map(known, ["timm/resnet18", "onnx", "torchscript", "cnn-4x2", "resnet18"]))
+    assert not any(map(known, ["pickle", "torchvisionresnet18", "ONNX", "timm"]))
 
 
 def test_a_timm_model_and_its_preset_normalisation(tmp_path: Path) -> None:
@@ -134,16 +135,6 @@ class _Maps(nn.Module):
         return x[:, :2, :4, :4]  # (N, 2, 4, 4) maps, flattened to 32 features
 
 
-class _Nan(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean((2, 3)) * float("nan")
-
-
-class _Scalar(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean()
-
-
 class _Fixed(nn.Module):
     """A linear layer on flattened 16 px images: it fails at any other size."""
 
@@ -176,8 +167,8 @@ def test_maps_are_flattened(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("module", "why"),
     [
-        (_Nan(), "NaN or infinite features"),
-        (_Scalar(), r"returns shape \(\) for 4 images"),
+        (NanFeatures(), "NaN or infinite features"),
+        (ScalarOutput(), r"returns shape \(\) for 4 images"),
         (_Fixed(), "fails on 4 images of 32x32 px: "),
         (_Batch(), "depend on the other images of its batch"),
     ],
@@ -241,3 +232,29 @@ def test_one_pass_serves_every_expert_and_resizes_once_per_input_size(
     for one, many in zip(alone, together, strict=True):
         np.testing.assert_allclose(one, many, atol=1e-5)
     np.testing.assert_allclose(together[0], together[1], atol=1e-4)  # TorchScript = ONNX
+
+
+def test_inference_folds_batchnorm_and_keeps_the_features(tmp_path: Path) -> None:
+    path = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    net = models.get_model("resnet18", weights=None)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, to be folded
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save(net.state_dict(), path)
+    spec = _spec("torchvision/resnet18", path)
+    model = load_expert(spec)
+    prepared = features.for_inference(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original stays
+    assert features.for_inference(model) is prepared  # kept while the model lives
+    rng = np.random.default_rng(0)
+    data = LabelledImages(
+        rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), np.arange(10) % 2, ("a", "b")
+    )
+    x = torch.as_tensor(data.images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        want = model((x - 0.5) / 0.25).numpy()
+    np.testing.assert_allclose(extract_features(spec, model, data), want, rtol=1e-4, atol=1e-5)
