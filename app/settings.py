@@ -58,13 +58,22 @@ class Settings(BaseSettings):
     #: A folder whose weight files an expert may name by path (``weights_uri``); unset, the
     #: weights are uploaded or named by URL.
     weights_import_dir: Path | None = None
-    #: Let downloads (``weights_uri``) reach loopback, private, link-local and reserved
-    #: addresses: for tests and closed networks only (``app.services.outbound``).
+    #: Let downloads (``weights_uri``) and webhooks (``callback_url``) reach loopback,
+    #: private, link-local and reserved addresses: for tests and closed networks only
+    #: (``app.services.outbound``).
     allow_private_urls: bool = False
     #: A download ends when it takes longer than this, or when it reads slower than
     #: ``download_min_bytes_per_second`` after its first 10 s.
     download_deadline_seconds: float = Field(default=600.0, gt=0)
     download_min_bytes_per_second: float = Field(default=16 * 1024, ge=0)
+    #: Webhooks (``callback_url``): each try's connect and read timeout, in seconds; the
+    #: first retry's delay, doubling after each try (up to an hour); how long after the job
+    #: ended a delivery is given up; and how overdue a try must be before the sweep re-sends
+    #: its message (the broker may have lost it).
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_retry_base_seconds: float = Field(default=30.0, gt=0)
+    webhook_give_up_seconds: float = Field(default=86400.0, gt=0)
+    webhook_resend_seconds: float = Field(default=300.0, gt=0)
     #: API keys: "required", "off" (every request is the tenant "local"; only allowed on a
     #: loopback address), or "auto" (off on loopback, required elsewhere; decided by
     #: ``task2vec serve``/``run``, and required when the app is started any other way).

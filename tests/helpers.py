@@ -203,12 +203,12 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, log: Path, **env: str) -> subprocess.Popen[bytes]:
     """A real Celery worker process (``task2vec worker``) in its own process group."""
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "app.cli", "worker"],
-            env=worker_env(settings),
+            env=worker_env(settings, **env),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -227,8 +227,8 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
 
 
 @contextmanager
-def worker(settings: Settings, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    process = start_worker(settings, log)
+def worker(settings: Settings, log: Path, **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    process = start_worker(settings, log, **env)
     try:
         yield process
     finally:

@@ -1,7 +1,8 @@
 """The worker side of the jobs, registered on the queue's Celery app under the names of the
 job table (``app.services.jobs.JobKind``): embed an uploaded dataset; rank the zoo's experts on
 it with the methods that need its images (LogME, brute force); evaluate a newly registered
-expert on the zoo; add a task to the zoo.
+expert on the zoo; add a task to the zoo. Also a try at a webhook delivery, retried by Celery
+after the delay the try asks for.
 
 Each process loads the probe and the zoo once and keeps them. Each step that writes rows opens
 its own short session; progress goes through the job's recorder. A problem with the user's
@@ -23,11 +24,11 @@ from app.db.models import Expert, Job, Task, ZooTask
 from app.db.session import UNAVAILABLE, dispose_engines, session_scope
 from app.observability import context, multiprocess
 from app.observability import worker as metrics
-from app.services import leases, tasks, zoo_admin
+from app.services import deliveries, leases, tasks, zoo_admin
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
 from app.services.problems import problem, redact
-from app.services.queue import celery_for
+from app.services.queue import DELIVERY_TASK, celery_for
 from app.services.serving import ZooStates, ranking_items
 from app.services.versions import Version
 from app.settings import Settings, get_settings
@@ -98,7 +99,13 @@ def _execute(
         url = settings.resolved_database_url()
         kind, params, request_id = _job_row(url, job_id)
         with context.bound(request=request_id):
-            recorder = JobRecorder(url, job_id, attempt, settings.job_lease_seconds)
+            recorder = JobRecorder(
+                url,
+                job_id,
+                attempt,
+                settings.job_lease_seconds,
+                broker_url=settings.resolved_broker_url(),
+            )
             log.info("job %s (%s): attempt %d started", job_id, kind, attempt)
             metrics.JOBS_STARTED.labels(kind).inc()
             running = metrics.JOBS_RUNNING.labels(kind)
@@ -290,6 +297,24 @@ def _register(kind: JobKind) -> None:
 
 for _kind in JobKind:
     _register(_kind)
+
+
+@celery.task(
+    name=DELIVERY_TASK,
+    bind=True,
+    autoretry_for=TRANSIENT,
+    retry_backoff=5,
+    retry_backoff_max=600,
+    retry_jitter=False,
+    max_retries=20,
+)
+def deliver_webhook(self: Any, delivery_id: str) -> None:
+    """One try at a webhook delivery; an answer worth retrying sends the next try's message
+    with Celery's countdown (the delivery's row, not a count of retries, decides when to give
+    up). A database error is retried like a job's."""
+    delay = deliveries.attempt(get_settings(), delivery_id)
+    if delay is not None:
+        raise self.retry(countdown=delay, max_retries=None)
 
 
 @worker_ready.connect

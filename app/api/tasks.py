@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from app.api.auth import Reader, Writer
+from app.api.callbacks import CallbackUrl
 from app.api.deps import SessionDep, SettingsDep, ZooDep
 from app.api.idempotency import idempotent, key_of
 from app.api.problems import documented
@@ -74,9 +75,10 @@ async def _submit(
     file: UploadFile,
     zoo: ZooState,
     tenant: str,
+    callback: str | None,
 ) -> Submitted:
     """Check and register a stored upload under the zoo's embedding configuration; its
-    embedding job is sent unless one exists."""
+    embedding job is sent unless one exists (``callback`` is called when it ends)."""
     filename, config = uploads.safe_filename(file.filename), zoo.zoo.embed_config
     data = await validate(request, settings, stored, filename, config.image_size)
     return await run_in_threadpool(
@@ -88,6 +90,7 @@ async def _submit(
         data=data,
         config=config,
         tenant=tenant,
+        callback_url=callback,
     )
 
 
@@ -104,12 +107,15 @@ async def create_task(
     zoo: ZooDep,
     caller: Writer,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
+    callback: CallbackUrl,
 ) -> JSONResponse:
     key = key_of(request)
     stored = await store_upload(file, DataLayout.of(settings).uploads, settings.max_upload_bytes)
 
     async def answer() -> JSONResponse:
-        submitted = await _submit(request, session, settings, stored, file, zoo, caller.tenant)
+        submitted = await _submit(
+            request, session, settings, stored, file, zoo, caller.tenant, callback
+        )
         body = TaskAccepted(
             task_id=submitted.task_id,
             job_id=submitted.job_id,
@@ -183,9 +189,12 @@ def recommendations(
     session: SessionDep,
     zoo: ZooDep,
     caller: Reader,
+    callback: CallbackUrl,
     k: K = 5,
     method: Method = "learned",
 ) -> Ranking | JSONResponse:
+    """A ranking with a fast method is answered at once; one a worker computes (LogME, brute
+    force) is a job, followed at its link and called back at ``callback_url`` if given."""
     _check_method(method)
     if method in WORKER_METHODS:
         if "tasks:write" not in caller.scopes:
@@ -196,7 +205,13 @@ def recommendations(
                 f"ranking with {method} queues a worker job: it needs the scope 'tasks:write'",
             )
         job = tasks.queue_rank(
-            session, settings=settings, task_id=task_id, method=method, k=k, tenant=caller.tenant
+            session,
+            settings=settings,
+            task_id=task_id,
+            method=method,
+            k=k,
+            tenant=caller.tenant,
+            callback_url=callback,
         )
         return accepted(job.id, JobAccepted(job_id=job.id, status=job.status))
     ranked = tasks.rank_now(
@@ -224,6 +239,7 @@ async def recommend_upload(
     zoo: ZooDep,
     caller: Writer,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
+    callback: CallbackUrl,
     k: K = 5,
     method: Method = "learned",
     wait: Annotated[float, Query(ge=0, description="seconds to wait for the ranking")] = 0.0,
@@ -239,7 +255,9 @@ async def recommend_upload(
         deadline = started + (min(wait, settings.max_wait_seconds) if may_wait else 0.0)
 
         async def answer() -> JSONResponse:
-            submitted = await _submit(request, session, settings, stored, file, zoo, tenant)
+            submitted = await _submit(
+                request, session, settings, stored, file, zoo, tenant, callback
+            )
             uploaded = time.monotonic()
             job = await wait_for(
                 settings, submitted.job_id, tenant, deadline, request.is_disconnected
@@ -249,7 +267,16 @@ async def recommend_upload(
             if job.status != JobStatus.succeeded:
                 return accepted(job.id, JobAccepted(task_id=submitted.task_id, job_id=job.id))
             ranked = await _rank(
-                request, session, settings, zoo, submitted.task_id, method, k, tenant, deadline
+                request,
+                session,
+                settings,
+                zoo,
+                submitted.task_id,
+                method,
+                k,
+                tenant,
+                deadline,
+                callback,
             )
             if isinstance(ranked, JSONResponse):
                 return ranked
@@ -285,9 +312,10 @@ async def _rank(
     k: int,
     tenant: str,
     deadline: float,
+    callback: str | None,
 ) -> dict[str, object] | JSONResponse:
     """The ranking of an embedded task: in-process, or by a worker job waited for until
-    ``deadline`` (202 with the job after it)."""
+    ``deadline`` (202 with the job after it; ``callback`` is called when the job ends)."""
     if method in FAST_METHODS:
         ranked: dict[str, object] = await run_in_threadpool(
             tasks.rank_now, session, zoo=zoo, task_id=task_id, method=method, k=k, tenant=tenant
@@ -301,6 +329,7 @@ async def _rank(
         method=method,
         k=k,
         tenant=tenant,
+        callback_url=callback,
     )
     job = await wait_for(settings, rank_job.id, tenant, deadline, request.is_disconnected)
     if job.status == JobStatus.failed:

@@ -18,6 +18,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from app.api.auth import Admin, CallerDep
+from app.api.callbacks import CallbackUrl
 from app.api.deps import SessionDep, SettingsDep, ZooDep
 from app.api.idempotency import idempotent, key_of
 from app.api.problems import documented
@@ -262,6 +263,7 @@ async def register_expert(
     session: SessionDep,
     zoo: ZooDep,
     caller: Admin,
+    callback: CallbackUrl,
     name: Annotated[str, Form(description="unique name: letters, digits, '.', '_', '-'")],
     architecture: Annotated[
         str,
@@ -351,6 +353,7 @@ async def register_expert(
             settings=settings,
             item=zoo_items.expert_row(spec),
             tenant=caller.tenant,
+            callback_url=callback,
         )
         return _accepted("experts", name, job.id, job.status)
 
@@ -376,6 +379,7 @@ async def add_zoo_task(
     session: SessionDep,
     zoo: ZooDep,
     caller: Admin,
+    callback: CallbackUrl,
     file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
     name: Annotated[str, Form(description="unique zoo task name")],
     domain: Annotated[str | None, Form(description="what the images show")] = None,
@@ -398,6 +402,7 @@ async def add_zoo_task(
             settings=settings,
             item=zoo_items.zoo_task_row(spec),
             tenant=caller.tenant,
+            callback_url=callback,
         )
         return _accepted("zoo/tasks", name, job.id, job.status)
 

@@ -14,7 +14,7 @@ from app.cli.common import app, fail, load_zoo
 from app.cli.processes import log_format, serve_api, worker_observability
 from app.db.session import session_scope
 from app.progress import err
-from app.services import api_keys
+from app.services import api_keys, deliveries
 from app.settings import get_settings
 from app.task2vec.errors import Task2VecError
 
@@ -150,9 +150,23 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")]) -> 
     err.print(f"key {key_id} revoked")
 
 
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(
+    tenant: Annotated[str, typer.Option(help="the tenant ('local' when keys are off)")],
+) -> None:
+    """Print the tenant's webhook signing secret, creating it if it has none. Receivers check
+    X-T2V-Signature with it (task2vec_client.webhooks.verify)."""
+    try:
+        print(deliveries.secret_for(get_settings(), tenant))
+    except ValueError as exc:
+        raise fail(exc) from None
+
+
 @app.command("worker")
 def worker_command(
-    queues: Annotated[str, typer.Option(help="comma-separated queues")] = "embed,evaluate",
+    queues: Annotated[
+        str, typer.Option(help="comma-separated queues (webhooks: callback deliveries)")
+    ] = "embed,evaluate,webhooks",
     concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
 ) -> None:
     """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines. Logs

@@ -223,6 +223,8 @@ class Job(Base):
     resends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     #: The request that created the job (``X-Request-ID``): its worker's log lines carry it.
     request_id: Mapped[str | None] = mapped_column(String(128))
+    #: Where the job's view is POSTed when it ends (``app.services.deliveries``), if anywhere.
+    callback_url: Mapped[str | None] = mapped_column(String(2000))
     stage: Mapped[str | None] = mapped_column(String(64))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     task_id: Mapped[str | None] = mapped_column(ForeignKey("tasks.id"))
@@ -290,3 +292,47 @@ class IdempotencyRecord(Base):
     body: Mapped[dict[str, Any]] = mapped_column(JSON)
     location: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookSecret(Base):
+    """A tenant's key for signing its webhook deliveries. Stored as it is (an HMAC needs the
+    key itself, unlike an API key, which is only compared); created on first use."""
+
+    __tablename__ = "webhook_secrets"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"
+    delivered = "delivered"
+    #: Given up: a refused address, an answer that retrying cannot change, or a day of tries.
+    failed = "failed"
+
+
+class WebhookDelivery(Base):
+    """The POST a job owes its ``callback_url`` once it ended: one per job, committed with the
+    job's terminal status, then tried by a worker until delivered or given up.
+
+    ``next_attempt_at`` is when the next try is due (the sweep re-sends a message that is long
+    overdue: the broker lost it); ``sending_until`` is the lease of the try under way, so that
+    of two messages for one delivery only one POSTs at a time."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2000))
+    #: ``job.succeeded`` or ``job.failed`` (the ``X-T2V-Event`` header).
+    event: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.pending, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sending_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

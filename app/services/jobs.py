@@ -3,6 +3,10 @@
 The job row is the record; the Celery message carries its id alone. A job is committed before
 its message is sent (``queue.send``), so a worker never receives a job it cannot find. Workers
 move the row along and write progress, timings, results and errors (problem documents) back.
+
+A job ends in one place, ``end``, whoever ends it (its worker, the sweep giving up on it, the
+API when the broker refused it): the terminal status and the webhook delivery it owes (when
+it has a ``callback_url``) are committed together, then the delivery's message is sent.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from app.db.models import Job, JobStatus
+from app.db.models import Job, JobStatus, WebhookDelivery, utcnow
 from app.db.session import session_scope, updated
 from app.observability import context
 from app.services.problems import not_found
@@ -62,11 +66,22 @@ ROUTES: dict[JobKind, tuple[str, str]] = {
 }
 
 
+#: A job in either of these has not ended.
+ACTIVE = (JobStatus.queued, JobStatus.running)
+
+
 def create(
-    session: Session, *, kind: JobKind, task_id: str | None, tenant: str, **params: Any
+    session: Session,
+    *,
+    kind: JobKind,
+    task_id: str | None,
+    tenant: str,
+    callback_url: str | None = None,
+    **params: Any,
 ) -> Job:
     """A queued job, stamped with the request being answered (if any: a job a worker creates
-    gets the request of the job it runs), so that re-sends and its worker's logs carry it."""
+    gets the request of the job it runs), so that re-sends and its worker's logs carry it.
+    ``callback_url`` (checked by the caller: ``deliveries.check_url``) is called when it ends."""
     job = Job(
         kind=kind,
         task_id=task_id,
@@ -74,10 +89,100 @@ def create(
         params=params,
         status=JobStatus.queued,
         request_id=context.request_id.get(),
+        callback_url=callback_url,
     )
     session.add(job)
     session.flush()
     return job
+
+
+def follow(session: Session, *, job_id: str, callback_url: str) -> None:
+    """A request answered with a job already under way (the same upload again) is called back
+    too, unless the job has a callback URL already: one per job, the first. The conditional
+    UPDATE cannot slip in after the job ended (``end`` reads the URL in its own UPDATE's
+    transaction)."""
+    updated(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE), Job.callback_url.is_(None))
+        .values(callback_url=callback_url),
+    )
+
+
+def end(
+    session: Session,
+    job_id: str,
+    *guard: ColumnElement[bool],
+    status: JobStatus,
+    broker_url: str | None,
+    **values: Any,
+) -> bool:
+    """End a job that has not ended and for which ``guard`` holds (the attempt that holds it,
+    an expired lease): the one place a terminal status is written. Its webhook delivery, if it
+    has a callback URL, is staged in the same transaction, which this commits; then the
+    delivery's message is sent (a broker that refuses, or no ``broker_url``, leaves it to the
+    sweep: ``deliveries.resend_lost``). False, with nothing written, when the job ended
+    already or the guard does not hold."""
+    if status not in (JobStatus.succeeded, JobStatus.failed):
+        raise ValueError(f"a job does not end {status}")
+    values.setdefault("finished_at", utcnow())
+    done = updated(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(ACTIVE), *guard)
+        .values(status=status, lease_until=None, **values),
+    )
+    if done == 0:
+        return False
+    found = session.execute(select(Job.callback_url, Job.tenant).where(Job.id == job_id)).one()
+    delivery = None
+    if found.callback_url:
+        delivery = WebhookDelivery(
+            job_id=job_id, tenant=found.tenant, url=found.callback_url, event=f"job.{status}"
+        )
+        session.add(delivery)
+        session.flush()
+    session.commit()
+    if delivery is not None and broker_url:
+        from app.services import queue  # it imports this module (the job table)
+
+        queue.send_delivery(delivery.id, broker_url)
+    return True
+
+
+def view(job: Job) -> dict[str, Any]:
+    """A job as ``GET /v1/jobs/{id}`` answers it, and as its webhook delivers it."""
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "status": job.status,
+        "progress": {"stage": job.stage, "fraction": job.progress},
+        "task_id": job.task_id,
+        "params": job.params,
+        "timings": job.timings,
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "error": job.error,
+        "result": job.result,
+        "links": _links(job),
+    }
+
+
+def _links(job: Job) -> dict[str, str]:
+    links = {"self": f"/v1/jobs/{job.id}"}
+    if job.task_id:
+        links["task"] = f"/v1/tasks/{job.task_id}"
+        if job.kind == JobKind.embed:
+            links["neighbors"] = f"/v1/tasks/{job.task_id}/neighbors"
+            links["recommendations"] = f"/v1/tasks/{job.task_id}/recommendations"
+    if job.kind == JobKind.expert:
+        links["expert"] = f"/v1/experts/{job.params['expert']}"
+    if job.kind == JobKind.zoo_task:
+        links["zoo_task"] = f"/v1/zoo/tasks/{job.params['zoo_task']}"
+    if job.kind in (JobKind.expert, JobKind.zoo_task):
+        links["zoo"] = "/v1/zoo"
+    return links
 
 
 def get(session: Session, *, job_id: str, tenant: str) -> Job:
@@ -142,9 +247,11 @@ class JobRecorder:
         attempt: int,
         lease_seconds: float,
         min_interval: float = 0.5,
+        broker_url: str | None = None,
     ) -> None:
         self.url, self.job_id, self.attempt = database_url, job_id, attempt
         self.lease_seconds, self.min_interval = lease_seconds, min_interval
+        self.broker_url = broker_url  # where the job's webhook delivery is sent, if any
         self.lost = threading.Event()
         self._last = 0.0
         self._stage_started = time.perf_counter()
@@ -228,24 +335,27 @@ class JobRecorder:
             self.timings[self._stage] = round(time.perf_counter() - self._stage_started, 3)
             self._stage = None
 
-    def succeed(self, result: dict[str, Any]) -> None:
+    def _end(self, status: JobStatus, **values: Any) -> None:
+        """End the job (``end``), if this attempt still holds it."""
         self._close_stage()
-        self._update(
-            status=JobStatus.succeeded,
-            stage="done",
-            progress=1.0,
-            result=result,
-            timings=dict(self.timings),
-            finished_at=datetime.now(UTC),
-            lease_until=None,
-        )
+        if self.lost.is_set():
+            raise self._lost()
+        held = (Job.attempt == self.attempt, Job.status == JobStatus.running)
+        with session_scope(self.url) as session:
+            ended = end(
+                session,
+                self.job_id,
+                *held,
+                status=status,
+                broker_url=self.broker_url,
+                timings=dict(self.timings),
+                **values,
+            )
+        if not ended:
+            raise self._lost()
+
+    def succeed(self, result: dict[str, Any]) -> None:
+        self._end(JobStatus.succeeded, stage="done", progress=1.0, result=result)
 
     def fail(self, error: dict[str, Any]) -> None:
-        self._close_stage()
-        self._update(
-            status=JobStatus.failed,
-            error=error,
-            timings=dict(self.timings),
-            finished_at=datetime.now(UTC),
-            lease_until=None,
-        )
+        self._end(JobStatus.failed, error=error)

@@ -15,6 +15,9 @@ a broker may have lost it (Redis restarted without persistence; the embedded bro
 redelivers a killed worker's message). Re-sent duplicates are harmless: a claim lets one run.
 Sweeps in several workers at once are safe too: each action is a conditional UPDATE, and only
 its winner sends.
+
+The sweep also sends again the message of a webhook delivery that is long overdue
+(``deliveries.resend_lost``): its broker lost it, or its worker died mid-try.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.db.models import Expert, Job, JobStatus, ZooTask, as_utc, utcnow
 from app.db.session import session_scope, updated
-from app.services import orphans, queue
+from app.services import deliveries, jobs, orphans, queue
 from app.services.jobs import JobKind
 from app.services.problems import problem
 from app.settings import Settings
@@ -80,11 +83,13 @@ def claim(settings: Settings, job_id: str) -> int | None:
 
 @dataclass
 class SweepReport:
-    """What one sweep did: job ids re-sent (lease expired, or queued too long), and failed."""
+    """What one sweep did: job ids re-sent (lease expired, or queued too long), and failed;
+    webhook deliveries whose message was sent again."""
 
     expired: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    deliveries: list[str] = field(default_factory=list)
 
 
 def sweep(settings: Settings) -> SweepReport:
@@ -121,6 +126,7 @@ def sweep(settings: Settings) -> SweepReport:
         if as_utc(sent) + timedelta(seconds=wait) < now and _mark_resent(url, job_id, resends, now):
             report.resent.append(job_id)
             _send(settings, job_id, kind)
+    report.deliveries = deliveries.resend_lost(settings, now)
     return report
 
 
@@ -169,15 +175,18 @@ def _give_up(settings: Settings, job_id: str, attempt: int, now: datetime) -> di
         f"its worker stopped {attempt} times before finishing (killed, or cut off from the "
         "database); the job is not tried again",
     )
-    failed = _settle_expired(
-        settings.resolved_database_url(),
-        job_id,
-        attempt,
-        now,
-        status=JobStatus.failed,
-        error=error,
-        finished_at=now,
-    )
+    with session_scope(settings.resolved_database_url()) as session:
+        failed = jobs.end(
+            session,
+            job_id,
+            Job.status == JobStatus.running,
+            Job.attempt == attempt,
+            Job.lease_until < now,
+            status=JobStatus.failed,
+            broker_url=settings.resolved_broker_url(),
+            error=error,
+            finished_at=now,
+        )
     return error if failed else None
 
 
@@ -240,10 +249,11 @@ class Sweeper:
                 continue
             if self.on_report is not None:
                 self.on_report(report)
-            if report.expired or report.resent or report.failed:
+            if report.expired or report.resent or report.failed or report.deliveries:
                 log.info(
-                    "job sweep: lease expired %s, re-sent %s, failed %s",
+                    "job sweep: lease expired %s, re-sent %s, failed %s; webhooks re-sent %s",
                     report.expired,
                     report.resent,
                     report.failed,
+                    report.deliveries,
                 )

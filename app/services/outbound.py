@@ -1,13 +1,15 @@
-"""Every URL the service fetches goes through here (expert weights today; callbacks later).
+"""Every URL the service reaches goes through here: expert weights (``download``) and webhook
+callbacks (``post``).
 
 A URL may name http or https only. Its host is resolved, and every address it resolves to must
 be public: loopback, private, link-local, shared, reserved, multicast and unspecified
 addresses are refused (IPv4-mapped IPv6 ones too), unless ``T2V_ALLOW_PRIVATE_URLS`` allows
 them for tests and closed networks. The connection then goes to the address that was checked,
 not to a second lookup of the name (a name that resolves anew to an internal address cannot
-slip through), with the name kept for the Host header and TLS. Redirects are followed by hand,
-each hop checked the same way, at most ``MAX_REDIRECTS``. A download has an overall deadline
-and a least rate (after a grace period), and a size cap.
+slip through), with the name kept for the Host header and TLS. A download follows redirects by
+hand, each hop checked the same way, at most ``MAX_REDIRECTS``; it has an overall deadline and
+a least rate (after a grace period), and a size cap. A POST follows no redirect (its answer is
+the 3xx) and waits at most its timeout for each step (connect, send, the answer's head).
 
 What went wrong is logged; the error a caller sees says only that the URL could not be
 fetched, or that its address or scheme is not allowed: reason phrases, refused or closed
@@ -46,6 +48,11 @@ class OutboundError(ConfigError):
     """A URL that is not allowed, or that could not be fetched (the detail is in the log)."""
 
 
+class NotAllowedError(OutboundError):
+    """A URL refused before any connection: malformed, not http(s), or an internal address.
+    Trying again does not change that (unless its name resolves elsewhere later)."""
+
+
 def public(address: IPAddress) -> bool:
     """Whether an address is one the public internet routes (``is_global``), and no
     multicast; an IPv4-mapped IPv6 address is judged by its IPv4 address."""
@@ -71,8 +78,14 @@ class Policy:
             max_bytes=max_bytes,
             deadline_seconds=settings.download_deadline_seconds,
             min_bytes_per_second=settings.download_min_bytes_per_second,
-            allowed=_anywhere if settings.allow_private_urls else public,
+            allowed=allowed_by(settings),
         )
+
+
+def allowed_by(settings: Settings) -> Callable[[IPAddress], bool]:
+    """Which addresses the settings let the service reach: public ones, or any with
+    ``T2V_ALLOW_PRIVATE_URLS``."""
+    return _anywhere if settings.allow_private_urls else public
 
 
 def _anywhere(_: IPAddress) -> bool:
@@ -103,12 +116,12 @@ def check(url: str, policy: Policy) -> Target:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise OutboundError(f"{shown(url)!r} is not a valid URL") from None
+        raise NotAllowedError(f"{shown(url)!r} is not a valid URL") from None
     if parts.scheme not in ("http", "https"):
-        raise OutboundError(f"{shown(url)!r}: only http and https URLs are fetched")
+        raise NotAllowedError(f"{shown(url)!r}: only http and https URLs are fetched")
     host = parts.hostname
     if not host:
-        raise OutboundError(f"{shown(url)!r} names no host")
+        raise NotAllowedError(f"{shown(url)!r} names no host")
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
@@ -117,7 +130,7 @@ def check(url: str, policy: Policy) -> Target:
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in found]
     if not addresses or not all(policy.allowed(a) for a in addresses):
         log.info("outbound: %s resolves to %s: refused", host, addresses)
-        raise OutboundError(
+        raise NotAllowedError(
             f"{shown(url)!r}: the host's address is not allowed (loopback, private, "
             "link-local, reserved or multicast; T2V_ALLOW_PRIVATE_URLS=true allows them on a "
             "closed network)"
@@ -178,6 +191,32 @@ def download(url: str, out: Sink, policy: Policy) -> int:
     raise _failed(url, f"more than {MAX_REDIRECTS} redirects")
 
 
+def post(url: str, body: bytes, headers: dict[str, str], policy: Policy) -> int:
+    """POST ``body`` (JSON) to ``url``; the answer's status. The connection goes to the checked
+    address; no redirect is followed; each step (connect, send, the answer's head) waits at
+    most ``policy.deadline_seconds``; the answer's body is not read. ``NotAllowedError``
+    for a refused URL, ``OutboundError`` when the host could not be reached or did not
+    answer in time."""
+    target = check(url, policy)
+    connection = _connection(target, timeout=policy.deadline_seconds)
+    sent = {
+        **headers,
+        "Host": _host_header(target),
+        "User-Agent": "task2vec-service",
+        "Content-Type": "application/json",
+        "Content-Length": str(len(body)),
+    }
+    try:
+        connection.request("POST", target.path, body=body, headers=sent)
+        return connection.getresponse().status
+    except OSError as exc:  # refused, reset, timed out, TLS
+        raise _failed(url, repr(exc), "reached") from None
+    except http.client.HTTPException as exc:
+        raise _failed(url, repr(exc), "reached") from None
+    finally:
+        connection.close()
+
+
 def _host_header(target: Target) -> str:
     default = 443 if target.scheme == "https" else 80
     host = f"[{target.host}]" if ":" in target.host else target.host
@@ -203,6 +242,6 @@ def _body(
     return total
 
 
-def _failed(url: str, why: str) -> OutboundError:
-    log.warning("outbound: %s could not be fetched: %s", shown(url), why)
-    return OutboundError(f"{shown(url)!r} could not be fetched")
+def _failed(url: str, why: str, verb: str = "fetched") -> OutboundError:
+    log.warning("outbound: %s could not be %s: %s", shown(url), verb, why)
+    return OutboundError(f"{shown(url)!r} could not be {verb}")

@@ -1,13 +1,16 @@
 """The job queue: the Celery application, and sending a committed job to it.
 
-Messages carry a job id only; the job row holds everything else. The routes come from the one
-job table (``jobs.JobKind``); ``workers`` registers the task bodies under those names, and a
-worker process imports them through ``include``. ``acks_late`` with one prefetched message per
-process: a worker that dies mid-job leaves the message to another worker instead of losing it.
+Messages carry a job id (or a webhook delivery's id) only; the row holds everything else. The
+routes come from the one job table (``jobs.JobKind``); ``workers`` registers the task bodies
+under those names, and a worker process imports them through ``include``. ``acks_late`` with
+one prefetched message per process: a worker that dies mid-job leaves the message to another
+worker instead of losing it. Webhook deliveries have a queue of their own, so that a callback
+is not held up behind long jobs; ``task2vec worker`` serves it by default.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -16,8 +19,11 @@ from celery import Celery
 from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobStatus
+from app.services import jobs
 from app.services.jobs import EMBED_QUEUE, JobKind
 from app.services.problems import ProblemError, problem
+
+log = logging.getLogger(__name__)
 
 #: Seconds a client is told to wait (Retry-After) when the broker refuses a job.
 BROKER_RETRY_AFTER = 5
@@ -30,6 +36,9 @@ VISIBILITY_TIMEOUT = 600
 
 #: The module that registers the task bodies, imported by every worker process.
 TASK_MODULE = "workers.tasks"
+#: The Celery task that makes one try at a webhook delivery, and its queue.
+DELIVERY_TASK = "workers.deliver_webhook"
+WEBHOOK_QUEUE = "webhooks"
 
 
 @cache
@@ -49,7 +58,10 @@ def celery_for(broker: str) -> Celery:
         # job and answers 503 instead of hanging the request.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5},
         broker_connection_timeout=3,
-        task_routes={kind.task: {"queue": kind.queue} for kind in JobKind},
+        task_routes={
+            **{kind.task: {"queue": kind.queue} for kind in JobKind},
+            DELIVERY_TASK: {"queue": WEBHOOK_QUEUE},
+        },
         # Task events (sent, received, started, succeeded, ...) for monitors such as Flower.
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -78,11 +90,24 @@ def send(*, session: Session, job: Job, broker_url: str) -> None:
     except Exception as exc:
         detail = f"the job queue is unavailable: {exc}"
         error = ProblemError(503, "broker-unavailable", "The job queue is unavailable", detail)
-        job.status = JobStatus.failed
-        job.error = problem(503, "broker-unavailable", "Job queue unavailable", detail)
-        session.commit()
+        jobs.end(  # its delivery, if any, waits for the sweep: this broker just refused
+            session,
+            job.id,
+            status=JobStatus.failed,
+            broker_url=None,
+            error=problem(503, "broker-unavailable", "Job queue unavailable", detail),
+        )
         error.headers["Retry-After"] = str(BROKER_RETRY_AFTER)
         raise error from None
+
+
+def send_delivery(delivery_id: str, broker_url: str) -> None:
+    """Send the message of a committed webhook delivery. A broker that refuses is logged, not
+    raised: the delivery is committed, and the sweep sends it once it is overdue."""
+    try:
+        celery_for(broker_url).send_task(DELIVERY_TASK, args=[delivery_id], queue=WEBHOOK_QUEUE)
+    except Exception:
+        log.warning("webhook delivery %s not sent; the sweep sends it later", delivery_id)
 
 
 def check(broker_url: str) -> None:

@@ -152,13 +152,26 @@ def rank_now(
 
 
 def queue_rank(
-    session: Session, *, settings: Settings, task_id: str, method: str, k: int, tenant: str
+    session: Session,
+    *,
+    settings: Settings,
+    task_id: str,
+    method: str,
+    k: int,
+    tenant: str,
+    callback_url: str | None = None,
 ) -> Job:
     """A worker job ranking with a method that needs the images; 409 until the embedding
-    exists. The job is committed and sent."""
+    exists. The job is committed and sent; ``callback_url`` is called when it ends."""
     embedding_of(session, task_id=task_id, tenant=tenant)
     job = jobs.create(
-        session, kind=JobKind.rank, task_id=task_id, tenant=tenant, method=method, k=k
+        session,
+        kind=JobKind.rank,
+        task_id=task_id,
+        tenant=tenant,
+        callback_url=callback_url,
+        method=method,
+        k=k,
     )
     queue.send(session=session, job=job, broker_url=settings.resolved_broker_url())
     return job

@@ -133,10 +133,12 @@ def register(
     data: LabelledImages,
     config: EmbedConfig,
     tenant: str,
+    callback_url: str | None = None,
 ) -> Submitted:
     """The dataset, its task and the job embedding it (unless one exists or is under way).
     Commits: a new job is committed and sent (``queue.send``); otherwise the unit of work
-    ends here too, so a caller that then waits on the job holds no connection."""
+    ends here too, so a caller that then waits on the job holds no connection.
+    ``callback_url`` is called when the job ends (an existing job's: ``jobs.follow``)."""
     stored = stored.keep()  # in place before the row naming it commits
     for attempt in range(2):  # a concurrent identical upload may win the unique constraint
         try:
@@ -151,7 +153,15 @@ def register(
             )
             new = job is None
             if job is None:
-                job = jobs.create(session, kind=JobKind.embed, task_id=task.id, tenant=tenant)
+                job = jobs.create(
+                    session,
+                    kind=JobKind.embed,
+                    task_id=task.id,
+                    tenant=tenant,
+                    callback_url=callback_url,
+                )
+            elif callback_url is not None:
+                jobs.follow(session, job_id=job.id, callback_url=callback_url)
             break
         except IntegrityError:
             session.rollback()

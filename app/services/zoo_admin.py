@@ -44,14 +44,22 @@ from app.settings import Settings
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import ConfigError
-from app.zoo.experts import load_expert
+from app.zoo.features import load_checked
 from app.zoo.tasks import materialize
 
 
-def register(session: Session, *, settings: Settings, item: Item, tenant: str) -> Job:
+def register(
+    session: Session,
+    *,
+    settings: Settings,
+    item: Item,
+    tenant: str,
+    callback_url: str | None = None,
+) -> Job:
     """Add a new expert or zoo task with the job that computes its matrix entries, commit,
-    and send the job. A failed item of the same name is replaced, with its entries; if the
-    job cannot be sent, the item fails with it (committed), freeing its name."""
+    and send the job (``callback_url`` is called when it ends). A failed item of the same
+    name is replaced, with its entries; if the job cannot be sent, the item fails with it
+    (committed), freeing its name."""
     model: ItemModel = Expert if isinstance(item, Expert) else ZooTask
     kind, name = KIND[model], item.name
     try:
@@ -68,6 +76,7 @@ def register(session: Session, *, settings: Settings, item: Item, tenant: str) -
             kind=kind,
             task_id=None,
             tenant=tenant,
+            callback_url=callback_url,
             **{kind.replace("-", "_"): name},
         )
         item.job_id = job.id
@@ -113,14 +122,14 @@ def evaluate_expert(settings: Settings, name: str, progress: Progress | None = N
         if progress is not None:
             progress("downloading weights", 0, 1)
         fetched = weights.fetch(settings, spec.weights)
-        try:  # weights that do not load fail here, and their file goes with them
-            load_expert(replace(spec, weights=str(fetched)))
+        try:  # weights that do not load or run fail here, and their file goes with them
+            load_checked(replace(spec, weights=str(fetched)))
             stored = weights.store(settings, fetched)
         finally:
             fetched.unlink(missing_ok=True)
         _mark(settings, Expert, name, weights=str(stored))
     else:
-        load_expert(spec)  # weights that do not load fail here, before any evaluation
+        load_checked(spec)  # an expert that does not load or run fails here, before any entry
     add_entries(settings, [(t, expert_id) for t in tasks if t not in have], progress)
     _mark(settings, Expert, name, status=ZooItemStatus.ready, error=None)
     return publish(settings, progress=progress)

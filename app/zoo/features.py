@@ -7,8 +7,8 @@ expert returns per image (a vector, a map, a TorchScript or ONNX output) is flat
 
 On the way the expert is prepared for inference (``for_inference``): its BatchNorm layers
 folded into the convolutions before them and its tensors in channels-last order, oneDNN's fast
-path. Measured on a ResNet-18 at 64 px on two cores: 1.9x the plain module's speed, features
-equal to it within float rounding.
+path. Measured on a ResNet-18 at 64 px, batches of 128, two threads: 0.244 s a batch against
+the plain module's 0.304 s, features equal to its within 3e-6.
 """
 
 from __future__ import annotations

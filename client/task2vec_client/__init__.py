@@ -7,11 +7,15 @@
         answer = t2v.recommend("shoes.zip", k=3, wait=120)
         for expert in answer.ranking:
             print(expert.rank, expert.expert, expert.score)
+
+Webhooks (``callback_url``) are checked with ``verify`` (``task2vec_client.webhooks``).
 """
 
 from task2vec_client.client import AsyncClient, Client
 from task2vec_client.errors import JobFailedError, ProblemError
 from task2vec_client.models import (
+    ExpertOut,
+    ItemAccepted,
     JobAccepted,
     JobOut,
     Neighbours,
@@ -21,10 +25,13 @@ from task2vec_client.models import (
     UploadRanking,
     ZooOut,
 )
+from task2vec_client.webhooks import WebhookVerificationError, verify
 
 __all__ = [
     "AsyncClient",
     "Client",
+    "ExpertOut",
+    "ItemAccepted",
     "JobAccepted",
     "JobFailedError",
     "JobOut",
@@ -34,5 +41,7 @@ __all__ = [
     "TaskAccepted",
     "TaskOut",
     "UploadRanking",
+    "WebhookVerificationError",
     "ZooOut",
+    "verify",
 ]

@@ -10,21 +10,21 @@ argument or ``T2V_API_KEY``.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
 from task2vec_client.errors import JobFailedError, ProblemError
 from task2vec_client.models import (
+    ExpertOut,
     ExpertPage,
+    ItemAccepted,
     JobAccepted,
     JobOut,
     Neighbours,
@@ -34,63 +34,14 @@ from task2vec_client.models import (
     UploadRanking,
     ZooOut,
 )
+from task2vec_client.uploads import Dataset, Upload, UploadProgress, upload_files
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_WAIT = 30.0
 RETRIED = frozenset({429, 503})
 
 Model = TypeVar("Model", bound=BaseModel)
-Dataset = str | Path | bytes
-#: ``progress(sent, total)`` while an upload streams.
-UploadProgress = Callable[[int, int], None]
-
-
-class _Counted(io.RawIOBase):
-    """A file that reports how much of it has been read (the multipart body streams it)."""
-
-    def __init__(self, raw: IO[bytes], progress: UploadProgress | None) -> None:
-        self.raw, self.progress, self.sent = raw, progress, 0
-        self.total = raw.seek(0, os.SEEK_END)
-        raw.seek(0)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        position = self.raw.seek(offset, whence)
-        self.sent = position
-        return position
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.raw.read(size)
-        self.sent += len(chunk)
-        if self.progress is not None and chunk:
-            self.progress(min(self.sent, self.total), self.total)
-        return chunk
-
-
-Files = dict[str, tuple[str, IO[bytes]]]
-Upload = tuple[Dataset, str | None, UploadProgress | None]
-
-
-@contextmanager
-def _upload(
-    dataset: Dataset, filename: str | None, progress: UploadProgress | None
-) -> Iterator[Files]:
-    with ExitStack() as stack:
-        if isinstance(dataset, bytes):
-            raw: IO[bytes] = io.BytesIO(dataset)
-            name = filename or "dataset"
-        else:
-            raw = stack.enter_context(Path(dataset).open("rb"))
-            name = filename or Path(dataset).name
-        yield {"file": (name, cast(IO[bytes], _Counted(raw, progress)))}
+Triple = tuple[float, float, float]
 
 
 def _retry_wait(response: httpx.Response | None, attempt: int) -> float:
@@ -134,6 +85,34 @@ def _finished(job: JobOut, raise_on_failure: bool) -> JobOut:
     return job
 
 
+def _with_callback(params: dict[str, Any], callback_url: str | None) -> dict[str, Any]:
+    return params if callback_url is None else {**params, "callback_url": callback_url}
+
+
+def _expert_form(
+    name: str,
+    architecture: str,
+    input_size: int,
+    weights_uri: str | None,
+    mean: Triple | None,
+    std: Triple | None,
+    normalisation: str | None,
+    source_task: str | None,
+    tags: Sequence[str],
+) -> dict[str, str]:
+    """The registration's form fields; those not given are left to the service's defaults."""
+    optional = {
+        "weights_uri": weights_uri,
+        "mean": None if mean is None else ",".join(map(str, mean)),
+        "std": None if std is None else ",".join(map(str, std)),
+        "normalisation": normalisation,
+        "source_task": source_task,
+        "tags": ",".join(tags) or None,
+    }
+    form = {"name": name, "architecture": architecture, "input_size": str(input_size)}
+    return {**form, **{k: v for k, v in optional.items() if v is not None}}
+
+
 class Client:
     """The service over HTTP. ``http`` may be any ``httpx.Client`` (tests pass the app's)."""
 
@@ -165,18 +144,20 @@ class Client:
         path: str,
         params: dict[str, Any] | None = None,
         upload: Upload | None = None,
+        data: dict[str, str] | None = None,
     ) -> httpx.Response:
         key = uuid.uuid4().hex if method == "POST" else None
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             with ExitStack() as stack:
-                files = stack.enter_context(_upload(*upload)) if upload else None
+                files = stack.enter_context(upload_files(*upload)) if upload else None
                 try:
                     response = self._http.request(
                         method,
                         path,
                         params=params,
                         files=files,
+                        data=data,
                         headers=_headers(self.api_key, key),
                     )
                 except httpx.TransportError:
@@ -199,9 +180,13 @@ class Client:
         *,
         filename: str | None = None,
         progress: UploadProgress | None = None,
+        callback_url: str | None = None,
     ) -> TaskAccepted:
-        """Upload a labelled dataset (a path or bytes) to embed; 202 with the task and job."""
-        response = self._send("POST", "/v1/tasks", upload=(dataset, filename, progress))
+        """Upload a labelled dataset (a path or bytes) to embed; 202 with the task and job.
+        ``callback_url`` is POSTed the job's view, signed, when the job ends."""
+        params = _with_callback({}, callback_url)
+        upload = (dataset, filename, progress, "file")
+        response = self._send("POST", "/v1/tasks", params, upload=upload)
         result: TaskAccepted = _parsed(response, TaskAccepted)
         return result
 
@@ -214,12 +199,12 @@ class Client:
         wait: float = 120.0,
         filename: str | None = None,
         progress: UploadProgress | None = None,
+        callback_url: str | None = None,
     ) -> UploadRanking | JobAccepted:
         """Upload and rank in one call; a JobAccepted when not ranked within ``wait``."""
-        params = {"k": k, "method": method, "wait": wait}
-        response = self._send(
-            "POST", "/v1/recommendations", params, upload=(dataset, filename, progress)
-        )
+        params = _with_callback({"k": k, "method": method, "wait": wait}, callback_url)
+        upload = (dataset, filename, progress, "file")
+        response = self._send("POST", "/v1/recommendations", params, upload=upload)
         result: UploadRanking | JobAccepted = _parsed(response, UploadRanking, JobAccepted)
         return result
 
@@ -230,6 +215,38 @@ class Client:
     def experts(self, *, limit: int = 100, offset: int = 0) -> ExpertPage:
         response = self._send("GET", "/v1/experts", {"limit": limit, "offset": offset})
         result: ExpertPage = _parsed(response, ExpertPage)
+        return result
+
+    def expert(self, name: str) -> ExpertOut:
+        result: ExpertOut = _parsed(self._send("GET", f"/v1/experts/{name}"), ExpertOut)
+        return result
+
+    def register_expert(
+        self,
+        name: str,
+        architecture: str,
+        input_size: int,
+        weights: Dataset | None = None,
+        *,
+        weights_uri: str | None = None,
+        mean: Triple | None = None,
+        std: Triple | None = None,
+        normalisation: str | None = None,
+        source_task: str | None = None,
+        tags: Sequence[str] = (),
+        callback_url: str | None = None,
+        progress: UploadProgress | None = None,
+    ) -> ItemAccepted:
+        """Add an expert to the zoo (admin): its weights uploaded (a path or bytes: a state
+        dict, a TorchScript archive, an ONNX model) or named by ``weights_uri``; 202 with the
+        job that evaluates it on every zoo task."""
+        form = _expert_form(
+            name, architecture, input_size, weights_uri, mean, std, normalisation, source_task, tags
+        )
+        upload = None if weights is None else (weights, None, progress, "weights")
+        params = _with_callback({}, callback_url)
+        response = self._send("POST", "/v1/experts", params, upload=upload, data=form)
+        result: ItemAccepted = _parsed(response, ItemAccepted)
         return result
 
     def wait_for(
@@ -265,10 +282,10 @@ class Client:
         return result
 
     def recommendations(
-        self, task_id: str, *, k: int = 5, method: str = "learned"
+        self, task_id: str, *, k: int = 5, method: str = "learned", callback_url: str | None = None
     ) -> Ranking | JobAccepted:
         """The task's ranking; a JobAccepted for the methods a worker computes."""
-        params = {"k": k, "method": method}
+        params = _with_callback({"k": k, "method": method}, callback_url)
         response = self._send("GET", f"/v1/tasks/{task_id}/recommendations", params)
         result: Ranking | JobAccepted = _parsed(response, Ranking, JobAccepted)
         return result
@@ -305,18 +322,20 @@ class AsyncClient:
         path: str,
         params: dict[str, Any] | None = None,
         upload: Upload | None = None,
+        data: dict[str, str] | None = None,
     ) -> httpx.Response:
         key = uuid.uuid4().hex if method == "POST" else None
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             with ExitStack() as stack:
-                files = stack.enter_context(_upload(*upload)) if upload else None
+                files = stack.enter_context(upload_files(*upload)) if upload else None
                 try:
                     response = await self._http.request(
                         method,
                         path,
                         params=params,
                         files=files,
+                        data=data,
                         headers=_headers(self.api_key, key),
                     )
                 except httpx.TransportError:
@@ -339,8 +358,11 @@ class AsyncClient:
         *,
         filename: str | None = None,
         progress: UploadProgress | None = None,
+        callback_url: str | None = None,
     ) -> TaskAccepted:
-        response = await self._send("POST", "/v1/tasks", upload=(dataset, filename, progress))
+        params = _with_callback({}, callback_url)
+        upload = (dataset, filename, progress, "file")
+        response = await self._send("POST", "/v1/tasks", params, upload=upload)
         result: TaskAccepted = _parsed(response, TaskAccepted)
         return result
 
@@ -353,11 +375,11 @@ class AsyncClient:
         wait: float = 120.0,
         filename: str | None = None,
         progress: UploadProgress | None = None,
+        callback_url: str | None = None,
     ) -> UploadRanking | JobAccepted:
-        params = {"k": k, "method": method, "wait": wait}
-        response = await self._send(
-            "POST", "/v1/recommendations", params, upload=(dataset, filename, progress)
-        )
+        params = _with_callback({"k": k, "method": method, "wait": wait}, callback_url)
+        upload = (dataset, filename, progress, "file")
+        response = await self._send("POST", "/v1/recommendations", params, upload=upload)
         result: UploadRanking | JobAccepted = _parsed(response, UploadRanking, JobAccepted)
         return result
 
@@ -368,6 +390,35 @@ class AsyncClient:
     async def experts(self, *, limit: int = 100, offset: int = 0) -> ExpertPage:
         response = await self._send("GET", "/v1/experts", {"limit": limit, "offset": offset})
         result: ExpertPage = _parsed(response, ExpertPage)
+        return result
+
+    async def expert(self, name: str) -> ExpertOut:
+        result: ExpertOut = _parsed(await self._send("GET", f"/v1/experts/{name}"), ExpertOut)
+        return result
+
+    async def register_expert(
+        self,
+        name: str,
+        architecture: str,
+        input_size: int,
+        weights: Dataset | None = None,
+        *,
+        weights_uri: str | None = None,
+        mean: Triple | None = None,
+        std: Triple | None = None,
+        normalisation: str | None = None,
+        source_task: str | None = None,
+        tags: Sequence[str] = (),
+        callback_url: str | None = None,
+        progress: UploadProgress | None = None,
+    ) -> ItemAccepted:
+        form = _expert_form(
+            name, architecture, input_size, weights_uri, mean, std, normalisation, source_task, tags
+        )
+        upload = None if weights is None else (weights, None, progress, "weights")
+        params = _with_callback({}, callback_url)
+        response = await self._send("POST", "/v1/experts", params, upload=upload, data=form)
+        result: ItemAccepted = _parsed(response, ItemAccepted)
         return result
 
     async def wait_for(
@@ -401,9 +452,9 @@ class AsyncClient:
         return result
 
     async def recommendations(
-        self, task_id: str, *, k: int = 5, method: str = "learned"
+        self, task_id: str, *, k: int = 5, method: str = "learned", callback_url: str | None = None
     ) -> Ranking | JobAccepted:
-        params = {"k": k, "method": method}
+        params = _with_callback({"k": k, "method": method}, callback_url)
         response = await self._send("GET", f"/v1/tasks/{task_id}/recommendations", params)
         result: Ranking | JobAccepted = _parsed(response, Ranking, JobAccepted)
         return result

@@ -147,6 +147,13 @@ class ExpertOut(_Model):
     links: dict[str, str]
 
 
+class ItemAccepted(_Model):
+    name: str
+    job_id: str
+    status: str
+    links: dict[str, str]
+
+
 class ExpertPage(_Model):
     total: int
     items: list[ExpertOut]
@@ -172,5 +179,6 @@ MODELS: dict[str, type[BaseModel]] = {
         ZooOut,
         ExpertOut,
         ExpertPage,
+        ItemAccepted,
     )
 }

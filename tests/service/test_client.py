@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from task2vec_client import (
     AsyncClient,
     Client,
+    ItemAccepted,
     JobAccepted,
     ProblemError,
     Ranking,
@@ -26,7 +27,7 @@ from task2vec_client.models import MODELS
 
 from app.api.main import create_app
 from app.settings import Settings
-from tests.helpers import npz_upload, run_job
+from tests.helpers import npz_upload, onnx_model, run_job
 
 
 def test_upload_wait_and_rank_through_the_client(
@@ -54,6 +55,37 @@ def test_upload_wait_and_rank_through_the_client(
         t2v.job("nope")
     assert (missing.value.status, missing.value.kind) == (404, "not-found")
     assert "nope" in missing.value.detail
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_register_an_expert_through_the_client(
+    client: TestClient, settings: Settings, sent: list[str]
+) -> None:
+    t2v = Client(http=client)
+    progress: list[tuple[int, int]] = []
+    model = onnx_model()
+    accepted = t2v.register_expert(
+        "small-onnx",
+        "onnx",
+        28,
+        model,
+        tags=["onnx", "small"],
+        progress=lambda *p: progress.append(p),
+    )
+    assert isinstance(accepted, ItemAccepted)
+    assert progress[-1] == (len(model), len(model))
+    run_job(settings, accepted.job_id)
+    assert t2v.wait_for(accepted.job_id, timeout=30).status == "succeeded"
+    expert = t2v.expert("small-onnx")
+    assert (expert.architecture, expert.tags, expert.status) == ("onnx", ["onnx", "small"], "ready")
+    with pytest.raises(ProblemError) as refused:  # a loopback callback without the setting
+        t2v.register_expert(
+            "other", "onnx", 28, model, mean=(0.5, 0.5, 0.5), callback_url="http://127.0.0.1:9/"
+        )
+    assert (refused.value.status, refused.value.kind) == (422, "invalid-callback-url")
+    with pytest.raises(ProblemError) as invalid:
+        t2v.register_expert("other", "onnx", 28, model, std=(0.0, 1.0, 1.0))
+    assert "std: positive numbers only" in invalid.value.detail
 
 
 def test_429_and_503_are_retried_after_retry_after_with_one_key() -> None:

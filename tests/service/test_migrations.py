@@ -84,6 +84,20 @@ ROWS_0005 = (
     'INSERT INTO idempotency_records (tenant, "key", fingerprint, status, body, created_at) '
     "VALUES ('acme', 'k', 'f', 201, '{}', CURRENT_TIMESTAMP)",
 )
+#: The tables at 0005, each given a row by ROWS_0005.
+TABLES_0005 = (
+    "datasets",
+    "tasks",
+    "embeddings",
+    "jobs",
+    "experts",
+    "zoo_tasks",
+    "matrix_entries",
+    "index_versions",
+    "recommendations",
+    "api_keys",
+    "idempotency_records",
+)
 #: What the rows of ROWS_0005 say, across their foreign keys.
 JOINED = text(
     "SELECT d.tenant, t.config_hash, e.path, j.status, r.method, i.content, m.error "
@@ -99,8 +113,10 @@ Names = dict[str, tuple[object, ...]]
 
 
 def reflected_names(url: str) -> Names:
+    """Of the models' tables that the database holds (an older revision lacks later ones)."""
     engine = create_engine(url)
     inspector = inspect(engine)
+    held = set(inspector.get_table_names())
     names = {
         table: (
             inspector.get_pk_constraint(table)["name"],
@@ -119,6 +135,7 @@ def reflected_names(url: str) -> Names:
             ),
         )
         for table in Base.metadata.tables
+        if table in held
     }
     engine.dispose()
     return names
@@ -152,7 +169,7 @@ def test_constraints_are_renamed_to_the_naming_convention(database_url: str) -> 
     with engine.begin() as connection:
         for insert in ROWS_0005:
             connection.execute(text(insert))
-    counts = dict.fromkeys(Base.metadata.tables, 1)
+    counts = dict.fromkeys(TABLES_0005, 1)
     joined = [("acme", "h", "/e.npy", "succeeded", "task2vec", "c", 0.25)]
     names_0005 = reflected_names(database_url)
     assert names_0005 != model_names()
