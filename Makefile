@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: system install run test lint typecheck format bench clean
+.PHONY: system install run test lint typecheck format bench clean starter-bundle
 
 # Debian packages the project needs: Fashion-MNIST (the zoo's clothing images) and Python 3.11.
 system:
@@ -19,7 +19,7 @@ system:
 install: system $(STAMP)
 
 # The service on this machine: SQLite, a SQLite-backed Celery broker, one worker, the API on
-# 127.0.0.1:8000, and the starter zoo, built on first use.
+# 127.0.0.1:8000, and the starter zoo, imported from its shipped bundle on first use.
 run: install
 	$(BIN)/task2vec run
 
@@ -43,6 +43,16 @@ test: lint typecheck
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The shipped starter zoo, rebuilt from the offline data (cached under $(T2V_DATA_DIR), ./data)
+# and written as a bundle. TORCH_HOME is emptied so the probe is the one that ships offline
+# (EfficientNet-Lite0) on every machine.
+STARTER_BUNDLE := app/data/bundles/starter.t2vzoo
+starter-bundle: install
+	mkdir -p .starter-torch-home
+	TORCH_HOME=$(CURDIR)/.starter-torch-home $(BIN)/task2vec zoo build --preset starter
+	TORCH_HOME=$(CURDIR)/.starter-torch-home $(BIN)/task2vec zoo export --zoo starter --out $(STARTER_BUNDLE)
+	rmdir .starter-torch-home
 
 bench: install
 	$(BIN)/python -m bench.embed

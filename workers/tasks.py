@@ -24,7 +24,7 @@ from app.db.models import Expert, Job, Task, ZooTask
 from app.db.session import UNAVAILABLE, dispose_engines, session_scope
 from app.observability import context, multiprocess
 from app.observability import worker as metrics
-from app.services import deliveries, leases, tasks, zoo_admin
+from app.services import bundles, deliveries, leases, tasks, zoo_admin
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
 from app.services.problems import problem, redact
@@ -268,12 +268,33 @@ def run_zoo_task(job_id: str, settings: Settings) -> None:
     _execute(job_id, settings, "adding the zoo task", body, failed)
 
 
+def run_zoo_import(job_id: str, settings: Settings) -> None:
+    """An uploaded zoo bundle, verified when it was accepted: verified again, imported, and
+    a new version published. The bundle file goes once imported or refused (a database error
+    keeps it for the retry)."""
+
+    def body(recorder: JobRecorder, params: dict[str, Any]) -> None:
+        path = bundles.stored_bundle(settings, params["bundle"])
+        if not path.is_file():
+            raise DatasetError("the uploaded bundle is no longer stored", "bundle-missing")
+        try:
+            version = bundles.import_bundle(settings, path, recorder.progress)
+        except DatasetError:
+            path.unlink(missing_ok=True)
+            raise
+        path.unlink(missing_ok=True)
+        recorder.succeed(_version_result(version))
+
+    _execute(job_id, settings, "importing the zoo bundle", body, invalid="invalid-bundle")
+
+
 #: The body of each kind of job.
 RUNNERS: dict[JobKind, Callable[[str, Settings], None]] = {
     JobKind.embed: run_embed,
     JobKind.rank: run_rank,
     JobKind.expert: run_expert,
     JobKind.zoo_task: run_zoo_task,
+    JobKind.zoo_import: run_zoo_import,
 }
 
 

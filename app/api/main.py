@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 from starlette.types import ASGIApp
 
-from app.api import jobs, problems, tasks, zoo
+from app.api import bundles, jobs, problems, tasks, zoo
 from app.api.auth import KeyCheck, RateLimiter
 from app.api.door import Door
 from app.api.headers import SecurityHeaders
@@ -113,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(jobs.router)
     app.include_router(zoo.router)
+    app.include_router(bundles.router)
 
     @app.get("/healthz", response_model=Health, summary="The process is up")
     def healthz() -> Health:

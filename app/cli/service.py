@@ -49,11 +49,11 @@ def serve_command(
     """Run the HTTP API (workers run separately: `task2vec worker`). Logs JSON lines unless
     T2V_LOG_FORMAT=text."""
     _key_policy(host)
-    _require_migrated()
+    require_migrated()
     serve_api(host, port, workers)
 
 
-def _require_migrated() -> None:
+def require_migrated() -> None:
     """Refuse to start on a database the migrations have not brought up to date (it would
     answer every request with an error), saying what to run."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -184,14 +184,16 @@ def run_command(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8000,
 ) -> None:
-    """The whole service on this machine: migrate the database, build and publish the zoo on
-    first use, start a Celery worker process and the API. Ctrl-C stops both. Logs text for a
-    person at the terminal unless T2V_LOG_FORMAT=json."""
+    """The whole service on this machine: migrate the database, import (the starter zoo ships
+    as a bundle) or build the zoo and publish it on first use, start a Celery worker process
+    and the API. Ctrl-C stops both. Logs text for a person at the terminal unless
+    T2V_LOG_FORMAT=json."""
     import os
     import signal
     import subprocess
 
     from app.db.migrate import upgrade
+    from app.services.bundles import import_shipped
     from app.services.layout import DataLayout
     from app.services.publishing import current_version, ensure_published
 
@@ -199,7 +201,9 @@ def run_command(
     try:
         upgrade(settings.resolved_database_url())
         version = current_version(settings)
-        if version is None:  # first start: build the configured zoo, import and publish it
+        if version is None:  # first start: the zoo's shipped bundle, imported in seconds
+            version = import_shipped(settings)
+        if version is None:  # no bundle (or refused): build the configured zoo and publish it
             load_zoo(settings.zoo, quiet=False)
             folder = DataLayout.of(settings).zoo(settings.zoo)
             version = ensure_published(settings, folder)

@@ -122,3 +122,54 @@ def zoo_check(
             for m, rows in by_dataset.items()
         )
         print(f"{name}: best {best} (error {errors[best]:.3f}); {picks}")
+
+
+@zoo_app.command("export")
+def zoo_export(
+    out: Annotated[Path, typer.Option("--out", help="the bundle to write (.t2vzoo)")],
+    zoo: Annotated[
+        str | None,
+        typer.Option(help="a preset name or zoo folder; default: the version being served"),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Write a zoo as one bundle: manifest, task recipes and embeddings, expert specs and
+    weights, the performance matrix (and the datasets of uploaded zoo tasks)."""
+    from app.services import bundles
+
+    try:
+        built = None if zoo is None else load_zoo(zoo, quiet)
+        sha, written = bundles.export(get_settings(), out, built)
+    except (Task2VecError, ValueError) as exc:
+        raise fail(exc) from None
+    size = out.stat().st_size
+    print(
+        f"{out}: {len(written.tasks)} tasks, {len(written.experts)} experts, probe "
+        f"{written.probe}, {size / 1e6:.1f} MB, sha256 {sha}"
+    )
+
+
+@zoo_app.command("import")
+def zoo_import(
+    bundle: Annotated[Path, typer.Argument(help="a bundle written by `task2vec zoo export`")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Verify a bundle (every hash, its configuration against this service's zoo, names
+    already taken) and import it into the database and data directory; then publish a new
+    version, which running APIs and workers pick up."""
+    import time
+
+    from app.cli.service import require_migrated
+    from app.services import bundles
+
+    require_migrated()
+    started = time.perf_counter()
+    try:
+        with ProgressReporter(quiet) as progress:
+            version = bundles.import_bundle(get_settings(), bundle, progress)
+    except (Task2VecError, ValueError) as exc:
+        raise fail(exc) from None
+    print(
+        f"imported in {time.perf_counter() - started:.1f} s: zoo version "
+        f"{version.content[:12]}, {version.tasks} tasks, {version.experts} experts"
+    )

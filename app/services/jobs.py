@@ -45,6 +45,7 @@ class JobKind(StrEnum):
     rank = "rank"
     expert = "expert"
     zoo_task = "zoo-task"
+    zoo_import = "zoo-import"
 
     @property
     def task(self) -> str:
@@ -63,6 +64,7 @@ ROUTES: dict[JobKind, tuple[str, str]] = {
     JobKind.rank: ("workers.rank", EVALUATE_QUEUE),
     JobKind.expert: ("workers.evaluate_expert", EVALUATE_QUEUE),
     JobKind.zoo_task: ("workers.add_zoo_task", EMBED_QUEUE),
+    JobKind.zoo_import: ("workers.import_zoo", EVALUATE_QUEUE),
 }
 
 

@@ -41,6 +41,11 @@ class DataLayout:
         return self.root / "zoo" / "embeddings" / f"{key}.npz"
 
     @property
+    def bundles(self) -> Path:
+        """Zoo bundles uploaded for import, ``<sha[:2]>/<sha256>.t2vzoo``, until imported."""
+        return self.root / "bundles"
+
+    @property
     def versions(self) -> Path:
         """Published zoo versions, one folder per content hash."""
         return self.root / "zoo" / "versions"

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.services.bundles import import_shipped
 from app.services.cache import LRUCache
 from app.services.layout import DataLayout
 from app.services.publishing import current_version, ensure_published
@@ -169,6 +170,9 @@ class ZooStates:
     def _first_version(settings: Settings) -> Version:
         folder = DataLayout.of(settings).zoo(settings.zoo)
         if not (folder / "zoo.json").is_file():
+            shipped = import_shipped(settings)  # the starter zoo ships as a bundle
+            if shipped is not None:
+                return shipped
             raise ConfigError(
                 f"no zoo at {folder}: build it with `task2vec zoo build --preset "
                 f"{settings.zoo}` (make run does so on first use)"

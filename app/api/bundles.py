@@ -1,0 +1,109 @@
+"""Importing a zoo bundle over HTTP (admin): ``POST /v1/zoo/import``.
+
+The upload is stored under a name of the request's own and verified in full before the answer
+(every member's hash, the manifest, the zoo it holds, its configuration against the zoo
+served here, names already taken), on the pool that validates uploads: a refused bundle
+answers 422 or 409 and leaves nothing. An accepted one moves to its content-addressed name and
+a worker imports it and publishes a new version (202 with the job), as other zoo additions.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio.to_thread
+from anyio import CapacityLimiter
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from app.api.auth import Admin
+from app.api.callbacks import CallbackUrl
+from app.api.deps import SessionDep, SettingsDep
+from app.api.idempotency import idempotent, key_of
+from app.api.problems import documented
+from app.api.schemas import Links
+from app.api.tasks import accepted
+from app.api.uploads import store_upload
+from app.services import bundles
+from app.services.layout import DataLayout
+from app.services.problems import ProblemError
+from app.settings import Settings
+from app.zoo.bundle import SUFFIX, BundleError
+
+router = APIRouter(
+    prefix="/v1", responses=documented(400, 401, 403, 409, 411, 413, 422, 429, 500, 503)
+)
+
+
+class BundleAccepted(BaseModel):
+    """A verified bundle, left to a worker to import: follow the job."""
+
+    job_id: str
+    status: str
+    sha256: str
+    tasks: int
+    experts: int
+    probe: str
+    links: Links
+
+
+def _verify(settings: Settings, path: Path) -> dict[str, Any]:
+    try:
+        return bundles.check_file(settings, path)
+    except BundleError as exc:
+        raise bundles.problem_of(exc) from None
+
+
+@router.post(
+    "/zoo/import",
+    status_code=202,
+    response_model=BundleAccepted,
+    summary="Import a zoo bundle: its experts, tasks and matrix join the zoo (admin)",
+)
+async def import_bundle(
+    request: Request,
+    settings: SettingsDep,
+    session: SessionDep,
+    caller: Admin,
+    callback: CallbackUrl,
+    file: Annotated[UploadFile, File(description="a zoo bundle (task2vec zoo export)")],
+) -> JSONResponse:
+    key = key_of(request)
+    root = DataLayout.of(settings).bundles
+    stored = await store_upload(file, root, settings.max_upload_bytes, SUFFIX)
+
+    async def answer() -> JSONResponse:
+        limiter: CapacityLimiter | None = getattr(request.app.state, "validation", None)
+        found = await anyio.to_thread.run_sync(
+            partial(_verify, settings, stored.path), limiter=limiter
+        )
+        stored.keep()  # in place before the job naming it commits
+        job = await run_in_threadpool(
+            partial(
+                bundles.submit,
+                session,
+                settings=settings,
+                sha256=stored.sha256,
+                tenant=caller.tenant,
+                callback_url=callback,
+            )
+        )
+        links = {"job": f"/v1/jobs/{job.id}", "zoo": "/v1/zoo"}
+        body = BundleAccepted(
+            job_id=job.id, status=job.status, sha256=stored.sha256, links=links, **found
+        )
+        return accepted(job.id, body)
+
+    try:
+        return await idempotent(
+            request, settings, caller.tenant, key, {"file": stored.sha256}, answer
+        )
+    except ProblemError:
+        session.rollback()
+        raise
+    finally:
+        stored.discard()  # the request's own file, unless the job took it
