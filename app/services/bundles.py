@@ -35,10 +35,15 @@ from app.services import jobs, queue
 from app.services.jobs import JobKind
 from app.services.layout import DataLayout
 from app.services.problems import ProblemError
-from app.services.publishing import Progress, current_version, publish, save_zoo_embedding
+from app.services.publishing import (
+    Progress,
+    add_zoo_rows,
+    current_version,
+    publish,
+    save_zoo_embedding,
+)
 from app.services.storage import UPLOAD_SUFFIX, WEIGHTS_SUFFIX, content_path, store_file
 from app.services.versions import Version
-from app.services.zoo_items import expert_row, zoo_task_row
 from app.settings import Settings
 from app.task2vec.embedding import EmbedConfig
 from app.task2vec.errors import Task2VecError
@@ -222,19 +227,7 @@ def _insert(session: Session, zoo: Zoo, embeddings: list[Path]) -> None:
             column = MatrixEntry.expert_id if model is Expert else MatrixEntry.zoo_task_id
             session.execute(delete(MatrixEntry).where(column.in_(old)))
             session.execute(delete(model).where(model.id.in_(old)))
-    experts = [expert_row(spec, ZooItemStatus.ready) for spec in zoo.experts]
-    tasks = []
-    for spec, path in zip(zoo.tasks, embeddings, strict=True):
-        row = zoo_task_row(spec, ZooItemStatus.ready)
-        row.embedding_path = str(path)
-        tasks.append(row)
-    session.add_all([*experts, *tasks])
-    session.flush()
-    session.add_all(
-        MatrixEntry(zoo_task_id=t.id, expert_id=e.id, error=float(zoo.errors[i, j]))
-        for i, t in enumerate(tasks)
-        for j, e in enumerate(experts)
-    )
+    add_zoo_rows(session, zoo, embeddings)
 
 
 def install(settings: Settings, bundle: Bundle, progress: Progress | None = None) -> Version:

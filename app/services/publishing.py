@@ -24,6 +24,7 @@ from typing import TypeVar
 import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from app.db.models import Expert, IndexVersionRow, MatrixEntry, ZooItemStatus, ZooTask
 from app.db.session import session_scope
@@ -60,6 +61,24 @@ def save_zoo_embedding(settings: Settings, spec: TaskSpec, embedding: Embedding)
     return path
 
 
+def add_zoo_rows(session: Session, zoo: Zoo, embeddings: list[Path]) -> None:
+    """The zoo's experts and tasks as ready rows (each task with its stored embedding), and
+    its matrix entries."""
+    experts = [expert_row(spec, ZooItemStatus.ready) for spec in zoo.experts]
+    tasks = []
+    for spec, path in zip(zoo.tasks, embeddings, strict=True):
+        row = zoo_task_row(spec, ZooItemStatus.ready)
+        row.embedding_path = str(path)
+        tasks.append(row)
+    session.add_all([*experts, *tasks])
+    session.flush()
+    session.add_all(
+        MatrixEntry(zoo_task_id=t.id, expert_id=e.id, error=float(zoo.errors[i, j]))
+        for i, t in enumerate(tasks)
+        for j, e in enumerate(experts)
+    )
+
+
 def import_zoo(settings: Settings, zoo: Zoo) -> None:
     """Put a built zoo into empty zoo tables; a no-op when another process already did."""
     stored = {
@@ -74,25 +93,8 @@ def import_zoo(settings: Settings, zoo: Zoo) -> None:
         with session_scope(settings.resolved_database_url()) as session:
             if session.scalar(select(ZooTask.id).limit(1)) is not None:
                 return
-            experts = [
-                expert_row(
-                    replace(s, weights=str(stored[s.name])) if s.name in stored else s,
-                    ZooItemStatus.ready,
-                )
-                for s in zoo.experts
-            ]
-            tasks = []
-            for task, path in zip(zoo.tasks, paths, strict=True):
-                row = zoo_task_row(task, ZooItemStatus.ready)
-                row.embedding_path = str(path)
-                tasks.append(row)
-            session.add_all([*experts, *tasks])
-            session.flush()
-            session.add_all(
-                MatrixEntry(zoo_task_id=t.id, expert_id=e.id, error=float(zoo.errors[i, j]))
-                for i, t in enumerate(tasks)
-                for j, e in enumerate(experts)
-            )
+            experts = [replace(s, weights=str(stored.get(s.name, s.weights))) for s in zoo.experts]
+            add_zoo_rows(session, replace(zoo, experts=experts), paths)
     except (IntegrityError, OperationalError):
         # Another process imported first (unique names) or held the SQLite write lock.
         with session_scope(settings.resolved_database_url()) as session:

@@ -14,6 +14,7 @@ can be checked on the built zoo, not only on the rule.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from collections.abc import Callable
@@ -37,6 +38,15 @@ from app.zoo.zoo import Zoo
 
 #: (stage, done, total) — the same shape as the embedding's progress callback.
 Progress = Callable[[str, int, int], None]
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as the same bytes wherever it is written: ``torch.save`` to a file records
+    the file's name in the archive (and this one is written under a temporary name), so it
+    saves to memory first. The same weights give the same file, and the same zoo bundle."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
 
 
 @dataclass(frozen=True)
@@ -164,7 +174,7 @@ class ZooBuilder:
                 lr=recipe.lr,
                 seed=recipe.seed,
             )
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            save_weights(state, path)
         return spec, path
 
     def provenance(self) -> dict[str, Any]:

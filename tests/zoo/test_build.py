@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import EmbeddingFileError
-from app.zoo.build import ZooBuilder
+from app.zoo.build import ZooBuilder, save_weights
 from app.zoo.index import TaskIndex
 from app.zoo.presets import recipe
 from app.zoo.zoo import Zoo
@@ -110,3 +111,17 @@ def test_index_is_saved_with_the_zoo_and_rebuilt_when_stale(
 
     saved.write_bytes(b"damaged")
     assert Zoo.load(tmp_path / "zoo").index().version == first.version
+
+
+def test_the_same_weights_are_the_same_bytes_wherever_written(tmp_path: Path) -> None:
+    """torch.save records a file's name in its archive: expert weights are saved through
+    memory, so two builds of one zoo give the same files (and the same bundle)."""
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(2)}
+    save_weights(state, tmp_path / "one.pt")
+    save_weights(state, tmp_path / "other-name.pt")
+    assert (tmp_path / "one.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()
+    torch.save(state, tmp_path / "plain.pt")  # the name is in the bytes otherwise
+    torch.save(state, tmp_path / "plain-too.pt")
+    assert (tmp_path / "plain.pt").read_bytes() != (tmp_path / "plain-too.pt").read_bytes()
+    back = torch.load(tmp_path / "one.pt", weights_only=True)
+    assert all(torch.equal(back[k], v) for k, v in state.items())
