@@ -1,12 +1,16 @@
 """Embedding speed, seed-to-seed noise and peak memory.
 
     python -m bench.embed [--json] [--sections speed,memory,paper] [--no-exact] [--device D]
+                          [--reference FOLDER] [--threads 2]
 
 speed: one embedding of a 1,000-image Fashion-MNIST task (10 classes, a seeded stratified
 subset of the training set) at 64 px with ResNet-34, Monte Carlo, 2,048 Fisher samples,
 batch 64, for each estimator; the wall time of ``embed`` (feature caching, head, Fisher).
 Noise is the symmetric distance between the embeddings of seeds 0 and 1 of the same task; the
-distance to a different task (1,000 MNIST digits) is printed beside it for scale.
+distance to a different task (1,000 MNIST digits) is printed beside it for scale. When the
+public reference code is on this machine (``bench.reference``) it embeds the same images with
+the same probe weights (eval BatchNorm, the same threads) in the same run, and every row gets
+its ratio: the reference's seconds over the row's. Only those ratios compare the two.
 
 memory: peak resident memory of a fresh process that embeds 10,000 Fashion-MNIST images at
 224 px with ``--skip-layers 6`` (ResNet-34, per-sample estimator).
@@ -41,9 +45,7 @@ from app.task2vec.distances import symmetric
 from app.task2vec.errors import ProbeWeightsError
 from app.task2vec.probes import load_probe
 from app.task2vec.sampling import stratified_subset
-
-#: Measured with the public reference code on this machine kind (see the reference notes).
-REFERENCE = {"seconds": "62.7-73.6", "noise_train_bn": 0.093, "noise_eval_bn": 0.065}
+from bench import reference
 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("batch, train BN (reference)", {"fisher_estimator": "batch", "batchnorm": "train"}),
@@ -79,7 +81,40 @@ def _fashion_10k() -> LabelledImages:
     return _subset(x, y, 10_000, seed=7)
 
 
-def speed(include_exact: bool, device: str) -> dict[str, Any]:
+def _reference_row(
+    folder: str | None, task: LabelledImages, other: LabelledImages, config: EmbedConfig
+) -> dict[str, Any]:
+    """The reference on the same images and probe weights: seconds, noise, other task; or
+    why it did not run."""
+    where = reference.locate(folder)
+    why = "no reference folder here" if where is None else reference.missing_requirement()
+    if where is None or why is not None:
+        return {"available": False, "why": why}
+    state = load_probe("resnet34", weights=config.probe_weights, image_size=64).source_state_dict()
+
+    def embedded(data: LabelledImages, seed: int) -> reference.ReferenceRun:
+        return reference.run(
+            where,
+            data,
+            state,
+            seed=seed,
+            image_size=config.image_size,
+            fisher_samples=config.fisher_samples,
+            threads=torch.get_num_threads(),
+        )
+
+    first, second, different = embedded(task, 0), embedded(task, 1), embedded(other, 0)
+    print(f"  reference: {first.seconds:.1f} s", file=sys.stderr)
+    return {
+        "available": True,
+        "variant": "public reference code (eval BN)",
+        "seconds": round(first.seconds, 2),
+        "noise": round(symmetric(first.embedding, second.embedding), 4),
+        "other_task": round(symmetric(first.embedding, different.embedding), 4),
+    }
+
+
+def speed(include_exact: bool, device: str, folder: str | None = None) -> dict[str, Any]:
     x, y, _ = fashion_mnist("train")
     task = _subset(x, y, 1000, seed=123)
     xd, yd, _ = mnist_5k()
@@ -113,7 +148,17 @@ def speed(include_exact: bool, device: str) -> dict[str, Any]:
             }
         )
         print(f"  {name}: {seconds:.1f} s, noise {rows[-1]['noise']}", file=sys.stderr)
-    return {"probe_weights": base.probe_weights, "machine": _machine(device), "rows": rows}
+    ref = _reference_row(folder, task, other, base)
+    for row in rows:
+        row["ratio"] = round(ref["seconds"] / row["seconds"], 2) if ref["available"] else None
+        row["noise_ratio"] = round(row["noise"] / ref["noise"], 2) if ref["available"] else None
+    return {
+        "probe_weights": base.probe_weights,
+        "machine": _machine(device),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "reference": ref,
+    }
 
 
 def _config_10k(device: str, **changes: Any) -> EmbedConfig:
@@ -188,23 +233,32 @@ def _print_tables(results: dict[str, Any]) -> None:
             title=f"1,000 Fashion-MNIST images, 64 px, ResNet-34 ({s['probe_weights']}), "
             f"2,048 Fisher samples, batch 64 — {s['machine']}"
         )
-        for column in ("estimator", "seconds", "seed noise", "other task"):
+        columns = ("estimator", "seconds", "x reference", "seed noise", "/ reference's", "other")
+        for column in columns:
             table.add_column(column, justify="left" if column == "estimator" else "right")
         for row in s["rows"]:
             table.add_row(
                 row["variant"],
                 f"{row['seconds']:.1f}",
+                "" if row["ratio"] is None else f"{row['ratio']:.2f}x",
                 f"{row['noise']:.4f}",
+                "" if row["noise_ratio"] is None else f"{row['noise_ratio']:.2f}",
                 f"{row['other_task']:.4f}",
             )
-        table.add_row(
-            "public reference code",
-            str(REFERENCE["seconds"]),
-            f"{REFERENCE['noise_train_bn']} / {REFERENCE['noise_eval_bn']}",
-            "0.118",
-            style="dim",
-        )
+        ref = s["reference"]
+        if ref["available"]:
+            table.add_row(
+                ref["variant"],
+                f"{ref['seconds']:.1f}",
+                "1.00x",
+                f"{ref['noise']:.4f}",
+                "1.00",
+                f"{ref['other_task']:.4f}",
+                style="dim",
+            )
         console.print(table)
+        if not ref["available"]:
+            console.print(f"reference not run: {ref['why']}; no ratios")
     if "memory" in results:
         m = results["memory"]
         console.print(
@@ -227,20 +281,22 @@ def main() -> None:
     parser.add_argument("--sections", default="speed,memory", help="speed,memory,paper")
     parser.add_argument("--no-exact", action="store_true", help="skip the exact-labels row")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--reference", help="the reference folder (runner and code)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         _memory_child(args.device)
         return
+    torch.set_num_threads(args.threads)
     sections = set(args.sections.split(","))
     results: dict[str, Any] = {}
     if "speed" in sections:
-        results["speed"] = speed(not args.no_exact, args.device)
+        results["speed"] = speed(not args.no_exact, args.device, args.reference)
     if "memory" in sections:
         results["memory"] = memory(args.device)
     if "paper" in sections:
         results["paper"] = paper(args.device)
-    results["reference"] = REFERENCE
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         print()
