@@ -5,15 +5,14 @@ once for any number of experts, resizing each batch once per input size and norm
 expert, so another expert on a task costs its forward passes and nothing else. Whatever the
 expert returns per image (a vector, a map, a TorchScript or ONNX output) is flattened.
 
-On the way the expert is prepared for inference (``for_inference``): its BatchNorm layers
-folded into the convolutions before them and its tensors in channels-last order, oneDNN's fast
-path. Measured on a ResNet-18 at 64 px, batches of 128, two threads: 0.244 s a batch against
-the plain module's 0.304 s, features equal to its within 3e-6.
+On the way the expert's tensors and its inputs are put in channels-last order, oneDNN's fast
+path on the CPU (``for_inference``). BatchNorm is not folded into the convolutions: folding
+needs a torch.fx trace, which patches ``nn.Module.__call__`` for the whole process while it
+runs, so another thread's forward pass at that moment fails.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,26 +36,12 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")  # ONNX experts hold no tensors; they take CPU inputs
 
 
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
-
-
 def for_inference(model: nn.Module) -> nn.Module:
-    """The same function, faster: BatchNorm folded into the convolution before it (torch.fx;
-    a copy, kept while ``model`` lives) and channels-last tensors. A module fx cannot trace is
-    only made channels-last, in place; TorchScript and ONNX experts run as they are."""
+    """The same module with channels-last tensors (in place, and a no-op the second time);
+    TorchScript and ONNX experts run as they are."""
     if isinstance(model, torch.jit.ScriptModule | OnnxModule):
         return model
-    prepared = _PREPARED.get(model)
-    if prepared is not None:
-        return prepared
-    try:
-        from torch.fx.experimental.optimization import fuse
-
-        prepared = fuse(model).to(memory_format=torch.channels_last)
-    except Exception:  # control flow fx cannot trace: the module as it is
-        return model.to(memory_format=torch.channels_last)
-    _PREPARED[model] = prepared
-    return prepared
+    return model.to(memory_format=torch.channels_last)
 
 
 def _flat(spec: ExpertSpec, out: object, images: int) -> torch.Tensor:

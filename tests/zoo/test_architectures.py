@@ -4,6 +4,7 @@ model that does not load, raises, gives NaNs or the wrong shape is refused with 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -234,22 +235,12 @@ def test_one_pass_serves_every_expert_and_resizes_once_per_input_size(
     np.testing.assert_allclose(together[0], together[1], atol=1e-4)  # TorchScript = ONNX
 
 
-def test_inference_folds_batchnorm_and_keeps_the_features(tmp_path: Path) -> None:
+def test_inference_runs_channels_last_and_keeps_the_features(tmp_path: Path) -> None:
     path = tmp_path / "w.pt"
     torch.manual_seed(0)
-    net = models.get_model("resnet18", weights=None)
-    with torch.no_grad():  # BatchNorm statistics that are not the identity, to be folded
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    torch.save(net.state_dict(), path)
+    torch.save(models.get_model("resnet18", weights=None).state_dict(), path)
     spec = _spec("torchvision/resnet18", path)
     model = load_expert(spec)
-    prepared = features.for_inference(model)
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
-    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original stays
-    assert features.for_inference(model) is prepared  # kept while the model lives
     rng = np.random.default_rng(0)
     data = LabelledImages(
         rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), np.arange(10) % 2, ("a", "b")
@@ -258,3 +249,39 @@ def test_inference_folds_batchnorm_and_keeps_the_features(tmp_path: Path) -> Non
     with torch.no_grad():
         want = model((x - 0.5) / 0.25).numpy()
     np.testing.assert_allclose(extract_features(spec, model, data), want, rtol=1e-4, atol=1e-5)
+    conv = model.conv1.weight  # type: ignore[union-attr]
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert features.for_inference(model) is model
+
+
+def test_extraction_is_safe_beside_another_threads_forward_pass(tmp_path: Path) -> None:
+    """Preparing an expert patches nothing process-wide: a forward pass in another thread at
+    the same moment runs as usual."""
+    path = tmp_path / "w.pt"
+    torch.save(models.get_model("resnet18", weights=None).state_dict(), path)
+    spec = _spec("torchvision/resnet18", path)
+    rng = np.random.default_rng(0)
+    data = LabelledImages(
+        rng.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8), np.arange(64) % 2, ("a", "b")
+    )
+    other = _small()
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def forward_passes() -> None:
+        try:
+            while not done.is_set():
+                with torch.no_grad():
+                    other(torch.rand(2, 3, 16, 16))
+        except BaseException as exc:  # recorded for the assertion below
+            failures.append(exc)
+
+    thread = threading.Thread(target=forward_passes)
+    thread.start()
+    try:
+        for _ in range(3):
+            extract_features(spec, load_expert(spec), data, batch_size=16)
+    finally:
+        done.set()
+        thread.join()
+    assert failures == []
