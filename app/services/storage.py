@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from app.task2vec.files import atomic_write
+from app.task2vec.files import atomic_write, file_digest
 
 
 class UploadTooLargeError(Exception):
@@ -92,14 +92,6 @@ async def store_stream(
         raise
     sha = digest.hexdigest()
     return StoredFile(sha, tmp, size, content_path(root, sha, suffix))
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def store_file(source: Path, root: Path, suffix: str) -> Path:

@@ -42,6 +42,7 @@ import numpy as np
 
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import DatasetError, Task2VecError
+from app.task2vec.files import file_digest
 from app.zoo.matrix import EvaluationProtocol
 from app.zoo.tasks import UPLOAD
 from app.zoo.zoo import Zoo, expert_from_json, task_from_json
@@ -103,14 +104,6 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _stored_file(weights: str) -> Path | None:
     """The file an expert's weights name, or None for a keyword of the loader."""
     path = Path(weights)
@@ -129,7 +122,7 @@ def write_bundle(zoo: Zoo, out: Path) -> str:
         raw = asdict(spec)
         source = _stored_file(spec.weights)
         if source is not None:
-            raw["weights"] = f"experts/{_sha256_file(source)}.pt"
+            raw["weights"] = f"experts/{file_digest(source)}.pt"
             files[raw["weights"]] = source
         experts.append(raw)
     tasks = []
@@ -140,7 +133,7 @@ def write_bundle(zoo: Zoo, out: Path) -> str:
                 raise BundleError(
                     f"zoo task {task.name!r}: its dataset file is missing", "bundle-missing-file"
                 )
-            raw["dataset"] = f"datasets/{_sha256_file(Path(task.dataset))}.upload"
+            raw["dataset"] = f"datasets/{file_digest(Path(task.dataset))}.upload"
             files[raw["dataset"]] = Path(task.dataset)
         tasks.append(raw)
     record = {
@@ -159,7 +152,7 @@ def write_bundle(zoo: Zoo, out: Path) -> str:
         if isinstance(content, bytes):
             listed[name] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
         else:
-            listed[name] = {"sha256": _sha256_file(content), "bytes": content.stat().st_size}
+            listed[name] = {"sha256": file_digest(content), "bytes": content.stat().st_size}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -185,7 +178,7 @@ def write_bundle(zoo: Zoo, out: Path) -> str:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return _sha256_file(out)
+    return file_digest(out)
 
 
 def _write_tar(out: IO[bytes], members: list[tuple[str, Path | bytes]]) -> None:
