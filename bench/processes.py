@@ -1,6 +1,8 @@
 """The service's real processes for a benchmark: ``task2vec serve`` and ``task2vec worker`` on
 the embedded default (SQLite, the SQLite-backed Celery broker), on a fresh data directory that
-uses a zoo built under ``./data/zoos``, and a fixed Fashion-MNIST upload that is no zoo task."""
+uses a zoo built under ``./data/zoos`` (or, for the starter zoo when none is built there, the
+shipped bundle, imported as on a first start), and a fixed Fashion-MNIST upload that is no zoo
+task."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from app.data.offline import fashion_mnist
+from app.services.bundles import STARTER_BUNDLE
 from app.task2vec.sampling import stratified_subset
 from app.zoo.build import zoo_folder as preset_folder
 
@@ -61,14 +64,16 @@ def running(zoo: str, api_workers: int = 1, env: dict[str, str] | None = None) -
     """The API (``api_workers`` processes) and one worker, ready: database, broker and the
     zoo's index loaded. Both are stopped on exit."""
     zoo_folder = preset_folder(Path("data"), zoo).resolve()
-    if not (zoo_folder / "zoo.json").is_file():
+    built = (zoo_folder / "zoo.json").is_file()
+    if not built and not (zoo == "starter" and STARTER_BUNDLE.is_file()):
         raise SystemExit(f"no zoo at {zoo_folder}: run `task2vec zoo build --preset {zoo}` first")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp)
         environ = {
             **os.environ,
             "T2V_DATA_DIR": str(data_dir),
-            "T2V_ZOO": str(zoo_folder),
+            # Without a built folder the API imports the shipped starter bundle on start.
+            "T2V_ZOO": str(zoo_folder) if built else zoo,
             **(env or {}),
         }
         subprocess.run(

@@ -400,11 +400,16 @@ def _embed(
         )
         estimator = "batch"
     else:
+        with torch.no_grad():  # the model's logits of every image, to draw labels from
+            logits = probe.classifier(inputs.features)
         layers = fisher.per_sample_fisher(
             probe,
             config.skip_layers,
-            inputs.draws(fisher_draws, False),
+            inputs.layer_input,
+            fisher_draws,
+            logits,
             generator,
+            config.batch_size,
             stage.update,
             labels=config.fisher_labels,
         )

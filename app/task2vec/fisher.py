@@ -100,12 +100,20 @@ def batch_fisher(
 def per_sample_fisher(
     probe: ProbeNetwork,
     start: int,
-    batches: Batches,
+    inputs: Callable[[np.ndarray], torch.Tensor],
+    draws: np.ndarray,
+    logits: torch.Tensor,
     generator: torch.Generator,
+    batch_size: int,
     progress: Progress | None = None,
     labels: LabelExpectation = "sampled",
 ) -> list[LayerFisher]:
-    """Mean over samples of the per-sample squared gradient, averaged per filter.
+    """Mean over ``draws`` of the per-sample squared gradient, averaged per filter.
+
+    ``draws`` are image indices (repeats allowed), ``inputs(indices)`` gives those images'
+    input of layer ``start`` and ``logits`` holds the model's logits of every image, from
+    which the model labels are drawn (``plan_draws``). Each distinct image is run forward
+    once, with one backward pass per distinct thing its draws ask for (see ``DrawPlan``).
 
     Needs BatchNorm in eval mode: with batch statistics a sample's gradient depends on the
     rest of its batch, and per-sample gradients are undefined.
@@ -114,47 +122,137 @@ def per_sample_fisher(
         raise ConfigError(f"unknown label expectation {labels!r}")
     if probe.training:
         raise ConfigError("the per-sample Fisher estimator needs BatchNorm in eval mode")
+    if len(draws) == 0:
+        raise ConfigError("the per-sample Fisher estimator needs at least one sample")
+    plan = plan_draws(draws, logits, labels, generator, batch_size)
     modules = list(probe.embedded_modules(start))
     hooks = _SquaredNormHooks([m for _, m in modules])
-    seen = 0
     try:
-        for x, _ in batches:
-            x = x.detach().requires_grad_(True)
-            logits = probe(x, start=start)
-            # Losses are summed, not averaged: each sample's output gradient is its own.
-            for loss in _label_losses(logits, labels, generator):
-                torch.autograd.grad(loss, [x], retain_graph=labels == "exact")
-            seen += x.shape[0]
+        for chunk in plan.chunks:
+            x = inputs(chunk.images).detach().requires_grad_(True)
+            out = probe(x, start=start)
+            passes = list(chunk.losses(out))
+            for i, loss in enumerate(passes):
+                torch.autograd.grad(loss, [x], retain_graph=i < len(passes) - 1)
             if progress is not None:
-                progress(x.shape[0])
+                progress(chunk.draws)
     finally:
         hooks.remove()
-    if seen == 0:
-        raise ConfigError("the per-sample Fisher estimator needs at least one sample")
     return [
-        _filterwise(name, total / seen / _filter_size(module))
+        _filterwise(name, total / len(draws) / _filter_size(module))
         for (name, module), total in zip(modules, hooks.sums, strict=True)
     ]
 
 
-def _label_losses(
-    logits: torch.Tensor, labels: LabelExpectation, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Losses whose per-sample squared gradients average to the Fisher over ŷ ~ p_w(y|x)."""
-    if labels == "sampled":
-        yield F.cross_entropy(logits, sample_model_labels(logits, generator), reduction="sum")
-        return
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    if labels == "gaussian":
-        z = torch.randn(probs.shape, generator=generator).to(probs.device)
-        root = probs.sqrt()
-        v = root * z - probs * (root * z).sum(dim=1, keepdim=True)  # Cov(v) = diag(p) − ppᵀ
-        yield (logits * v.to(logits.dtype)).sum()
-        return
-    # exact: E_ŷ ‖g(ŷ)‖² = Σ_c p_c ‖g(c)‖² = Σ_c ‖√p_c · g(c)‖²
-    log_probs = torch.log_softmax(logits, dim=-1)
-    for c in range(logits.shape[1]):
-        yield -(probs[:, c].sqrt().to(logits.dtype) * log_probs[:, c]).sum()
+@dataclass(frozen=True)
+class _Chunk:
+    """Distinct images run forward together, and the backward passes over them.
+
+    Round r holds, for every image, its r-th distinct target and how many draws share it:
+    a class (``sampled``), a projection vector z (``gaussian``), or none (``exact``: all
+    classes, weighted by p). A weight w enters as √w on the output gradient, so the squared
+    norms the hooks sum carry it (‖√w·g‖² = w·‖g‖²).
+    """
+
+    images: np.ndarray
+    targets: list[torch.Tensor | None]
+    weights: list[torch.Tensor]
+    draws: int
+
+    def losses(self, logits: torch.Tensor) -> Iterator[torch.Tensor]:
+        for target, weight in zip(self.targets, self.weights, strict=True):
+            root = weight.to(logits.device, logits.dtype).sqrt()
+            if target is None:  # exact: E_ŷ ‖g(ŷ)‖² = Σ_c ‖√p_c · g(c)‖², one pass per class
+                probs = torch.softmax(logits.detach().float(), dim=-1).to(logits.dtype)
+                log_probs = torch.log_softmax(logits, dim=-1)
+                for c in range(logits.shape[1]):
+                    yield -(root * probs[:, c].sqrt() * log_probs[:, c]).sum()
+            elif target.dtype == torch.long:
+                target = target.to(logits.device)
+                yield (root * F.cross_entropy(logits, target, reduction="none")).sum()
+            else:  # gaussian: backpropagate v = (diag p − ppᵀ)^½ z
+                probs = torch.softmax(logits.detach().float(), dim=-1)
+                rooted = probs.sqrt() * target.to(probs.device)
+                v = rooted - probs * rooted.sum(dim=1, keepdim=True)  # Cov(v) = diag(p) − ppᵀ
+                yield (logits * (root[:, None] * v.to(logits.dtype))).sum()
+
+
+@dataclass(frozen=True)
+class DrawPlan:
+    """The per-sample estimator's work: its draws grouped by image, then by target.
+
+    The estimate is a sum over draws, so the order of the draws does not matter, only what
+    each one asks for. An image drawn k times is run forward once, not k times; with
+    ``sampled`` labels, draws of one image that got the same label are one backward pass
+    with weight 2 (a confident head labels most repeats alike); with ``exact`` labels every
+    draw of an image is the same. Images with the same number of distinct targets share
+    chunks, so that every backward pass is over full rows.
+    """
+
+    chunks: list[_Chunk]
+
+    @property
+    def forward_rows(self) -> int:
+        return sum(len(c.images) for c in self.chunks)
+
+    @property
+    def backward_rows(self) -> int:
+        return sum(len(c.images) * len(c.targets) for c in self.chunks)
+
+
+def plan_draws(
+    draws: np.ndarray,
+    logits: torch.Tensor,
+    labels: LabelExpectation,
+    generator: torch.Generator,
+    batch_size: int,
+) -> DrawPlan:
+    """Model labels (or projections) for ``draws``, taken from ``generator`` batch by batch
+    in draw order, as when each batch of draws is labelled after its forward pass, then
+    grouped (``DrawPlan``)."""
+    per_image: dict[int, dict[Any, Any]] = {}
+    for lo in range(0, len(draws), batch_size):
+        idx = draws[lo : lo + batch_size]
+        if labels == "sampled":
+            batch_logits = logits[torch.as_tensor(idx, device=logits.device)]
+            picked = sample_model_labels(batch_logits, generator).cpu().tolist()
+            for image, label in zip(idx.tolist(), picked, strict=True):
+                targets = per_image.setdefault(image, {})
+                targets[label] = targets.get(label, 0) + 1
+        elif labels == "gaussian":
+            z = torch.randn((len(idx), logits.shape[1]), generator=generator)
+            for row, image in enumerate(idx.tolist()):
+                targets = per_image.setdefault(image, {})
+                targets[len(targets)] = (z[row], 1)
+        else:
+            for image in idx.tolist():
+                targets = per_image.setdefault(image, {})
+                targets[None] = targets.get(None, 0) + 1
+    by_rounds: dict[int, list[int]] = {}
+    for image in sorted(per_image):
+        by_rounds.setdefault(len(per_image[image]), []).append(image)
+    chunks = []
+    for rounds in sorted(by_rounds):
+        images = by_rounds[rounds]
+        for lo in range(0, len(images), batch_size):
+            group = images[lo : lo + batch_size]
+            entries = [list(per_image[image].items()) for image in group]
+            chunk_targets: list[torch.Tensor | None] = []
+            chunk_weights: list[torch.Tensor] = []
+            for r in range(rounds):
+                keys = [row[r][0] for row in entries]
+                values = [row[r][1] for row in entries]
+                if labels == "gaussian":
+                    chunk_targets.append(torch.stack([v[0] for v in values]))
+                    chunk_weights.append(torch.tensor([float(v[1]) for v in values]))
+                else:
+                    chunk_targets.append(
+                        None if labels == "exact" else torch.tensor(keys, dtype=torch.long)
+                    )
+                    chunk_weights.append(torch.tensor([float(v) for v in values]))
+            draws_covered = int(sum(w.sum().item() for w in chunk_weights))
+            chunks.append(_Chunk(np.array(group), chunk_targets, chunk_weights, draws_covered))
+    return DrawPlan(chunks)
 
 
 def _filter_size(module: nn.Conv2d | nn.BatchNorm2d) -> int:

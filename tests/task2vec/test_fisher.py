@@ -88,12 +88,14 @@ def test_per_sample_fisher_converges_to_the_closed_form(labels: str, tolerance: 
 
     probe = _logistic_probe(w)
     x = phi.view(n, dim, 1, 1)
-    batches = [(x, torch.ones(n, dtype=torch.long))] * repeats
     layers = fisher.per_sample_fisher(
         probe,
         0,
-        batches,
+        lambda idx: x[torch.as_tensor(idx)],
+        np.tile(np.arange(n), repeats),  # every image drawn `repeats` times
+        probe(x),
         torch.Generator().manual_seed(1),
+        batch_size=n,
         labels=labels,  # type: ignore[arg-type]
     )
     estimate = torch.from_numpy(layers[0].hessian).double()
@@ -135,4 +137,94 @@ def test_per_sample_refuses_train_mode_batchnorm() -> None:
     probe.reset_classifier(2, torch.Generator().manual_seed(0))
     probe.train()
     with pytest.raises(fisher.ConfigError, match="eval mode"):
-        fisher.per_sample_fisher(probe, 0, [], torch.Generator())
+        fisher.per_sample_fisher(
+            probe,
+            0,
+            lambda idx: torch.empty(0),
+            np.zeros(1, dtype=np.int64),
+            torch.zeros(1, 2),
+            torch.Generator(),
+            batch_size=1,
+        )
+
+
+def _draw_by_draw(
+    probe: ProbeNetwork, x: torch.Tensor, draws: np.ndarray, labels: str, batch: int, seed: int
+) -> list[torch.Tensor]:
+    """Σ over draws of ‖∂ℓ/∂w[o]‖², each draw on its own (one autograd call per draw and
+    class), its model label or projection drawn batch by batch in draw order."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [m.weight.requires_grad_(True) for _, m in probe.embedded_modules()]
+    sums = [torch.zeros(w.shape[0], dtype=torch.float64) for w in weights]
+
+    def add(loss: torch.Tensor) -> None:
+        for total, g in zip(sums, torch.autograd.grad(loss, weights), strict=True):
+            total += g.double().reshape(g.shape[0], -1).square().sum(1)
+
+    for lo in range(0, len(draws), batch):
+        idx = draws[lo : lo + batch]
+        with torch.no_grad():
+            probs = torch.softmax(probe(x[idx]), dim=-1)
+        if labels == "sampled":
+            picked = torch.multinomial(probs, 1, generator=gen).view(-1)
+        elif labels == "gaussian":
+            z = torch.randn(probs.shape, generator=gen)
+        for row, image in enumerate(idx):
+            logits = probe(x[image : image + 1])[0]
+            p = probs[row]
+            if labels == "sampled":
+                add(-torch.log_softmax(logits, -1)[picked[row]])
+            elif labels == "gaussian":
+                v = p.sqrt() * z[row] - p * (p.sqrt() * z[row]).sum()
+                add((logits * v).sum())
+            else:
+                for c in range(len(p)):
+                    add(-p[c].sqrt() * torch.log_softmax(probe(x[image : image + 1])[0], -1)[c])
+    for w in weights:
+        w.requires_grad_(False)
+    return sums
+
+
+@pytest.mark.parametrize("labels", ["sampled", "gaussian", "exact"])
+def test_per_sample_fisher_equals_the_draws_one_by_one(labels: str) -> None:
+    """Running each distinct image forward once, and each distinct (image, label) backward
+    once with its multiplicity, gives the plain mean over the draws, with the same labels."""
+    probe = load_probe("resnet18", weights="random:3", image_size=32)
+    probe.reset_classifier(3, torch.Generator().manual_seed(0))
+    x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    draws = np.array([0, 1, 1, 2, 3, 3, 3, 4, 5, 0, 6, 1, 1, 3, 2, 2, 0])
+    with torch.no_grad():
+        logits = probe(x)
+    layers = fisher.per_sample_fisher(
+        probe,
+        0,
+        lambda idx: x[torch.as_tensor(idx)],
+        draws,
+        logits,
+        torch.Generator().manual_seed(9),
+        batch_size=5,
+        labels=labels,  # type: ignore[arg-type]
+    )
+    expected = _draw_by_draw(probe, x, draws, labels, batch=5, seed=9)
+    modules = [m for _, m in probe.embedded_modules()]
+    for layer, total, module in zip(layers, expected, modules, strict=True):
+        want = (total / len(draws) / fisher._filter_size(module)).numpy()
+        np.testing.assert_allclose(layer.hessian, want, rtol=5e-4, atol=1e-12)
+
+
+def test_draw_plan_runs_each_image_forward_once() -> None:
+    draws = np.array([4, 4, 4, 1, 2, 2, 9, 4])
+    logits = torch.tensor([[30.0, 0.0]] * 10)  # certain: every draw of an image agrees
+    plan = fisher.plan_draws(draws, logits, "sampled", torch.Generator().manual_seed(0), 3)
+    assert plan.forward_rows == 4  # images 1, 2, 4, 9
+    assert plan.backward_rows == 4  # one label each, its draws as the weight
+    assert sum(c.draws for c in plan.chunks) == len(draws)
+    weights = {
+        int(image): float(w)
+        for c in plan.chunks
+        for image, w in zip(c.images, c.weights[0], strict=True)
+    }
+    assert weights == {1: 1.0, 2: 2.0, 4: 4.0, 9: 1.0}
+    gaussian = fisher.plan_draws(draws, logits, "gaussian", torch.Generator().manual_seed(0), 3)
+    assert gaussian.forward_rows == 4
+    assert gaussian.backward_rows == len(draws)  # every projection differs
