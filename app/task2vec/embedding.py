@@ -30,12 +30,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app.task2vec import fisher
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.errors import ConfigError, EmbeddingFileError
 from app.task2vec.files import save_npz
+from app.task2vec.head import HeadFit, fit_head, head_steps
 from app.task2vec.probes import IMAGENET, ProbeNetwork, load_probe
 from app.task2vec.sampling import balanced_draws, stratified_subset
 
@@ -43,11 +43,7 @@ Method = Literal["montecarlo", "variational"]
 Estimator = Literal["per-sample", "batch"]
 BatchNormMode = Literal["eval", "train"]
 Device = Literal["cpu", "cuda", "auto"]
-HeadFit = Literal["full-batch", "sampled"]
 FisherLabels = fisher.LabelExpectation
-
-#: Draws per head-fitting epoch (the reference's sampler size).
-HEAD_DRAWS_PER_EPOCH = 10_000
 
 FORMAT_VERSION = 1
 
@@ -264,65 +260,6 @@ def layer_input_numel(
         probe.train(was_training)
 
 
-def fit_head(
-    probe: ProbeNetwork,
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    config: EmbedConfig,
-    generator: torch.Generator,
-    progress: ProgressCallback | None = None,
-) -> float:
-    """Fit a fresh linear head on cached features; returns its training accuracy.
-
-    Both modes take the reference's optimiser and budget (Adam, lr 4e-4, weight decay 1e-4,
-    ``head_epochs`` x 10,000/batch steps) and weigh the classes equally:
-
-    * ``sampled`` is the reference: a randomly initialised head, minibatches of class-balanced
-      draws with replacement.
-    * ``full-batch`` (default) starts from zero and takes each step on the whole cached set with
-      the cross-entropy weighted by 1/class count, which is the expectation of the balanced
-      sampler's loss. The head is then the same for every seed, and exactly permuted when the
-      classes are relabelled. With the sampled head, the head, not the Fisher estimate, was the
-      main source of seed-to-seed noise in the embedding (symmetric distance 0.09 from the head
-      alone against 0.013 from the Fisher draws, ResNet-34, 1,000 Fashion-MNIST images).
-    """
-    probe.reset_classifier(num_classes, generator)
-    head = probe.classifier
-    steps = HEAD_DRAWS_PER_EPOCH // config.batch_size
-    stage = _Stage(progress, "head", config.head_epochs * steps)
-    if config.head_fit == "full-batch":
-        with torch.no_grad():
-            head.weight.zero_()
-            head.bias.zero_()
-        counts = torch.bincount(labels, minlength=num_classes).to(features.dtype)
-        class_weight = counts.sum() / (num_classes * counts.clamp(min=1))
-    head.requires_grad_(True)
-    optimizer = torch.optim.Adam(head.parameters(), lr=4e-4, weight_decay=1e-4)
-    labels_np = labels.cpu().numpy()
-    for _ in range(config.head_epochs):
-        if config.head_fit == "full-batch":
-            for _ in range(steps):
-                loss = F.cross_entropy(head(features), labels, weight=class_weight)
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                optimizer.step()
-        else:
-            draws = torch.as_tensor(
-                balanced_draws(labels_np, steps * config.batch_size, generator),
-                device=features.device,
-            ).view(steps, config.batch_size)
-            for batch in draws:
-                loss = F.cross_entropy(head(features[batch]), labels[batch])
-                optimizer.zero_grad(set_to_none=True)
-                torch.autograd.backward(loss)
-                optimizer.step()
-        stage.update(steps)
-    head.requires_grad_(False)
-    with torch.no_grad():
-        return float((head(features).argmax(1) == labels).float().mean().item())
-
-
 def embed(
     data: LabelledImages,
     config: EmbedConfig,
@@ -384,8 +321,17 @@ def _embed(
         if per_image * len(needed) > config.feature_cache_mb * 1024**2:
             needed = np.empty(0, dtype=np.int64)  # recompute the frozen prefix per batch
     inputs.cache(needed, progress)
+    stage = _Stage(progress, "head", head_steps(config.head_epochs, config.batch_size))
     head_accuracy = fit_head(
-        probe, inputs.features, inputs.labels, task.num_classes, config, generator, progress
+        probe,
+        inputs.features,
+        inputs.labels,
+        task.num_classes,
+        mode=config.head_fit,
+        epochs=config.head_epochs,
+        batch_size=config.batch_size,
+        generator=generator,
+        progress=stage.update,
     )
 
     stage = _Stage(progress, "fisher", config.fisher_samples)
