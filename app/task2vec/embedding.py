@@ -36,6 +36,7 @@ from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.errors import ConfigError, EmbeddingFileError
 from app.task2vec.files import save_npz
 from app.task2vec.head import HeadFit, fit_head, head_steps
+from app.task2vec.lanes import cpu_lanes
 from app.task2vec.probes import IMAGENET, ProbeNetwork, load_probe
 from app.task2vec.sampling import balanced_draws, stratified_subset
 
@@ -206,27 +207,35 @@ class _TaskInputs:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
-    @torch.no_grad()
     def cache(self, keep: np.ndarray, progress: ProgressCallback | None) -> None:
-        """One pass: pooled features of every image; layer-``skip`` inputs of ``keep``."""
+        """One pass: pooled features of every image; layer-``skip`` inputs of ``keep``.
+        Batches run side by side in lanes (``lanes.py``)."""
         skip = self.config.skip_layers
         n = len(self.data)
         keep_set = set(keep.tolist()) if skip > 0 else set()
+
+        def one(idx: np.ndarray) -> tuple[list[int], torch.Tensor | None, torch.Tensor]:
+            with torch.no_grad():  # grad mode is per thread
+                h = self.probe.trunk(self.images(idx), 0, skip)
+                rows = [i for i, j in enumerate(idx) if int(j) in keep_set]
+                kept = h[rows].clone() if rows else None
+                return [int(idx[i]) for i in rows], kept, self.probe.trunk(h, skip)
+
         stage = _Stage(progress, "features", n)
         pooled: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
-        for idx in iter_batches(np.arange(n), self.config.batch_size):
-            h = self.probe.trunk(self.images(idx), 0, skip)
-            if keep_set:
-                rows = [i for i, j in enumerate(idx) if int(j) in keep_set]
-                for i in rows:
-                    self.cache_rows[int(idx[i])] = len(self.cache_rows)
-                kept.append(h[rows].clone())
-            pooled.append(self.probe.trunk(h, skip))
-            stage.update(len(idx))
+        kept_parts: list[torch.Tensor] = []
+        batches = list(iter_batches(np.arange(n), self.config.batch_size))
+        with cpu_lanes(self.device) as lanes:
+            for idx, (images, kept, features) in zip(batches, lanes.map(one, batches), strict=True):
+                for image in images:
+                    self.cache_rows[image] = len(self.cache_rows)
+                if kept is not None:
+                    kept_parts.append(kept)
+                pooled.append(features)
+                stage.update(len(idx))
         self.features = torch.cat(pooled)
-        if kept:
-            self.cached = torch.cat(kept)
+        if kept_parts:
+            self.cached = torch.cat(kept_parts)
 
     def layer_input(self, indices: np.ndarray) -> torch.Tensor:
         """Input of ``layers[skip_layers]`` for these images (cached or recomputed)."""
@@ -307,6 +316,11 @@ def _embed(
         # of 0.47 s, the per-sample Fisher 19% less (2 cores).
         probe = probe.to(memory_format=torch.channels_last)
     probe.train(config.batchnorm == "train")
+    for module in probe.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            # Train mode normalises with batch statistics and never reads the running ones:
+            # not updating them keeps batches running side by side from writing to one buffer.
+            module.track_running_stats = False
     if not 0 <= config.skip_layers < len(probe.layers) - 1:
         raise ConfigError(
             f"skip-layers must be between 0 and {len(probe.layers) - 2} for probe {probe.name!r}"

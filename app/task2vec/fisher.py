@@ -29,7 +29,9 @@ channel (BatchNorm) in the probe's module order.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +42,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 from app.task2vec.errors import ConfigError
+from app.task2vec.lanes import Turnstile, cpu_lanes
 from app.task2vec.probes import ProbeNetwork
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -73,32 +76,50 @@ def batch_fisher(
     generator: torch.Generator,
     progress: Progress | None = None,
 ) -> list[LayerFisher]:
-    """The reference's Monte Carlo estimator: mean over batches of (batch-mean gradient)²."""
+    """The reference's Monte Carlo estimator: mean over batches of (batch-mean gradient)².
+
+    Batches run side by side in lanes (``lanes.py``); each draws its model labels from
+    ``generator`` in turn, so the labels are those of one batch after another.
+    """
     modules = list(probe.embedded_modules(start))
     params = [m.weight for _, m in modules]
-    sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    turnstile = Turnstile()
+
+    def one(item: tuple[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], int]:
+        step, (x, _) = item
+        try:
+            logits = probe(x, start=start)
+            with turnstile.turn(step):
+                labels = sample_model_labels(logits, generator)
+            grads = torch.autograd.grad(F.cross_entropy(logits, labels), params)
+            return [g.double().square().reshape(g.shape[0], -1).mean(dim=1) for g in grads], len(x)
+        finally:
+            turnstile.release(step)
+
+    sums = [torch.zeros(p.shape[0], dtype=torch.float64, device=p.device) for p in params]
     for p in params:
         p.requires_grad_(True)
     count = 0
     try:
-        for x, _ in batches:
-            logits = probe(x, start=start)
-            loss = F.cross_entropy(logits, sample_model_labels(logits, generator))
-            grads = torch.autograd.grad(loss, params)
-            for total, grad in zip(sums, grads, strict=True):
-                total += grad.double().square()
-            count += 1
-            if progress is not None:
-                progress(x.shape[0])
+        with cpu_lanes(_device(probe)) as lanes:
+            for per_filter, size in lanes.map(one, enumerate(batches)):
+                for total, part in zip(sums, per_filter, strict=True):
+                    total += part
+                count += 1
+                if progress is not None:
+                    progress(size)
     finally:
         for p in params:
             p.requires_grad_(False)
     if count == 0:
         raise ConfigError("the batch Fisher estimator needs at least one full batch")
     return [
-        _filterwise(name, (total / count).reshape(total.shape[0], -1).mean(dim=1))
-        for (name, _), total in zip(modules, sums, strict=True)
+        _filterwise(name, total / count) for (name, _), total in zip(modules, sums, strict=True)
     ]
+
+
+def _device(probe: ProbeNetwork) -> torch.device:
+    return next(probe.parameters()).device
 
 
 def per_sample_fisher(
@@ -131,15 +152,24 @@ def per_sample_fisher(
     plan = plan_draws(draws, logits, labels, generator, batch_size)
     modules = list(probe.embedded_modules(start))
     hooks = _SquaredNormHooks([m for _, m in modules])
-    try:
-        for chunk in plan.chunks:
+
+    def one(chunk: _Chunk) -> list[torch.Tensor]:
+        sums = hooks.zeros()
+        with hooks.into(sums):
             x = inputs(chunk.images).detach().requires_grad_(True)
             out = probe(x, start=start)
             passes = list(chunk.losses(out))
             for i, loss in enumerate(passes):
                 torch.autograd.grad(loss, [x], retain_graph=i < len(passes) - 1)
-            if progress is not None:
-                progress(chunk.draws)
+        return sums
+
+    try:
+        with cpu_lanes(_device(probe)) as lanes:
+            for chunk, sums in zip(plan.chunks, lanes.map(one, plan.chunks), strict=True):
+                for total, part in zip(hooks.sums, sums, strict=True):
+                    total += part
+                if progress is not None:
+                    progress(chunk.draws)
     finally:
         hooks.remove()
     return [
@@ -269,19 +299,34 @@ def _filterwise(name: str, values: torch.Tensor) -> LayerFisher:
 
 
 class _SquaredNormHooks:
-    """Accumulates Σ_n ‖∂ℓ_n/∂w[o]‖² per filter o from forward inputs and output gradients."""
+    """Accumulates Σ_n ‖∂ℓ_n/∂w[o]‖² per filter o from forward inputs and output gradients.
+
+    Into ``sums``, or, in a thread inside ``into``, into that thread's own accumulators (a
+    lane's chunk), which are then added in a fixed order."""
 
     def __init__(self, modules: list[nn.Conv2d | nn.BatchNorm2d]) -> None:
-        self.sums: list[torch.Tensor] = []
+        self.modules = modules
+        self._local = threading.local()
         self._handles = []
         for index, module in enumerate(modules):
             if isinstance(module, nn.Conv2d):
                 _conv_geometry(module)  # refuse unsupported convolutions before any work
-            weight = module.weight
-            self.sums.append(
-                torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-            )
             self._handles.append(module.register_forward_hook(self._on_forward(index)))
+        self.sums = self.zeros()
+
+    def zeros(self) -> list[torch.Tensor]:
+        return [
+            torch.zeros(m.weight.shape[0], dtype=torch.float64, device=m.weight.device)
+            for m in self.modules
+        ]
+
+    @contextmanager
+    def into(self, sums: list[torch.Tensor]) -> Iterator[None]:
+        self._local.sums = sums
+        try:
+            yield
+        finally:
+            del self._local.sums
 
     def _on_forward(
         self, index: int
@@ -290,9 +335,10 @@ class _SquaredNormHooks:
             if not output.requires_grad:
                 return
             x = inputs[0].detach()
+            sums = getattr(self._local, "sums", self.sums)
 
             def on_grad(grad: torch.Tensor) -> None:
-                self.sums[index] += _per_sample_sq_norms(module, x, grad.detach()).sum(0).double()
+                sums[index] += _per_sample_sq_norms(module, x, grad.detach()).sum(0).double()
 
             output.register_hook(on_grad)  # type: ignore[no-untyped-call]
 
