@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     #: already run in parallel on the threadpool, and small parallel kernels on top of that
     #: only contend for the cores.
     api_numeric_threads: int = Field(default=1, ge=1)
+    #: Torch threads in each worker process; 0: the machine's cores shared out among the
+    #: worker's processes (``task2vec worker --concurrency``), at least one each. The engine
+    #: runs that many batches side by side (``app.task2vec.lanes``).
+    worker_torch_threads: int = Field(default=0, ge=0)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Log records as JSON objects, one a line, or as text for a person; unset, the command

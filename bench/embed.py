@@ -56,6 +56,25 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+class _StageClock:
+    """Seconds per stage of one embedding (features, head, fisher), from its progress
+    callback: a stage ends with its last report, where the next one begins."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.ends: dict[str, float] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        self.ends[stage] = time.perf_counter()
+
+    def split(self) -> dict[str, float]:
+        split, begun = {}, self.started
+        for stage, ended in self.ends.items():
+            split[stage] = round(ended - begun, 2)
+            begun = ended
+        return split
+
+
 def _subset(images: np.ndarray, labels: np.ndarray, n: int, seed: int) -> LabelledImages:
     data = from_arrays(images, labels)
     return data.subset(stratified_subset(data.labels, n, torch.Generator().manual_seed(seed)))
@@ -134,15 +153,16 @@ def speed(include_exact: bool, device: str, folder: str | None = None) -> dict[s
         if not include_exact and changes.get("fisher_labels") == "exact":
             continue
         config = replace(base, **changes)
-        started = time.perf_counter()
-        first = embed(task, config, probe=probe)
-        seconds = time.perf_counter() - started
+        clock = _StageClock()
+        first = embed(task, config, probe=probe, progress=clock)
+        seconds = time.perf_counter() - clock.started
         second = embed(task, replace(config, seed=1), probe=probe)
         different = embed(other, config, probe=probe)
         rows.append(
             {
                 "variant": name,
                 "seconds": round(seconds, 2),
+                "stages": clock.split(),
                 "noise": round(symmetric(first, second), 4),
                 "other_task": round(symmetric(first, different), 4),
             }
@@ -233,13 +253,22 @@ def _print_tables(results: dict[str, Any]) -> None:
             title=f"1,000 Fashion-MNIST images, 64 px, ResNet-34 ({s['probe_weights']}), "
             f"2,048 Fisher samples, batch 64 — {s['machine']}"
         )
-        columns = ("estimator", "seconds", "x reference", "seed noise", "/ reference's", "other")
+        columns = (
+            "estimator",
+            "seconds",
+            "features / head / Fisher",
+            "x reference",
+            "seed noise",
+            "/ reference's",
+            "other",
+        )
         for column in columns:
             table.add_column(column, justify="left" if column == "estimator" else "right")
         for row in s["rows"]:
             table.add_row(
                 row["variant"],
                 f"{row['seconds']:.1f}",
+                " / ".join(f"{v:.1f}" for v in row["stages"].values()),
                 "" if row["ratio"] is None else f"{row['ratio']:.2f}x",
                 f"{row['noise']:.4f}",
                 "" if row["noise_ratio"] is None else f"{row['noise_ratio']:.2f}",
@@ -250,6 +279,7 @@ def _print_tables(results: dict[str, Any]) -> None:
             table.add_row(
                 ref["variant"],
                 f"{ref['seconds']:.1f}",
+                "",
                 "1.00x",
                 f"{ref['noise']:.4f}",
                 "1.00",

@@ -97,7 +97,7 @@ def running(zoo: str, api_workers: int = 1, env: dict[str, str] | None = None) -
         service = Service(f"http://127.0.0.1:{port}", data_dir, worker, api)
         try:
             _until_ready(service, api_workers)
-            time.sleep(3)  # let the worker finish starting
+            _until_warm(service)
             yield service
         finally:
             for proc in (api, worker):
@@ -106,6 +106,16 @@ def running(zoo: str, api_workers: int = 1, env: dict[str, str] | None = None) -
             for proc in (api, worker):
                 proc.wait(timeout=60)
             logs.close()
+
+
+def _until_warm(service: Service, timeout: float = 120) -> None:
+    """Until the worker has loaded the zoo and the probe (its log says so): what is measured
+    is the service's steady state, not its start."""
+    deadline = time.monotonic() + timeout
+    while '"warmed up' not in service.log_tail(10**7):
+        if time.monotonic() > deadline or service.worker.poll() is not None:
+            raise SystemExit(service.log_tail())
+        time.sleep(0.2)
 
 
 def _until_ready(service: Service, api_workers: int) -> None:

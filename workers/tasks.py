@@ -13,11 +13,15 @@ internal error, recorded the same way.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+import torch
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from app.db.models import Expert, Job, Task, ZooTask
@@ -28,11 +32,12 @@ from app.services import bundles, deliveries, leases, tasks, zoo_admin
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
 from app.services.problems import problem, redact
+from app.services.publishing import current_version
 from app.services.queue import DELIVERY_TASK, celery_for
 from app.services.serving import ZooStates, ranking_items
 from app.services.versions import Version
 from app.settings import Settings, get_settings
-from app.task2vec.datasets import LabelledImages, load_dataset
+from app.task2vec.datasets import LabelledImages, from_arrays, load_dataset
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.probes import ProbeNetwork
@@ -41,14 +46,16 @@ log = logging.getLogger(__name__)
 celery = celery_for(get_settings().resolved_broker_url())
 ZOOS = ZooStates(background=False)
 _PROBES: dict[tuple[str, str, int, int], ProbeNetwork] = {}
+_PROBES_LOCK = threading.Lock()
 
 
 def _probe(config: EmbedConfig) -> ProbeNetwork:
     """The probe, loaded once per worker process."""
     key = (config.probe, config.probe_weights, config.image_size, config.seed)
-    if key not in _PROBES:
-        _PROBES[key] = config.load_probe()
-    return _PROBES[key]
+    with _PROBES_LOCK:
+        if key not in _PROBES:
+            _PROBES[key] = config.load_probe()
+        return _PROBES[key]
 
 
 def _job_row(url: str, job_id: str) -> tuple[str, dict[str, Any], str | None]:
@@ -349,9 +356,56 @@ def _count_sweep(report: leases.SweepReport) -> None:
 
 
 @worker_process_init.connect
-def _forget_parent_connections(**_: Any) -> None:
-    """A forked pool process must not share its parent's database connections."""
+def _prepare_pool_process(**_: Any) -> None:
+    """A forked pool process must not share its parent's database connections. It takes its
+    share of the cores for torch, and loads the published zoo and the probe in the
+    background, so that the first job does not wait for them."""
     dispose_engines()
+    settings = get_settings()
+    torch.set_num_threads(worker_torch_threads(settings, celery.conf.worker_concurrency))
+    threading.Thread(target=_warm_up, args=(settings,), name="t2v-warm-up", daemon=True).start()
+
+
+def worker_torch_threads(settings: Settings, processes: int | None) -> int:
+    """``T2V_WORKER_TORCH_THREADS``, or the cores this process may use shared out among the
+    worker's ``processes``."""
+    if settings.worker_torch_threads:
+        return settings.worker_torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, processes or 1))
+
+
+#: The first words of the log line a pool process writes once it is ready for its first job.
+WARM = "warmed up"
+
+
+def _warm_up(settings: Settings) -> None:
+    """The current zoo version and its probe, as soon as one is published, then one small
+    embedding of noise (a first pass through every kernel the probe uses is slower). Jobs
+    that arrive meanwhile wait on the same loads instead of repeating them; a first start
+    that has no zoo yet imports or builds it in the first job, as before."""
+    try:
+        while current_version(settings) is None:
+            time.sleep(max(settings.zoo_poll_seconds, 0.5))
+        started = time.perf_counter()
+        state = ZOOS.current(settings)
+        zoo = state.zoo
+        config = replace(zoo.embed_config, device=settings.device)
+        probe = _probe(config)
+        size = config.image_size
+        noise = np.random.default_rng(0).integers(0, 256, (2 * config.batch_size, size, size))
+        labels = np.arange(len(noise)) % 2
+        small = replace(config, max_samples=len(noise), fisher_samples=len(noise), head_epochs=1)
+        embed(from_arrays(noise.astype(np.uint8), labels), small, probe=probe)
+        log.info(
+            "%s: zoo version %s and probe %s loaded and run in %.1f s",
+            WARM,
+            state.version.content[:12],
+            config.probe,
+            time.perf_counter() - started,
+        )
+    except Exception:
+        log.warning("loading the zoo ahead of the first job failed", exc_info=True)
 
 
 @worker_process_shutdown.connect

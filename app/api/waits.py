@@ -1,8 +1,9 @@
 """Waiting for a job inside a request (``POST /v1/recommendations?wait=``).
 
-A wait polls the job in short transactions of its own, backing off from 0.1 s to 2 s between
-polls (a job takes seconds; the first answers come quickly, the long waits cost little); it
-ends when the job does, at the deadline, or as soon as the client has gone. Each key may have
+A wait polls the job in short transactions of its own, backing off from 0.1 s to 0.5 s between
+polls (an embedding takes seconds, and a longer pause would be added, up to its length, to the
+answer's time; a poll is one indexed read); it ends when the job does, at the deadline, or as
+soon as the client has gone. Each key may have
 ``max_waits_per_key`` requests waiting at once; past that a request answers at once with its
 job (202 and a Location to follow), as with ``wait=0``, so abandoned or piled-up waits cannot
 hold the API's workers.
@@ -24,7 +25,7 @@ from app.services.jobs import JobState
 from app.settings import Settings
 
 FIRST_POLL = 0.1
-LONGEST_POLL = 2.0
+LONGEST_POLL = 0.5
 GROWTH = 1.5
 
 

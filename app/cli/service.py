@@ -176,7 +176,9 @@ def worker_command(
 
         quiet = ["--quiet"] if fmt == "json" else []  # no banner: JSON lines only
         options = ["--loglevel=INFO", f"--queues={queues}", f"--concurrency={concurrency}"]
-        celery_for(get_settings().resolved_broker_url()).worker_main([*quiet, "worker", *options])
+        celery = celery_for(get_settings().resolved_broker_url())
+        celery.conf.worker_concurrency = concurrency  # the pool processes share the cores
+        celery.worker_main([*quiet, "worker", *options])
 
 
 @app.command("run")

@@ -35,7 +35,8 @@ from app.task2vec import fisher
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.errors import ConfigError, EmbeddingFileError
 from app.task2vec.files import save_npz
-from app.task2vec.head import HeadFit, fit_head, head_steps
+from app.task2vec.head import HeadFit as HeadFit
+from app.task2vec.head import fit_head, head_steps
 from app.task2vec.lanes import cpu_lanes
 from app.task2vec.probes import IMAGENET, ProbeNetwork, load_probe
 from app.task2vec.sampling import balanced_draws, stratified_subset
