@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from app.task2vec import fisher
+from app.task2vec import fisher, variational
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.errors import ConfigError, EmbeddingFileError
 from app.task2vec.files import save_npz
@@ -359,7 +359,7 @@ def _embed(
 
     stage = _Stage(progress, "fisher", config.fisher_samples)
     if config.method == "variational":
-        layers = fisher.variational_fisher(
+        layers = variational.variational_fisher(
             probe, config.skip_layers, inputs.draws(fisher_draws, True), generator, stage.update
         )
         estimator = None

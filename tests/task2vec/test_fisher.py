@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.task2vec import fisher
+from app.task2vec import fisher, sq_norms
 from app.task2vec.probes import Pool, ProbeNetwork, load_probe
 
 
@@ -40,7 +40,7 @@ def test_per_sample_hooks_match_explicit_per_sample_gradients(name: str, size: i
     x = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 3, 4, 0])
 
-    hooks = fisher._SquaredNormHooks([m for _, m in probe.embedded_modules()])
+    hooks = sq_norms.SquaredNormHooks([m for _, m in probe.embedded_modules()])
     try:
         xg = x.clone().requires_grad_(True)
         loss = F.cross_entropy(probe(xg), y, reduction="sum")
@@ -208,7 +208,7 @@ def test_per_sample_fisher_equals_the_draws_one_by_one(labels: str) -> None:
     expected = _draw_by_draw(probe, x, draws, labels, batch=5, seed=9)
     modules = [m for _, m in probe.embedded_modules()]
     for layer, total, module in zip(layers, expected, modules, strict=True):
-        want = (total / len(draws) / fisher._filter_size(module)).numpy()
+        want = (total / len(draws) / sq_norms.filter_size(module)).numpy()
         np.testing.assert_allclose(layer.hessian, want, rtol=5e-4, atol=1e-12)
 
 
