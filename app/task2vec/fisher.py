@@ -12,10 +12,11 @@ channel (BatchNorm) in the probe's module order.
   itself. Per-sample gradients are never materialised for the whole network: hooks read each
   layer's input and output gradient during an ordinary backward pass and form the per-sample
   squared row norms directly (the per-example-gradient-norm trick, ``sq_norms.py``), so the
-  backward pass does not even compute weight gradients. The estimate is a sum over draws, so the draws are
-  regrouped (``DrawPlan``): each distinct image runs forward once, and draws that ask for
-  the same backward pass (the same image and sampled label) share it, with their count as
-  its weight. With 2,048 draws from 1,000 images that roughly halves the work.
+  backward pass does not even compute weight gradients. The estimate is a sum over draws, so
+  the draws are regrouped (``DrawPlan``): each distinct image runs forward once, and draws
+  that ask for the same backward pass (the same image and sampled label) share it, with their
+  count as its weight. 2,048 draws from 1,000 images (ResNet-34 on Fashion-MNIST) became 874
+  forward and 1,151 backward rows.
   The expectation over the model's labels ŷ ~ p_w(y|x) can be taken three ways (``labels``):
   ``sampled`` draws one ŷ per image (the method as published); ``gaussian`` backpropagates
   v = (diag p − ppᵀ)^½ z, z ~ N(0, I), which has the same covariance as e_ŷ − p and so the same
