@@ -92,3 +92,15 @@ def test_a_step_that_fails_before_its_turn_does_not_hold_up_the_rest() -> None:
     thread.join(timeout=10)
     assert done.is_set()
     assert passed[:1] == [0]
+
+
+def test_lanes_share_the_threads_and_stay_few() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with cpu_lanes(torch.device("cpu")) as lanes:
+            assert lanes.count == 2  # each lane holds a batch's activations: memory x lanes
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
