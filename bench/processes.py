@@ -24,6 +24,7 @@ import torch
 
 from app.data.offline import fashion_mnist
 from app.services.bundles import STARTER_BUNDLE
+from app.services.queue import WARMED_UP
 from app.task2vec.sampling import stratified_subset
 from app.zoo.build import zoo_folder as preset_folder
 
@@ -112,7 +113,7 @@ def _until_warm(service: Service, timeout: float = 120) -> None:
     """Until the worker has loaded the zoo and the probe (its log says so): what is measured
     is the service's steady state, not its start."""
     deadline = time.monotonic() + timeout
-    while '"warmed up' not in service.log_tail(10**7):
+    while f'"{WARMED_UP}' not in service.log_tail(10**7):
         if time.monotonic() > deadline or service.worker.poll() is not None:
             raise SystemExit(service.log_tail())
         time.sleep(0.2)

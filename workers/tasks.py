@@ -33,7 +33,7 @@ from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
 from app.services.problems import problem, redact
 from app.services.publishing import current_version
-from app.services.queue import DELIVERY_TASK, celery_for
+from app.services.queue import DELIVERY_TASK, WARM_UP_SETTING, WARMED_UP, celery_for
 from app.services.serving import ZooStates, ranking_items
 from app.services.versions import Version
 from app.settings import Settings, get_settings
@@ -363,7 +363,8 @@ def _prepare_pool_process(**_: Any) -> None:
     dispose_engines()
     settings = get_settings()
     torch.set_num_threads(worker_torch_threads(settings, celery.conf.worker_concurrency))
-    threading.Thread(target=_warm_up, args=(settings,), name="t2v-warm-up", daemon=True).start()
+    if celery.conf.get(WARM_UP_SETTING, True):  # not for a worker of webhook deliveries alone
+        threading.Thread(target=_warm_up, args=(settings,), name="t2v-warm-up", daemon=True).start()
 
 
 def worker_torch_threads(settings: Settings, processes: int | None) -> int:
@@ -373,10 +374,6 @@ def worker_torch_threads(settings: Settings, processes: int | None) -> int:
         return settings.worker_torch_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, processes or 1))
-
-
-#: The first words of the log line a pool process writes once it is ready for its first job.
-WARM = "warmed up"
 
 
 def _warm_up(settings: Settings) -> None:
@@ -399,7 +396,7 @@ def _warm_up(settings: Settings) -> None:
         embed(from_arrays(noise.astype(np.uint8), labels), small, probe=probe)
         log.info(
             "%s: zoo version %s and probe %s loaded and run in %.1f s",
-            WARM,
+            WARMED_UP,
             state.version.content[:12],
             config.probe,
             time.perf_counter() - started,

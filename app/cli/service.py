@@ -172,12 +172,14 @@ def worker_command(
     """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines. Logs
     JSON lines unless T2V_LOG_FORMAT=text; serves metrics on T2V_WORKER_METRICS_PORT."""
     with worker_observability() as fmt:  # first: it decides how metrics are kept
-        from app.services.queue import celery_for
+        from app.services.jobs import EMBED_QUEUE, EVALUATE_QUEUE
+        from app.services.queue import WARM_UP_SETTING, celery_for
 
         quiet = ["--quiet"] if fmt == "json" else []  # no banner: JSON lines only
         options = ["--loglevel=INFO", f"--queues={queues}", f"--concurrency={concurrency}"]
         celery = celery_for(get_settings().resolved_broker_url())
         celery.conf.worker_concurrency = concurrency  # the pool processes share the cores
+        celery.conf[WARM_UP_SETTING] = bool({EMBED_QUEUE, EVALUATE_QUEUE} & set(queues.split(",")))
         celery.worker_main([*quiet, "worker", *options])
 
 

@@ -35,6 +35,13 @@ BROKER_RETRY_AFTER = 5
 #: an unacknowledged message; there the sweep alone recovers the job.
 VISIBILITY_TIMEOUT = 600
 
+#: The start of the log line a worker's pool process writes once it has loaded the zoo and
+#: the probe and is ready for its first job (what a benchmark waits for).
+WARMED_UP = "warmed up"
+#: Celery setting (set by ``task2vec worker``): whether the pool processes load the zoo and the
+#: probe as they start; not for a worker that serves webhook deliveries only.
+WARM_UP_SETTING = "t2v_warm_up"
+
 #: How often a worker looks for messages in the embedded (SQLite) broker's table.
 EMBEDDED_POLL_SECONDS = 0.1
 

@@ -53,7 +53,7 @@ def fit_head(
     ``progress`` gets the steps taken, an epoch at a time."""
     probe.reset_classifier(num_classes, generator)
     head = probe.classifier
-    steps = HEAD_DRAWS_PER_EPOCH // batch_size
+    steps = head_steps(1, batch_size)
     if mode == "full-batch":
         _fit_full_batch(head, features, labels, num_classes, epochs, steps, progress)
     else:
@@ -158,8 +158,9 @@ def _fit_sampled(
     progress: Callable[[int], None] | None,
 ) -> None:
     """The reference's head: minibatches of class-balanced draws with replacement."""
+    params = [head.weight, head.bias]
     head.requires_grad_(True)
-    optimizer = torch.optim.Adam(head.parameters(), lr=4e-4, weight_decay=1e-4)
+    adam = _Adam(params)
     labels_np: np.ndarray = labels.cpu().numpy()
     for _ in range(epochs):
         draws = torch.as_tensor(
@@ -168,8 +169,8 @@ def _fit_sampled(
         ).view(steps, batch_size)
         for batch in draws:
             loss = F.cross_entropy(head(features[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            torch.autograd.backward(loss)
-            optimizer.step()
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                adam.step(list(grads))
         if progress is not None:
             progress(steps)

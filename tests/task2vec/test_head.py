@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from app.task2vec.head import _Adam, fit_head
 from app.task2vec.probes import Pool, ProbeNetwork
+from app.task2vec.sampling import balanced_draws
 
 
 def _probe(dim: int) -> ProbeNetwork:
@@ -63,3 +64,37 @@ def test_full_batch_head_matches_autograd_on_the_weighted_loss() -> None:
     assert not got.weight.requires_grad
     expected = (head(features).argmax(1) == labels).double().mean().item()
     assert accuracy == pytest.approx(expected)
+
+
+def test_sampled_head_is_the_reference_fit_to_the_bit() -> None:
+    """The reference's head (random start, balanced minibatches) with the written-out Adam:
+    the same weights as torch.optim.Adam on the same draws."""
+    gen = torch.Generator().manual_seed(1)
+    features = torch.relu(torch.randn(90, 12, generator=gen))
+    labels = torch.cat([torch.zeros(50), torch.ones(30), torch.full((10,), 2)]).long()
+    probe = _probe(12)
+    fit_head(
+        probe,
+        features,
+        labels,
+        3,
+        mode="sampled",
+        epochs=2,
+        batch_size=64,
+        generator=torch.Generator().manual_seed(5),
+    )
+
+    draws_from = torch.Generator().manual_seed(5)
+    reference = _probe(12)
+    reference.reset_classifier(3, draws_from)
+    head = reference.classifier
+    optimizer = torch.optim.Adam(head.parameters(), lr=4e-4, weight_decay=1e-4)
+    for _ in range(2):
+        draws = balanced_draws(labels.numpy(), (10_000 // 64) * 64, draws_from)
+        for batch in torch.as_tensor(draws).view(-1, 64):
+            loss = F.cross_entropy(head(features[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert torch.equal(probe.classifier.weight, head.weight.detach())
+    assert torch.equal(probe.classifier.bias, head.bias.detach())
