@@ -237,24 +237,23 @@ def plan_draws(
     """Model labels (or projections) for ``draws``, taken from ``generator`` batch by batch
     in draw order, as when each batch of draws is labelled after its forward pass, then
     grouped (``DrawPlan``)."""
-    per_image: dict[int, dict[Any, Any]] = {}
+    # image → {what a draw asks for: [its target, how many draws ask for it]}
+    per_image: dict[int, dict[Any, list[Any]]] = {}
     for lo in range(0, len(draws), batch_size):
         idx = draws[lo : lo + batch_size]
         if labels == "sampled":
             batch_logits = logits[torch.as_tensor(idx, device=logits.device)]
             picked = sample_model_labels(batch_logits, generator).cpu().tolist()
             for image, label in zip(idx.tolist(), picked, strict=True):
-                targets = per_image.setdefault(image, {})
-                targets[label] = targets.get(label, 0) + 1
-        elif labels == "gaussian":
+                per_image.setdefault(image, {}).setdefault(label, [label, 0])[1] += 1
+        elif labels == "gaussian":  # every projection differs
             z = torch.randn((len(idx), logits.shape[1]), generator=generator)
             for row, image in enumerate(idx.tolist()):
                 targets = per_image.setdefault(image, {})
-                targets[len(targets)] = (z[row], 1)
+                targets[len(targets)] = [z[row], 1]
         else:
             for image in idx.tolist():
-                targets = per_image.setdefault(image, {})
-                targets[None] = targets.get(None, 0) + 1
+                per_image.setdefault(image, {}).setdefault(None, [None, 0])[1] += 1
     by_rounds: dict[int, list[int]] = {}
     for image in sorted(per_image):
         by_rounds.setdefault(len(per_image[image]), []).append(image)
@@ -263,22 +262,20 @@ def plan_draws(
         images = by_rounds[rounds]
         for lo in range(0, len(images), batch_size):
             group = images[lo : lo + batch_size]
-            entries = [list(per_image[image].items()) for image in group]
+            entries = [list(per_image[image].values()) for image in group]
             chunk_targets: list[torch.Tensor | None] = []
             chunk_weights: list[torch.Tensor] = []
             for r in range(rounds):
-                keys = [row[r][0] for row in entries]
-                values = [row[r][1] for row in entries]
-                if labels == "gaussian":
-                    chunk_targets.append(torch.stack([v[0] for v in values]))
-                    chunk_weights.append(torch.tensor([float(v[1]) for v in values]))
+                asked, counts = zip(*(row[r] for row in entries), strict=True)
+                if labels == "exact":
+                    chunk_targets.append(None)
+                elif labels == "gaussian":
+                    chunk_targets.append(torch.stack(asked))
                 else:
-                    chunk_targets.append(
-                        None if labels == "exact" else torch.tensor(keys, dtype=torch.long)
-                    )
-                    chunk_weights.append(torch.tensor([float(v) for v in values]))
-            draws_covered = int(sum(w.sum().item() for w in chunk_weights))
-            chunks.append(_Chunk(np.array(group), chunk_targets, chunk_weights, draws_covered))
+                    chunk_targets.append(torch.tensor(asked, dtype=torch.long))
+                chunk_weights.append(torch.tensor(counts, dtype=torch.float32))
+            covered = int(sum(w.sum().item() for w in chunk_weights))
+            chunks.append(_Chunk(np.array(group), chunk_targets, chunk_weights, covered))
     return DrawPlan(chunks)
 
 
