@@ -178,7 +178,7 @@ def _grouped_sq_norms(
     n, channels = x.shape[:2]
     groups = conv.groups
     per_group_out = conv.out_channels // groups
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    padded = _zero_padded(x, padding)
     out_h, out_w = delta.shape[2:]
     (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     if per_group_out == 1 and channels == groups:
@@ -204,13 +204,24 @@ def _grouped_sq_norms(
         return sq_dw
     d = delta.reshape(n, groups, per_group_out, out_h * out_w)
     sq = torch.zeros(n, groups, per_group_out, dtype=delta.dtype, device=delta.device)
+    for rows, cols in _offsets(conv, out_h, out_w):
+        tap = padded[:, :, rows, cols].reshape(n, groups, channels // groups, out_h * out_w)
+        sq += (d @ tap.transpose(2, 3)).square().sum(dim=-1)
+    return sq.reshape(n, conv.out_channels)
+
+
+def _zero_padded(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    return F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+
+
+def _offsets(conv: nn.Conv2d, out_h: int, out_w: int) -> Iterator[tuple[slice, slice]]:
+    """For each kernel offset: the rows and columns of the padded input that it meets at the
+    output positions, in order."""
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     for i in range(kh):
         rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
         for j in range(kw):
-            cols = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
-            tap = padded[:, :, rows, cols].reshape(n, groups, channels // groups, out_h * out_w)
-            sq += (d @ tap.transpose(2, 3)).square().sum(dim=-1)
-    return sq.reshape(n, conv.out_channels)
+            yield rows, slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
 
 
 def _unfolded_gram(
@@ -228,16 +239,12 @@ def _unfolded_gram(
     no k²-times larger copy of the input.
     """
     n, channels = x.shape[:2]
-    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    padded = _zero_padded(x, padding)
     height, width = padded.shape[2:]
     flat = padded.reshape(n, groups, channels // groups, height * width)
     base = (flat.transpose(2, 3) @ flat).view(n, groups, height, width, height, width)
     out_h, out_w = out_size
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
     gram = torch.zeros(n, groups, out_h, out_w, out_h, out_w, dtype=x.dtype, device=x.device)
-    for i in range(kh):
-        rows = slice(i * dh, i * dh + sh * (out_h - 1) + 1, sh)
-        for j in range(kw):
-            cols = slice(j * dw, j * dw + sw * (out_w - 1) + 1, sw)
-            gram += base[:, :, rows, cols, rows, cols]
+    for rows, cols in _offsets(conv, out_h, out_w):
+        gram += base[:, :, rows, cols, rows, cols]
     return gram.view(n, groups, out_h * out_w, out_h * out_w)
