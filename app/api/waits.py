@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from fastapi.concurrency import run_in_threadpool
 
@@ -27,6 +28,26 @@ from app.settings import Settings
 FIRST_POLL = 0.1
 LONGEST_POLL = 0.5
 GROWTH = 1.5
+
+
+class Clock(Protocol):
+    """Where a wait reads the time and pauses: the monotonic clock in the service; a test
+    passes one that advances only when the wait pauses, and so sees every pause exactly."""
+
+    def now(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+MONOTONIC = MonotonicClock()
 
 
 def _job_state(settings: Settings, job_id: str, tenant: str) -> JobState:
@@ -41,25 +62,34 @@ async def wait_for(
     tenant: str,
     deadline: float,
     disconnected: Callable[[], Awaitable[bool]],
+    clock: Clock = MONOTONIC,
 ) -> JobState:
-    """The job once it has finished, at ``deadline`` (``time.monotonic``), or when the
-    client has gone, whichever comes first."""
+    """The job once it has finished, at ``deadline`` (on ``clock``), or when the client has
+    gone, whichever comes first."""
     pause = FIRST_POLL
     while True:
         job = await run_in_threadpool(_job_state, settings, job_id, tenant)
-        left = deadline - time.monotonic()
+        left = deadline - clock.now()
         if job.finished or left <= 0 or await disconnected():
             return job
-        await asyncio.sleep(min(pause, left))
+        await clock.sleep(min(pause, left))
         pause = min(pause * GROWTH, LONGEST_POLL)
 
 
-class Waits:
-    """How many requests of each key (or tenant, without keys) are waiting now."""
+class Gauge(Protocol):
+    def inc(self) -> None: ...
 
-    def __init__(self) -> None:
+    def dec(self) -> None: ...
+
+
+class Waits:
+    """How many requests of each key (or tenant, without keys) are waiting now; their total
+    is also kept on ``gauge`` (the operators' ``t2v_http_waiting_requests``)."""
+
+    def __init__(self, gauge: Gauge | None = None) -> None:
         self._lock = threading.Lock()
         self._waiting: dict[str, int] = {}
+        self._gauge = gauge
 
     @contextmanager
     def slot(self, who: str, cap: int) -> Iterator[bool]:
@@ -68,6 +98,8 @@ class Waits:
             allowed = self._waiting.get(who, 0) < cap
             if allowed:
                 self._waiting[who] = self._waiting.get(who, 0) + 1
+                if self._gauge is not None:
+                    self._gauge.inc()
         try:
             yield allowed
         finally:
@@ -76,6 +108,8 @@ class Waits:
                     self._waiting[who] -= 1
                     if not self._waiting[who]:
                         del self._waiting[who]
+                    if self._gauge is not None:
+                        self._gauge.dec()
 
     def waiting(self, who: str) -> int:
         with self._lock:

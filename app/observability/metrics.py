@@ -1,10 +1,10 @@
-"""The API's Prometheus metrics: request latency by route template, and, computed when
-scraped, the job ledger (jobs by kind and status, queue depth, repeated attempts and
-re-sends) and the zoo version being served.
+"""The API's Prometheus metrics: request latency by route template, requests waiting for
+their job, and, computed when scraped, the job ledger (jobs by kind and status, queue depth,
+repeated attempts and re-sends) and the zoo version being served.
 
 Each application gets its own registry (``ApiMetrics``). When ``PROMETHEUS_MULTIPROC_DIR`` is
-set (several API processes behind one port), the request histogram is written to that
-directory by every process and the scrape merges them.
+set (several API processes behind one port), the request histogram and the waiting requests
+are written to that directory by every process and the scrape merges them.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import case, func, select
@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.db.models import Job, JobStatus
 from app.db.session import engine_for
+from app.observability import multiprocess
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,18 @@ class ZooCollector(Collector):
         yield info
 
 
+def _waiting(registry: CollectorRegistry | None) -> Gauge:
+    """``t2v_http_waiting_requests``: summed over the live API processes in multiprocess
+    mode."""
+    return Gauge(
+        "t2v_http_waiting_requests",
+        "Requests waiting inside the API for their job (POST /v1/recommendations?wait=), "
+        "each holding one of its key's max_waits_per_key slots",
+        registry=registry,
+        multiprocess_mode="livesum",
+    )
+
+
 class ApiMetrics:
     """What the API's ``/metrics`` answers."""
 
@@ -181,11 +194,13 @@ class ApiMetrics:
         served: Callable[[], ZooSize | None],
     ) -> None:
         self.registry = CollectorRegistry()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            MultiProcessCollector(self.registry)
+        if directory := os.environ.get(multiprocess.VARIABLE):
+            self.registry.register(multiprocess.merged(Path(directory)))
             self.requests = RequestMetrics(None)  # read back from every process's files
+            self.waiting = _waiting(None)
         else:
             self.requests = RequestMetrics(self.registry)
+            self.waiting = _waiting(self.registry)
             ProcessCollector(registry=self.registry)
         self.registry.register(LedgerCollector(database_url, queues))
         self.registry.register(ZooCollector(served))

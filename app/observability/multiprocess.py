@@ -1,7 +1,8 @@
-"""prometheus_client's multiprocess mode for a worker: a private directory that every
-process of the worker writes its values to, chosen before prometheus_client is first
-imported (the mode is fixed at import, and forked pool processes inherit it), and an HTTP
-endpoint in the main process that merges them.
+"""prometheus_client's multiprocess mode for a worker or an API of several processes: a
+private directory that every process writes its values to, chosen before prometheus_client
+is first imported (the mode is fixed at import, and forked processes inherit it), and a
+collector that merges them (the worker's main process serves it on an HTTP endpoint of its
+own; the API's ``/metrics`` answers it).
 
 This module imports prometheus_client only inside its functions, after ``enable``."""
 
@@ -39,25 +40,30 @@ def disable(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def merged(directory: Path) -> Any:
+    """A collector of every process's values under ``directory``. Before each scrape it
+    drops the live gauges of processes that are gone without saying so (a pool process
+    killed by a signal never runs its exit hook)."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from prometheus_client.registry import Collector
+
+    values = MultiProcessCollector(None, path=str(directory))
+
+    class Reaping(Collector):
+        def collect(self) -> Any:
+            _reap(directory)
+            return values.collect()
+
+    return Reaping()
+
+
 def serve(port: int, host: str, directory: Path) -> Any:
     """Serve the merged metrics of every process on ``host:port`` (a daemon thread); the
     server, to ``shutdown``."""
     from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-    from prometheus_client.registry import Collector
-
-    merged = MultiProcessCollector(None, path=str(directory))
-
-    class Reaping(Collector):
-        """Before each scrape, drops the live gauges of processes that are gone without
-        saying so (a pool process killed by a signal never runs its exit hook)."""
-
-        def collect(self) -> Any:
-            _reap(directory)
-            return merged.collect()
 
     registry = CollectorRegistry()
-    registry.register(Reaping())
+    registry.register(merged(directory))
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
 

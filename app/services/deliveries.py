@@ -139,10 +139,11 @@ def _claim(settings: Settings, delivery_id: str, now: datetime) -> _Try | None:
         return _Try(row.attempts, row.url, row.event, row.tenant, body, as_utc(row.created_at))
 
 
-def attempt(settings: Settings, delivery_id: str) -> float | None:
+def attempt(settings: Settings, delivery_id: str, now: datetime | None = None) -> float | None:
     """One try at a delivery; the seconds until the next one, or None when there is none to
-    make (delivered, given up, or the message was not this try's: a duplicate, too early)."""
-    claimed = _claim(settings, delivery_id, utcnow())
+    make (delivered, given up, or the message was not this try's: a duplicate, too early).
+    Whether it is due is judged at ``now``, the clock's time unless given."""
+    claimed = _claim(settings, delivery_id, now or utcnow())
     if claimed is None:
         log.info("webhook delivery %s: not pending and due; message dropped", delivery_id)
         return None

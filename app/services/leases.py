@@ -92,11 +92,14 @@ class SweepReport:
     deliveries: list[str] = field(default_factory=list)
 
 
-def sweep(settings: Settings) -> SweepReport:
-    """Re-send the jobs that would otherwise wait forever; fail those out of attempts."""
+def sweep(settings: Settings, now: datetime | None = None) -> SweepReport:
+    """Re-send the jobs that would otherwise wait forever; fail those out of attempts.
+
+    ``now`` is the clock's time unless given: a sweep as of a later moment is how a test
+    sees a lease expire without waiting for it."""
     report = SweepReport()
     url = settings.resolved_database_url()
-    now = utcnow()
+    now = now or utcnow()
     with session_scope(url) as session:
         expired = list(
             session.execute(
