@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from app.task2vec.errors import ProbeWeightsError
 from app.task2vec.probes import load_probe
 from app.task2vec.sampling import stratified_subset
 from bench import reference
+
+if TYPE_CHECKING:  # annotations only: rich is imported where the tables are printed
+    from rich.console import Console
 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("batch, train BN (reference)", {"fisher_estimator": "batch", "batchnorm": "train"}),
@@ -244,51 +247,10 @@ def memory(device: str) -> dict[str, Any]:
 
 def _print_tables(results: dict[str, Any]) -> None:
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     if "speed" in results:
-        s = results["speed"]
-        table = Table(
-            title=f"1,000 Fashion-MNIST images, 64 px, ResNet-34 ({s['probe_weights']}), "
-            f"2,048 Fisher samples, batch 64 — {s['machine']}"
-        )
-        columns = (
-            "estimator",
-            "seconds",
-            "features / head / Fisher",
-            "x reference",
-            "seed noise",
-            "/ reference's",
-            "other",
-        )
-        for column in columns:
-            table.add_column(column, justify="left" if column == "estimator" else "right")
-        for row in s["rows"]:
-            table.add_row(
-                row["variant"],
-                f"{row['seconds']:.1f}",
-                " / ".join(f"{v:.1f}" for v in row["stages"].values()),
-                "" if row["ratio"] is None else f"{row['ratio']:.2f}x",
-                f"{row['noise']:.4f}",
-                "" if row["noise_ratio"] is None else f"{row['noise_ratio']:.2f}",
-                f"{row['other_task']:.4f}",
-            )
-        ref = s["reference"]
-        if ref["available"]:
-            table.add_row(
-                ref["variant"],
-                f"{ref['seconds']:.1f}",
-                "",
-                "1.00x",
-                f"{ref['noise']:.4f}",
-                "1.00",
-                f"{ref['other_task']:.4f}",
-                style="dim",
-            )
-        console.print(table)
-        if not ref["available"]:
-            console.print(f"reference not run: {ref['why']}; no ratios")
+        _print_speed(console, results["speed"])
     if "memory" in results:
         m = results["memory"]
         console.print(
@@ -303,6 +265,53 @@ def _print_tables(results: dict[str, Any]) -> None:
             f"paper setting (10,000 images, 224 px, 10,000 Fisher samples, per-sample): "
             f"{p['seconds']:.0f} s{gpu} ({p['dim']} dims) — {p['machine']}"
         )
+
+
+def _print_speed(console: Console, s: dict[str, Any]) -> None:
+    """One row per estimator, the reference's last (dimmed) when it ran: the ratios are to
+    its time and its seed noise."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"1,000 Fashion-MNIST images, 64 px, ResNet-34 ({s['probe_weights']}), "
+        f"2,048 Fisher samples, batch 64 — {s['machine']}"
+    )
+    columns = (
+        "estimator",
+        "seconds",
+        "features / head / Fisher",
+        "x reference",
+        "seed noise",
+        "/ reference's",
+        "other",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "estimator" else "right")
+    for row in s["rows"]:
+        table.add_row(
+            row["variant"],
+            f"{row['seconds']:.1f}",
+            " / ".join(f"{v:.1f}" for v in row["stages"].values()),
+            "" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+            f"{row['noise']:.4f}",
+            "" if row["noise_ratio"] is None else f"{row['noise_ratio']:.2f}",
+            f"{row['other_task']:.4f}",
+        )
+    ref = s["reference"]
+    if ref["available"]:
+        table.add_row(
+            ref["variant"],
+            f"{ref['seconds']:.1f}",
+            "",
+            "1.00x",
+            f"{ref['noise']:.4f}",
+            "1.00",
+            f"{ref['other_task']:.4f}",
+            style="dim",
+        )
+    console.print(table)
+    if not ref["available"]:
+        console.print(f"reference not run: {ref['why']}; no ratios")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ or unsafe names are refused. An .npz is checked the same way, and every array he
 before numpy allocates anything. Every refusal is a ``DatasetError`` whose ``kind`` names it.
 
 What the members mean (class folders or a ``labels.csv`` manifest, which ones are images) is
-``app.task2vec.datasets``'s business; this module only lists and reads them safely
+``app.task2vec.layouts``'s business; this module only lists and reads them safely
 (decoding an image: ``app.task2vec.images``).
 """
 
@@ -29,6 +29,10 @@ import numpy as np
 
 from app.task2vec.errors import DatasetError
 from app.task2vec.limits import DEFAULT_LIMITS, ArchiveLimits
+
+#: A member as the archive declares it: name, size, compressed size, whether a folder, and
+#: what special file it is (None: a regular file or a folder).
+_Entry = tuple[str, int, int, bool, str | None]
 
 
 @dataclass(frozen=True)
@@ -113,10 +117,10 @@ class Archive:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _list(self) -> list[Member]:
-        members: list[Member] = []
-        entries: list[tuple[str, int, int, bool, str | None]] = []
-        total = 0
+    def _entries(self) -> list[_Entry]:
+        """The archive's directory as it declares it, at most ``max_members`` + 1 entries
+        (one more is enough to refuse it); a zip's or tar's own names are kept to read by."""
+        entries: list[_Entry] = []
         try:
             if self._zip is not None:
                 for zinfo in self._zip.infolist():
@@ -145,8 +149,15 @@ class Archive:
                 f"{self.path.name}: more than the limit of {self.limits.max_members} members",
                 "too-many-members",
             )
+        return entries
+
+    def _list(self) -> list[Member]:
+        """The regular files, each checked against the limits from what the archive
+        declares, before a byte of any is read."""
+        members: list[Member] = []
+        total = 0
         seen: set[str] = set()
-        for raw, size, compressed, is_dir, kind in entries:
+        for raw, size, compressed, is_dir, kind in self._entries():
             name = check_member_name(raw)
             if kind is not None:
                 raise DatasetError(

@@ -9,10 +9,10 @@ Accepted inputs (the formats users upload):
 * an ``.npz`` file with ``x`` (N,H,W or N,H,W,C uint8, C = 1 or 3) and ``y`` (N labels).
 
 The format is sniffed from the bytes, never taken from the file name. Files are read through
-``app.task2vec.archives`` (in memory, within the caps of ``ArchiveLimits``); classes and images
-per class are capped here. Members that are not images (or nested archives, never opened) and
-images that do not decode are skipped and reported, up to a bound. Every refusal is a
-``DatasetError`` whose ``kind`` names it.
+``app.task2vec.archives`` (in memory, within the caps of ``ArchiveLimits``), and an archive's
+layout by ``app.task2vec.layouts``; classes and images per class are capped here. Members that
+are not images (or nested archives, never opened) and images that do not decode are skipped and
+reported, up to a bound. Every refusal is a ``DatasetError`` whose ``kind`` names it.
 
 Images are kept at their stored resolution (grey stays one channel) and are resized and
 normalised batch by batch, so a 10,000-image task costs its decoded size, not 10,000 x 3 x 224 x
@@ -21,9 +21,6 @@ normalised batch by batch, so a 10,000-image task costs its decoded size, not 10
 
 from __future__ import annotations
 
-import csv
-import io
-import posixpath
 import unicodedata
 import zipfile
 from collections.abc import Iterator
@@ -33,15 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.task2vec.archives import Archive, Member, check_member_name, load_npz, zip_at_start
+from app.task2vec.archives import Archive, load_npz, zip_at_start
 from app.task2vec.errors import DatasetError
 from app.task2vec.images import PixelBudget, decode_image
+from app.task2vec.layouts import Pairs, Skipped, labelled_members, looks_like_formula
 from app.task2vec.limits import DEFAULT_LIMITS, ArchiveLimits
-
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-)
-MANIFEST_NAME = "labels.csv"
 
 
 @dataclass(frozen=True)
@@ -80,6 +73,18 @@ def from_arrays(
     skipped: tuple[tuple[str, str], ...] = (),
 ) -> LabelledImages:
     """Validate in-memory arrays (N,H,W[,C] uint8, N labels) and map labels to class indices."""
+    images, labels = _checked_arrays(images, np.asarray(labels), limits)
+    classes, index = _classes(labels, limits)
+    return LabelledImages(
+        np.ascontiguousarray(images), index.astype(np.int64), classes, tuple(skipped)
+    )
+
+
+def _checked_arrays(
+    images: np.ndarray, labels: np.ndarray, limits: ArchiveLimits
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images as (N,H,W,C) uint8 within the pixel limit, one label each (integers or text,
+    text in one Unicode form): the shapes every later step relies on."""
     if images.dtype != np.uint8:
         raise DatasetError(f"images must be uint8, got {images.dtype}", "invalid-npz")
     if images.ndim == 3:
@@ -89,7 +94,6 @@ def from_arrays(
             f"images must have shape (N,H,W), (N,H,W,1) or (N,H,W,3); got {images.shape}",
             "invalid-npz",
         )
-    labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DatasetError(
             f"expected one label per image: {images.shape[0]} images, labels of shape "
@@ -110,6 +114,12 @@ def from_arrays(
         raise DatasetError(f"labels must be integers or strings, got {labels.dtype}", "invalid-npz")
     if labels.dtype.kind == "U":  # one class however its name was composed (NFC and NFD café)
         labels = np.array([unicodedata.normalize("NFC", str(label)) for label in labels])
+    return images, labels
+
+
+def _classes(labels: np.ndarray, limits: ArchiveLimits) -> tuple[tuple[str, ...], np.ndarray]:
+    """The sorted class names and each label's index among them: a task has 2 to
+    ``max_classes`` classes, each with enough images to learn from."""
     values, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if len(values) < 2:
         raise DatasetError(
@@ -131,9 +141,7 @@ def from_arrays(
             f"{', '.join(few[:5])}{' ...' if len(few) > 5 else ''} have fewer",
             "too-few-images-per-class",
         )
-    return LabelledImages(
-        np.ascontiguousarray(images), index.astype(np.int64), classes, tuple(skipped)
-    )
+    return classes, index
 
 
 def _check_label(label: str) -> None:
@@ -144,106 +152,14 @@ def _check_label(label: str) -> None:
             f"class name {label[:80]!r} is empty, too long or not printable text",
             "bad-label",
         )
-    if _looks_like_formula(label):
+    if looks_like_formula(label):
         raise DatasetError(
             f"class name {label[:80]!r} looks like a spreadsheet formula", "bad-label"
         )
 
 
 # --------------------------------------------------------------------------------------------
-# Archives: which member is an image of which class (the reading itself: archives.py)
-
-
-def _is_ignorable(name: str) -> bool:
-    base = posixpath.basename(name)
-    return name.startswith("__MACOSX/") or base.startswith(".") or base in {"Thumbs.db"}
-
-
-def _is_image(name: str) -> bool:
-    return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _strip_common_root(names: list[str]) -> str:
-    """The single top-level folder around the class folders, if any ('' otherwise).
-
-    ``data/cat/1.png`` loses ``data/``; ``cat/1.png`` alone keeps ``cat/`` (one class).
-    """
-    heads = {n.split("/", 1)[0] for n in names}
-    if len(heads) == 1 and all(n.count("/") >= 2 for n in names):
-        return heads.pop() + "/"
-    return ""
-
-
-def _looks_like_formula(label: str) -> bool:
-    """Whether a spreadsheet would run the label as a formula when the task is exported ("CSV
-    injection"): '=…', '@…', or a sign followed by operators ('+cmd|…!A0', '-2+3'); '-1' and
-    '-ve' are ordinary labels."""
-    if label.startswith(("=", "@", "\t", "\r")):
-        return True
-    return (
-        label.startswith(("+", "-"))
-        and not _is_number(label)
-        and any(c in label[1:] for c in "()!|=+-*/&^")
-    )
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _manifest_rows(archive: Archive, manifest: Member) -> list[tuple[str, str]]:
-    try:
-        text = archive.read(manifest).decode("utf-8-sig", errors="strict")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{manifest.name}: not UTF-8 text ({exc})", "bad-manifest") from exc
-    reader = csv.reader(io.StringIO(text))
-    try:
-        header = next(reader, None)
-        if header is None or [h.strip().lower() for h in header] != ["path", "label"]:
-            raise DatasetError(
-                f"{manifest.name}: the first row must be exactly the header 'path,label'",
-                "bad-manifest",
-            )
-        rows: list[tuple[str, str]] = []
-        listed: set[str] = set()
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                raise DatasetError(
-                    f"{manifest.name} line {line}: expected two cells 'path,label', got {row!r}",
-                    "bad-manifest",
-                )
-            label = row[1].strip()
-            if _looks_like_formula(label):
-                raise DatasetError(
-                    f"{manifest.name} line {line}: label {label!r} looks like a spreadsheet "
-                    "formula",
-                    "bad-manifest",
-                )
-            if row[0].strip() in listed:
-                raise DatasetError(
-                    f"{manifest.name} line {line}: {row[0].strip()!r} is listed twice",
-                    "bad-manifest",
-                )
-            listed.add(row[0].strip())
-            rows.append((row[0].strip(), label))
-    except csv.Error as exc:
-        raise DatasetError(f"{manifest.name}: not valid CSV ({exc})", "bad-manifest") from exc
-    return rows
-
-
-_ARCHIVE_EXTENSIONS = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".npz")
-
-
-def _why_not_an_image(name: str) -> str:
-    if name.lower().endswith(_ARCHIVE_EXTENSIONS):
-        return "an archive inside the archive (not opened)"
-    return "not an image file"
+# Archives: decoding the images of each class (which member is which: layouts.py)
 
 
 def load_archive(
@@ -251,73 +167,8 @@ def load_archive(
 ) -> LabelledImages:
     """A zip or tar of class folders or with a ``labels.csv`` manifest, decoded and checked."""
     with Archive(path, limits) as archive:
-        members = [m for m in archive.members if not _is_ignorable(m.name)]
-        if not members:
-            raise DatasetError(f"{path.name}: the archive is empty", "bad-layout")
-        by_name = {m.name: m for m in members}
-        manifests = sorted(
-            (m for m in members if posixpath.basename(m.name) == MANIFEST_NAME),
-            key=lambda m: m.name.count("/"),
-        )
-        pairs: list[tuple[Member, str]] = []
-        skipped: list[tuple[str, str]] = []
-        if manifests:
-            manifest = manifests[0]
-            base = posixpath.dirname(manifest.name)
-            paired: set[str] = set()
-            for rel, label in _manifest_rows(archive, manifest):
-                name = check_member_name(posixpath.join(base, rel.replace("\\", "/")))
-                member = by_name.get(name)
-                if member is None:
-                    raise DatasetError(
-                        f"{MANIFEST_NAME} labels {rel!r} as {label!r}, but the archive has no "
-                        "such image",
-                        "bad-manifest",
-                    )
-                if member.name in paired:  # 'img0.png' and './img0.png' are one image
-                    raise DatasetError(
-                        f"{MANIFEST_NAME} lists the image {member.name!r} twice", "bad-manifest"
-                    )
-                paired.add(member.name)
-                pairs.append((member, label))
-            listed = {m.name for m, _ in pairs} | {manifest.name}
-            skipped += [
-                (m.name, f"not listed in {MANIFEST_NAME}") for m in members if m.name not in listed
-            ]
-        else:
-            images = [m for m in members if _is_image(m.name)]
-            skipped += [
-                (m.name, _why_not_an_image(m.name)) for m in members if not _is_image(m.name)
-            ]
-            if not images:
-                raise DatasetError(
-                    f"{path.name}: no image files (and no {MANIFEST_NAME}) in the archive",
-                    "bad-layout",
-                )
-            root = _strip_common_root([m.name for m in images])
-            for member in images:
-                rel = member.name[len(root) :]
-                if "/" not in rel:
-                    raise DatasetError(
-                        f"image {member.name!r} is not inside a class folder; use "
-                        f"<label>/<image> or a {MANIFEST_NAME} manifest",
-                        "bad-layout",
-                    )
-                pairs.append((member, rel.split("/", 1)[0]))
-        if not pairs:
-            raise DatasetError(f"{path.name}: {MANIFEST_NAME} lists no images", "bad-layout")
-        decoded, labels, broken = [], [], []
-        budget = PixelBudget(limits)
-        for member, label in pairs:
-            try:
-                image = decode_image(member.name, archive.read(member), limits, budget)
-            except DatasetError as exc:
-                if exc.kind != "undecodable-images":
-                    raise
-                broken.append((member.name, str(exc)))
-                continue
-            decoded.append(_bound(image, image_size))
-            labels.append(label)
+        pairs, skipped = labelled_members(path, archive)
+        decoded, labels, broken = _decode(archive, pairs, image_size, limits)
     if not decoded or len(broken) > limits.max_skipped_fraction * len(pairs):
         names = ", ".join(repr(n) for n, _ in broken[:3])
         raise DatasetError(
@@ -328,6 +179,26 @@ def load_archive(
         )
     skipped += [(name, why.removeprefix(f"image {name!r} ")) for name, why in broken]
     return from_arrays(_stack(decoded, image_size), np.array(labels), limits, tuple(skipped))
+
+
+def _decode(
+    archive: Archive, pairs: Pairs, image_size: int, limits: ArchiveLimits
+) -> tuple[list[np.ndarray], list[str], Skipped]:
+    """The images that decode, with their labels, and those that do not (with why): a few
+    broken images are skipped, any other refusal ends the upload."""
+    decoded, labels, broken = [], [], []
+    budget = PixelBudget(limits)
+    for member, label in pairs:
+        try:
+            image = decode_image(member.name, archive.read(member), limits, budget)
+        except DatasetError as exc:
+            if exc.kind != "undecodable-images":
+                raise
+            broken.append((member.name, str(exc)))
+            continue
+        decoded.append(_bound(image, image_size))
+        labels.append(label)
+    return decoded, labels, broken
 
 
 def _stack(images: list[np.ndarray], image_size: int) -> np.ndarray:

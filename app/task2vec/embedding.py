@@ -5,7 +5,7 @@ The pipeline (the reference's, made explicit and seeded):
 1. take a seeded, class-stratified subset of at most ``max_samples`` images;
 2. one forward pass caches the pooled features (the classifier's input) and, with
    ``skip_layers > 0``, the input of ``layers[skip_layers]`` for the images the Fisher step will
-   draw — the frozen layers before it are never run again;
+   draw — the frozen layers before it are never run again (``inputs.py``);
 3. fit a fresh linear head on the cached features, class-balanced (Adam, lr 4e-4, weight decay
    1e-4, ``head_epochs`` x 10,000 draws' worth of steps, as the reference; see ``fit_head``);
 4. estimate the Fisher on ``fisher_samples`` class-balanced draws (see ``fisher.py``);
@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,12 +31,12 @@ import numpy as np
 import torch
 
 from app.task2vec import fisher, variational
-from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
+from app.task2vec.datasets import LabelledImages
 from app.task2vec.errors import ConfigError, EmbeddingFileError
 from app.task2vec.files import save_npz
 from app.task2vec.head import HeadFit as HeadFit
 from app.task2vec.head import fit_head, head_steps
-from app.task2vec.lanes import cpu_lanes
+from app.task2vec.inputs import ProgressCallback, Stage, TaskInputs, layer_input_numel
 from app.task2vec.probes import IMAGENET, ProbeNetwork, load_probe
 from app.task2vec.sampling import balanced_draws, stratified_subset
 
@@ -169,110 +168,6 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device)
 
 
-ProgressCallback = Callable[[str, int, int], None]
-
-
-class _Stage:
-    """Reports (stage, done, total) to an optional callback."""
-
-    def __init__(self, callback: ProgressCallback | None, name: str, total: int) -> None:
-        self.callback, self.name, self.total, self.done = callback, name, total, 0
-        self.update(0)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            self.callback(self.name, min(self.done, self.total), self.total)
-
-
-class _TaskInputs:
-    """The probe's view of the task: normalised image batches and cached features."""
-
-    def __init__(
-        self,
-        probe: ProbeNetwork,
-        data: LabelledImages,
-        config: EmbedConfig,
-        device: torch.device,
-    ) -> None:
-        self.probe, self.data, self.config, self.device = probe, data, config, device
-        self.labels = torch.as_tensor(data.labels, device=device)
-        self.features = torch.empty(0)
-        self.cached: torch.Tensor | None = None
-        self.cache_rows: dict[int, int] = {}
-
-    def images(self, indices: np.ndarray) -> torch.Tensor:
-        batch = to_probe_input(self.data.images[indices], self.config.image_size)
-        batch = self.probe.normalize(batch.to(self.device, non_blocking=True))
-        if self.device.type == "cpu":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
-
-    def cache(self, keep: np.ndarray, progress: ProgressCallback | None) -> None:
-        """One pass: pooled features of every image; layer-``skip`` inputs of ``keep``.
-        Batches run side by side in lanes (``lanes.py``)."""
-        skip = self.config.skip_layers
-        n = len(self.data)
-        keep_set = set(keep.tolist()) if skip > 0 else set()
-
-        def one(idx: np.ndarray) -> tuple[list[int], torch.Tensor | None, torch.Tensor]:
-            with torch.no_grad():  # grad mode is per thread
-                h = self.probe.trunk(self.images(idx), 0, skip)
-                rows = [i for i, j in enumerate(idx) if int(j) in keep_set]
-                kept = h[rows].clone() if rows else None
-                return [int(idx[i]) for i in rows], kept, self.probe.trunk(h, skip)
-
-        stage = _Stage(progress, "features", n)
-        pooled: list[torch.Tensor] = []
-        kept_parts: list[torch.Tensor] = []
-        batches = list(iter_batches(np.arange(n), self.config.batch_size))
-        with cpu_lanes(self.device) as lanes:
-            for idx, (images, kept, features) in zip(batches, lanes.map(one, batches), strict=True):
-                for image in images:
-                    self.cache_rows[image] = len(self.cache_rows)
-                if kept is not None:
-                    kept_parts.append(kept)
-                pooled.append(features)
-                stage.update(len(idx))
-        self.features = torch.cat(pooled)
-        if kept_parts:
-            self.cached = torch.cat(kept_parts)
-
-    def layer_input(self, indices: np.ndarray) -> torch.Tensor:
-        """Input of ``layers[skip_layers]`` for these images (cached or recomputed)."""
-        skip = self.config.skip_layers
-        if skip == 0:
-            return self.images(indices)
-        if self.cached is not None:
-            rows = torch.as_tensor([self.cache_rows[int(i)] for i in indices], device=self.device)
-            return self.cached[rows]
-        with torch.no_grad():
-            return self.probe.trunk(self.images(indices), 0, skip)
-
-    def draws(
-        self, draws: np.ndarray, drop_last: bool
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        size = self.config.batch_size
-        for idx in iter_batches(draws, size):
-            if drop_last and len(idx) < size:
-                return
-            yield self.layer_input(idx), self.labels[torch.as_tensor(idx, device=self.device)]
-
-
-def layer_input_numel(
-    probe: ProbeNetwork, skip_layers: int, image_size: int, device: torch.device
-) -> int:
-    """Elements of one image's input to ``layers[skip_layers]`` (for the cache budget)."""
-    was_training = probe.training
-    probe.eval()  # a single image has no batch statistics
-    try:
-        with torch.no_grad():
-            probe_input = torch.zeros(1, 3, image_size, image_size, device=device)
-            return int(probe.trunk(probe_input, 0, skip_layers).numel())
-    finally:
-        probe.train(was_training)
-
-
 def embed(
     data: LabelledImages,
     config: EmbedConfig,
@@ -306,6 +201,20 @@ def _embed(
     config.validate()
     started = time.perf_counter()
     device = resolve_device(config.device)
+    probe = _prepared_probe(config, probe, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    task, draws = _drawn(data, config, generator)
+    inputs = TaskInputs(probe, task, config, device)
+    accuracy = _fitted_head(inputs, draws, generator, progress)
+    layers, estimator = _fisher(inputs, draws, generator, progress)
+    return _assembled(inputs, layers, estimator, len(data), accuracy, started)
+
+
+def _prepared_probe(
+    config: EmbedConfig, probe: ProbeNetwork | None, device: torch.device
+) -> ProbeNetwork:
+    """A copy of the probe on ``device`` in the BatchNorm mode asked for: a probe passed in
+    (loaded once per process) is never modified."""
     if probe is None:
         probe = config.load_probe()
     elif probe.name != config.probe:
@@ -326,30 +235,46 @@ def _embed(
         raise ConfigError(
             f"skip-layers must be between 0 and {len(probe.layers) - 2} for probe {probe.name!r}"
         )
+    return probe
 
-    generator = torch.Generator().manual_seed(config.seed)
+
+def _drawn(
+    data: LabelledImages, config: EmbedConfig, generator: torch.Generator
+) -> tuple[LabelledImages, np.ndarray]:
+    """The class-stratified subset that is embedded, and the images the Fisher step draws
+    from it, both from ``generator`` and in this order: the same seed, the same images."""
     if config.max_samples < data.num_classes:
         raise ConfigError(
             f"max-samples ({config.max_samples}) is below the number of classes "
             f"({data.num_classes})"
         )
-    subset = stratified_subset(data.labels, config.max_samples, generator)
-    task = data.subset(subset)
-    fisher_draws = balanced_draws(task.labels, config.fisher_samples, generator)
+    task = data.subset(stratified_subset(data.labels, config.max_samples, generator))
+    return task, balanced_draws(task.labels, config.fisher_samples, generator)
 
-    inputs = _TaskInputs(probe, task, config, device)
-    needed = np.unique(fisher_draws)
+
+def _fitted_head(
+    inputs: TaskInputs,
+    draws: np.ndarray,
+    generator: torch.Generator,
+    progress: ProgressCallback | None,
+) -> float:
+    """Cache the features in one pass, then fit a fresh head on them (its training accuracy
+    is returned): the Fisher is the probe's with a head for this task. With
+    ``skip_layers``, the frozen prefix's output is cached for the drawn images too, unless it
+    would take more than ``feature_cache_mb``."""
+    probe, config = inputs.probe, inputs.config
+    needed = np.unique(draws)
     if config.skip_layers > 0:
-        per_image = layer_input_numel(probe, config.skip_layers, config.image_size, device) * 4
-        if per_image * len(needed) > config.feature_cache_mb * 1024**2:
+        numel = layer_input_numel(probe, config.skip_layers, config.image_size, inputs.device)
+        if numel * 4 * len(needed) > config.feature_cache_mb * 1024**2:
             needed = np.empty(0, dtype=np.int64)  # recompute the frozen prefix per batch
     inputs.cache(needed, progress)
-    stage = _Stage(progress, "head", head_steps(config.head_epochs, config.batch_size))
-    head_accuracy = fit_head(
+    stage = Stage(progress, "head", head_steps(config.head_epochs, config.batch_size))
+    return fit_head(
         probe,
         inputs.features,
         inputs.labels,
-        task.num_classes,
+        inputs.data.num_classes,
         mode=config.head_fit,
         epochs=config.head_epochs,
         batch_size=config.batch_size,
@@ -357,35 +282,57 @@ def _embed(
         progress=stage.update,
     )
 
-    stage = _Stage(progress, "fisher", config.fisher_samples)
+
+def _fisher(
+    inputs: TaskInputs,
+    draws: np.ndarray,
+    generator: torch.Generator,
+    progress: ProgressCallback | None,
+) -> tuple[list[fisher.LayerFisher], Estimator | None]:
+    """The Fisher of each layer after ``skip_layers`` on the drawn images, by the method and
+    estimator configured (``fisher.py``, ``variational.py``), and which estimator that was
+    (None for the variational method): the meta records it."""
+    probe, config = inputs.probe, inputs.config
+    stage = Stage(progress, "fisher", config.fisher_samples)
     if config.method == "variational":
+        batches = inputs.draws(draws, True)
         layers = variational.variational_fisher(
-            probe, config.skip_layers, inputs.draws(fisher_draws, True), generator, stage.update
+            probe, config.skip_layers, batches, generator, stage.update
         )
-        estimator = None
-    elif config.fisher_estimator == "batch":
-        layers = fisher.batch_fisher(
-            probe, config.skip_layers, inputs.draws(fisher_draws, True), generator, stage.update
-        )
-        estimator = "batch"
-    else:
-        with torch.no_grad():  # the model's logits of every image, to draw labels from
-            logits = probe.classifier(inputs.features)
-        layers = fisher.per_sample_fisher(
-            probe,
-            config.skip_layers,
-            inputs.layer_input,
-            fisher_draws,
-            logits,
-            generator,
-            config.batch_size,
-            stage.update,
-            labels=config.fisher_labels,
-        )
-        estimator = "per-sample"
+        return layers, None
+    if config.fisher_estimator == "batch":
+        batches = inputs.draws(draws, True)
+        layers = fisher.batch_fisher(probe, config.skip_layers, batches, generator, stage.update)
+        return layers, "batch"
+    with torch.no_grad():  # the model's logits of every image, to draw labels from
+        logits = probe.classifier(inputs.features)
+    layers = fisher.per_sample_fisher(
+        probe,
+        config.skip_layers,
+        inputs.layer_input,
+        draws,
+        logits,
+        generator,
+        config.batch_size,
+        stage.update,
+        labels=config.fisher_labels,
+    )
+    return layers, "per-sample"
+
+
+def _assembled(
+    inputs: TaskInputs,
+    layers: list[fisher.LayerFisher],
+    estimator: Estimator | None,
+    num_images: int,
+    head_accuracy: float,
+    started: float,
+) -> Embedding:
+    """The layers' values end to end in module order, with what makes two embeddings
+    comparable (the configuration, probe, layout) and how this one was made."""
+    config, task = inputs.config, inputs.data
     if not layers:
         raise ConfigError(f"no conv or norm layers after skip-layers={config.skip_layers}")
-
     hessian = np.concatenate([layer.hessian for layer in layers])
     scale = np.concatenate([layer.scale for layer in layers])
     if not np.all(np.isfinite(hessian)):
@@ -394,9 +341,9 @@ def _embed(
         "format_version": FORMAT_VERSION,
         **{k: v for k, v in asdict(config).items() if k not in {"device", "probe_weights"}},
         "fisher_estimator": estimator,
-        "probe_weights": probe.weights_source,
-        "device": device.type,
-        "num_images": len(data),
+        "probe_weights": inputs.probe.weights_source,
+        "device": inputs.device.type,
+        "num_images": num_images,
         "samples": len(task),
         "num_classes": task.num_classes,
         "classes": list(task.classes),

@@ -116,6 +116,25 @@ def _stored_file(weights: str) -> Path | None:
 
 def write_bundle(zoo: Zoo, out: Path) -> str:
     """Write ``zoo`` as a bundle at ``out`` (atomically); return the archive's sha256."""
+    files = _members(zoo)
+    manifest = json.dumps(_manifest(zoo, files), sort_keys=True, indent=1).encode()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw_out:
+            _write_tar(raw_out, [(MANIFEST, manifest), *sorted(files.items())])
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return file_digest(out)
+
+
+def _members(zoo: Zoo) -> dict[str, Path | bytes]:
+    """Every member but the manifest: the zoo's record and arrays, and the files its experts
+    and uploaded tasks name, under their content's name (a deployment keeps them so too)."""
     files: dict[str, Path | bytes] = {}
     experts = []
     for spec in zoo.experts:
@@ -147,13 +166,19 @@ def write_bundle(zoo: Zoo, out: Path) -> str:
     files[HESSIAN] = _npy(np.stack([e.hessian for e in zoo.embeddings]).astype(np.float32))
     files[SCALE] = _npy(np.stack([e.scale for e in zoo.embeddings]).astype(np.float32))
     files[MATRIX] = _npy(zoo.errors.astype(np.float64))
+    return files
+
+
+def _manifest(zoo: Zoo, files: dict[str, Path | bytes]) -> dict[str, Any]:
+    """The format, the zoo's configuration and the size and sha256 of every member, which a
+    reader checks each member against as it reads."""
     listed = {}
     for name, content in sorted(files.items()):
         if isinstance(content, bytes):
             listed[name] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
         else:
             listed[name] = {"sha256": file_digest(content), "bytes": content.stat().st_size}
-    manifest = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "embed_config": asdict(zoo.embed_config),
@@ -163,22 +188,6 @@ def write_bundle(zoo: Zoo, out: Path) -> str:
         "dim": int(zoo.embeddings[0].dim) if zoo.embeddings else 0,
         "files": listed,
     }
-    members: list[tuple[str, Path | bytes]] = [
-        (MANIFEST, json.dumps(manifest, sort_keys=True, indent=1).encode()),
-        *sorted(files.items()),
-    ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw_out:
-            _write_tar(raw_out, members)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return file_digest(out)
 
 
 def _write_tar(out: IO[bytes], members: list[tuple[str, Path | bytes]]) -> None:
@@ -268,25 +277,12 @@ def extract(path: Path, staging: Path, limits: BundleLimits | None = None) -> di
     with _opened(path) as tar:
         for count, member in enumerate(tar, start=1):
             name = member.name
-            _check_name(name)
-            if not member.isreg():
-                raise BundleError(
-                    f"member {name!r} is a link or special file", "bundle-unsafe-member"
-                )
-            if count > limits.max_members:
-                raise BundleError(f"more than {limits.max_members} members", "bundle-too-large")
-            if name in seen:
-                raise BundleError(f"member {name!r} appears twice", "bundle-unlisted-member")
+            _check_member(member, count, seen, limits)
             seen.add(name)
             source = tar.extractfile(member)
             assert source is not None  # a regular file
             if manifest is None:
-                if name != MANIFEST or member.size > limits.max_manifest_bytes:
-                    raise BundleError(f"the first member must be {MANIFEST}", "bundle-format")
-                try:
-                    manifest = _check_manifest(json.loads(source.read()))
-                except (ValueError, UnicodeDecodeError) as exc:
-                    raise BundleError(f"{MANIFEST} is not JSON ({exc})", "bundle-format") from None
+                manifest = _read_manifest(member, source, limits)
                 continue
             listed = manifest["files"].get(name)
             if listed is None:
@@ -320,6 +316,32 @@ def extract(path: Path, staging: Path, limits: BundleLimits | None = None) -> di
             "bundle-missing-member",
         )
     return manifest
+
+
+def _check_member(
+    member: tarfile.TarInfo, count: int, seen: set[str], limits: BundleLimits
+) -> None:
+    """A member may be read: a safe name, a regular file, within the member count, once."""
+    name = member.name
+    _check_name(name)
+    if not member.isreg():
+        raise BundleError(f"member {name!r} is a link or special file", "bundle-unsafe-member")
+    if count > limits.max_members:
+        raise BundleError(f"more than {limits.max_members} members", "bundle-too-large")
+    if name in seen:
+        raise BundleError(f"member {name!r} appears twice", "bundle-unlisted-member")
+
+
+def _read_manifest(
+    member: tarfile.TarInfo, source: IO[bytes], limits: BundleLimits
+) -> dict[str, Any]:
+    """The manifest, which must come first: every later member is checked against it."""
+    if member.name != MANIFEST or member.size > limits.max_manifest_bytes:
+        raise BundleError(f"the first member must be {MANIFEST}", "bundle-format")
+    try:
+        return _check_manifest(json.loads(source.read()))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{MANIFEST} is not JSON ({exc})", "bundle-format") from None
 
 
 def _load_array(path: Path) -> np.ndarray:

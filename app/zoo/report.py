@@ -73,35 +73,57 @@ def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
     """results.json, report.md and three plots in ``out``."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.manifold import MDS
+    matplotlib.use("Agg")  # files only: no display, whatever the machine has
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-
     distances = distance_matrix(zoo.embeddings)
     sym = (distances + distances.T) / 2
     domains = sorted({t.domain for t in zoo.tasks})
     colours = [domains.index(t.domain) for t in zoo.tasks]
+    _plot_task_map(zoo, sym, domains, colours, out / "task_map.png")
+    _plot_distances(sym, colours, out / "distance_matrix.png")
+    _plot_error_increase(results["protocols"], out / "error_increase.png")
+    (out / "report.md").write_text("\n".join(_report_lines(zoo, results, domains)))
+
+
+def _plot_task_map(
+    zoo: Zoo, sym: np.ndarray, domains: list[str], colours: list[int], path: Path
+) -> None:
+    """The tasks laid out in two dimensions (MDS of the symmetric distance), by domain: do
+    tasks of one domain sit together?"""
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import MDS
+
     mds = MDS(n_components=2, metric="precomputed", init="classical_mds", random_state=0)
     xy = mds.fit_transform(sym)
     fig, ax = plt.subplots(figsize=(7, 6))
     scatter = ax.scatter(xy[:, 0], xy[:, 1], c=colours, cmap="tab10", s=30)
     ax.legend(scatter.legend_elements()[0], domains, title="domain", fontsize="small")
     ax.set_title(f"Task embeddings ({zoo.probe}), MDS of the symmetric distance")
-    fig.savefig(out / "task_map.png", dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _plot_distances(sym: np.ndarray, colours: list[int], path: Path) -> None:
+    """The distance matrix with tasks grouped by domain: blocks on the diagonal when a
+    domain's tasks are near one another."""
+    import matplotlib.pyplot as plt
 
     order = np.argsort(colours, kind="stable")
     fig, ax = plt.subplots(figsize=(7, 6))
     image = ax.imshow(sym[np.ix_(order, order)], cmap="viridis")
     fig.colorbar(image, ax=ax, label="symmetric distance")
     ax.set_title("Task distance matrix (tasks grouped by domain)")
-    fig.savefig(out / "distance_matrix.png", dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
-    protocols = results["protocols"]
+
+def _plot_error_increase(protocols: dict[str, Any], path: Path) -> None:
+    """Each recommender's mean relative error increase over the oracle, one bar per
+    protocol side by side."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(1, len(protocols))
     for i, (protocol, result) in enumerate(protocols.items()):
@@ -112,9 +134,13 @@ def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("mean relative error increase over the oracle (%)")
     ax.tick_params(axis="x", rotation=30)
     ax.legend()
-    fig.savefig(out / "error_increase.png", dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
+
+def _report_lines(zoo: Zoo, results: dict[str, Any], domains: list[str]) -> list[str]:
+    """report.md: the zoo and protocol, then per protocol the summary, the comparison with
+    the baseline and the per-domain table, the index's recall and the plots."""
     described = zoo.protocol.describe()
     lines = [
         f"# Evaluation: {len(zoo.tasks)} tasks in {len(domains)} domains, "
@@ -125,7 +151,7 @@ def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
         "",
         "A fold holds out its tasks and every expert trained on one of them.",
     ]
-    for protocol, result in protocols.items():
+    for protocol, result in results["protocols"].items():
         lines += [
             "",
             f"## {PROTOCOL_TITLES[protocol]} ({result['folds']} folds)",
@@ -150,4 +176,4 @@ def write_report(zoo: Zoo, results: dict[str, Any], out: Path) -> None:
         lines += ["", f"Tasks on which the ImageNet expert is not the best: {share:.0%}."]
     lines += ["", "![task map](task_map.png)", "![distances](distance_matrix.png)"]
     lines += ["![error increase](error_increase.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    return lines
