@@ -124,6 +124,72 @@ def test_every_module_is_small() -> None:
     assert {path: n for path, n in sizes.items() if n > 450} == {}
 
 
+#: Where every function says what it does in a few calls, held to ``LONGEST_FUNCTION``
+#: lines; migrations are written once and never read as code.
+_FUNCTION_ROOTS = ("app", "workers", "bench", "client/task2vec_client")
+LONGEST_FUNCTION = 60
+
+Function = ast.FunctionDef | ast.AsyncFunctionDef
+
+
+def _is_command(function: Function) -> bool:
+    """A typer command or callback (``@app.command(...)``, ``@app.callback(...)``): its
+    parameters are the command line's options, so its length is the interface's."""
+    return any(
+        isinstance(d, ast.Call)
+        and isinstance(d.func, ast.Attribute)
+        and d.func.attr in ("command", "callback")
+        for d in function.decorator_list
+    )
+
+
+def long_functions(source: str, where: str = "<source>") -> list[str]:
+    """Functions in ``source`` longer than ``LONGEST_FUNCTION`` lines, from ``def`` to their
+    last line (decorators not counted), typer commands aside."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, Function) and not _is_command(node):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > LONGEST_FUNCTION:
+                found.append(f"{where}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_every_function_is_short() -> None:
+    paths = sorted(
+        path
+        for root in _FUNCTION_ROOTS
+        for path in ROOT.joinpath(root).rglob("*.py")
+        if "migrations" not in path.relative_to(ROOT).parts
+    )
+    assert paths
+    found = [f for p in paths for f in long_functions(p.read_text(), str(p.relative_to(ROOT)))]
+    assert found == []
+
+
+def _function(lines: int, decorator: str = "", indent: str = "") -> str:
+    """A function of ``lines`` lines, its ``def`` line included."""
+    body = [f"{indent}    x = {i}" for i in range(lines - 1)]
+    return "\n".join([f"{indent}{decorator}", f"{indent}def f() -> None:", *body, ""])
+
+
+@pytest.mark.parametrize(
+    ("source", "caught"),
+    [
+        (_function(61), True),
+        (_function(60), False),
+        (_function(61, "@functools.cache"), True),
+        ("class C:\n" + _function(61, indent="    "), True),
+        ("async " + _function(61).lstrip(), True),
+        (_function(61, "@app.command('embed')"), False),
+        (_function(61, "@zoo_app.callback()"), False),
+        (_function(61, "@command"), True),
+    ],
+)
+def test_the_check_catches_a_long_function(source: str, caught: bool) -> None:
+    assert bool(long_functions(source)) is caught
+
+
 def test_every_success_answer_has_a_schema(tmp_path: Path) -> None:
     """A generated client gets typed answers: each operation's 2xx body is described."""
     spec = create_app(Settings(data_dir=tmp_path)).openapi()

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import anyio.to_thread
 from anyio import CapacityLimiter
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -23,16 +23,14 @@ from pydantic import BaseModel
 from app.api.auth import Admin
 from app.api.callbacks import CallbackUrl
 from app.api.deps import SessionDep, SettingsDep
-from app.api.idempotency import idempotent, key_of
+from app.api.idempotency import IdempotencyKey, idempotent
 from app.api.problems import documented
 from app.api.schemas import Links
 from app.api.tasks import accepted
-from app.api.uploads import store_upload
+from app.api.uploads import BundleUpload
 from app.services import bundles
-from app.services.layout import DataLayout
-from app.services.problems import ProblemError
 from app.settings import Settings
-from app.zoo.bundle import SUFFIX, BundleError
+from app.zoo.bundle import BundleError
 
 router = APIRouter(
     prefix="/v1", responses=documented(400, 401, 403, 409, 411, 413, 422, 429, 500, 503)
@@ -70,40 +68,30 @@ async def import_bundle(
     session: SessionDep,
     caller: Admin,
     callback: CallbackUrl,
-    file: Annotated[UploadFile, File(description="a zoo bundle (task2vec zoo export)")],
+    key: IdempotencyKey,
+    upload: BundleUpload,
 ) -> JSONResponse:
-    key = key_of(request)
-    root = DataLayout.of(settings).bundles
-    stored = await store_upload(file, root, settings.max_upload_bytes, SUFFIX)
-
     async def answer() -> JSONResponse:
         limiter: CapacityLimiter | None = getattr(request.app.state, "validation", None)
         found = await anyio.to_thread.run_sync(
-            partial(_verify, settings, stored.path), limiter=limiter
+            partial(_verify, settings, upload.path), limiter=limiter
         )
-        stored.keep()  # in place before the job naming it commits
+        upload.keep()  # in place before the job naming it commits
         job = await run_in_threadpool(
             partial(
                 bundles.submit,
                 session,
                 settings=settings,
-                sha256=stored.sha256,
+                sha256=upload.sha256,
                 tenant=caller.tenant,
                 callback_url=callback,
             )
         )
         links = {"job": f"/v1/jobs/{job.id}", "zoo": "/v1/zoo"}
         body = BundleAccepted(
-            job_id=job.id, status=job.status, sha256=stored.sha256, links=links, **found
+            job_id=job.id, status=job.status, sha256=upload.sha256, links=links, **found
         )
         return accepted(job.id, body)
 
-    try:
-        return await idempotent(
-            request, settings, caller.tenant, key, {"file": stored.sha256}, answer
-        )
-    except ProblemError:
-        session.rollback()
-        raise
-    finally:
-        stored.discard()  # the request's own file, unless the job took it
+    parts = {"file": upload.sha256}
+    return await idempotent(request, settings, caller.tenant, key, parts, answer)

@@ -14,9 +14,9 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import delete, select
@@ -42,6 +42,11 @@ def key_of(request: Request) -> str | None:
             "an Idempotency-Key is 1-255 printable characters",
         )
     return key
+
+
+#: The request's Idempotency-Key, checked before its upload is stored (a route lists it
+#: before its upload: dependencies are solved in that order).
+IdempotencyKey = Annotated[str | None, Depends(key_of)]
 
 
 def fingerprint(request: Request, ignore: tuple[str, ...] = (), **parts: Any) -> str:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from anyio import CapacityLimiter
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
@@ -78,6 +78,84 @@ def _served_zoo(zoos: ZooStates) -> ZooSize | None:
     return ZooSize(content=version.content, tasks=version.tasks, experts=version.experts)
 
 
+#: The process's own endpoints, beside the API's version 1.
+_health = APIRouter()
+
+
+@_health.get("/healthz", response_model=Health, summary="The process is up")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@_health.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus metrics (documented in the README, not in the OpenAPI: no key needed)."""
+    body, media_type = request.app.state.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=media_type)
+
+
+@_health.get(
+    "/readyz",
+    response_model=Ready,
+    responses=problems.documented(503),
+    summary="Database, broker and zoo index are usable",
+)
+async def readyz(request: Request) -> Any:
+    current: Settings = request.app.state.settings
+    checks: dict[str, str] = {}
+    for name, check in (
+        ("database", lambda: _check_database(current)),
+        ("broker", lambda: _check_broker(current)),
+        ("index", lambda: request.app.state.zoos.current(current)),
+    ):
+        try:
+            await run_in_threadpool(check)
+            checks[name] = "ok"
+        except Exception as exc:  # logged, not answered: driver text names hosts
+            log.warning("not ready: %s unavailable: %s", name, exc)
+            checks[name] = "unavailable"
+    if all(v == "ok" for v in checks.values()):
+        return Ready(status="ready", checks=checks)
+    failing = ", ".join(k for k, v in checks.items() if v != "ok")
+    return problems.problem_response(
+        503,
+        "not-ready",
+        "Not ready",
+        f"unavailable: {failing}",
+        headers={"Retry-After": str(problems.RETRY_AFTER_SECONDS)},
+        checks=checks,
+    )
+
+
+def _hold_state(app: FastAPI, settings: Settings) -> None:
+    """What the app's requests share for its life: the zoo versions it serves, the rate
+    limits, metrics, the key check's cache and the waits."""
+    app.state.settings = settings
+    app.state.zoos = ZooStates()
+    app.state.rate_limiter = RateLimiter()
+    app.state.metrics = ApiMetrics(
+        settings.resolved_database_url(),
+        queues={kind.value: kind.queue for kind in JobKind},
+        served=lambda: _served_zoo(app.state.zoos),
+    )
+    app.state.key_check = KeyCheck()
+    app.state.waits = Waits(app.state.metrics.waiting)
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    """The length check and the door (authentication before any byte of a body is read);
+    CORS only when origins are named."""
+    app.add_middleware(RequestLength, settings=settings)
+    app.add_middleware(Door, settings=settings, check=app.state.key_check)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Idempotency-Key", "Content-Type"],
+        )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     docs = settings.public_docs if settings.public_docs is not None else settings.api_keys == "off"
@@ -90,73 +168,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
     )
-    app.state.settings = settings
-    app.state.zoos = ZooStates()
-    app.state.rate_limiter = RateLimiter()
-    app.state.metrics = ApiMetrics(
-        app.state.settings.resolved_database_url(),
-        queues={kind.value: kind.queue for kind in JobKind},
-        served=lambda: _served_zoo(app.state.zoos),
-    )
-    app.state.key_check = KeyCheck()
-    app.state.waits = Waits()
-    app.add_middleware(RequestLength, settings=app.state.settings)
-    app.add_middleware(Door, settings=app.state.settings, check=app.state.key_check)
-    if app.state.settings.cors_origins:  # off unless origins are named
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=app.state.settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Idempotency-Key", "Content-Type"],
-        )
+    _hold_state(app, settings)
+    _add_middleware(app, settings)
     problems.install(app)
-    app.include_router(tasks.router)
-    app.include_router(jobs.router)
-    app.include_router(zoo.router)
-    app.include_router(bundles.router)
-
-    @app.get("/healthz", response_model=Health, summary="The process is up")
-    def healthz() -> Health:
-        return Health(status="ok")
-
-    @app.get("/metrics", include_in_schema=False)
-    def metrics(request: Request) -> Response:
-        """Prometheus metrics (documented in the README, not in the OpenAPI: no key needed)."""
-        body, media_type = request.app.state.metrics.render(request.headers.get("accept"))
-        return Response(body, media_type=media_type)
-
-    @app.get(
-        "/readyz",
-        response_model=Ready,
-        responses=problems.documented(503),
-        summary="Database, broker and zoo index are usable",
-    )
-    async def readyz(request: Request) -> Any:
-        current: Settings = request.app.state.settings
-        checks: dict[str, str] = {}
-        for name, check in (
-            ("database", lambda: _check_database(current)),
-            ("broker", lambda: _check_broker(current)),
-            ("index", lambda: request.app.state.zoos.current(current)),
-        ):
-            try:
-                await run_in_threadpool(check)
-                checks[name] = "ok"
-            except Exception as exc:  # logged, not answered: driver text names hosts
-                log.warning("not ready: %s unavailable: %s", name, exc)
-                checks[name] = "unavailable"
-        if all(v == "ok" for v in checks.values()):
-            return Ready(status="ready", checks=checks)
-        failing = ", ".join(k for k, v in checks.items() if v != "ok")
-        return problems.problem_response(
-            503,
-            "not-ready",
-            "Not ready",
-            f"unavailable: {failing}",
-            headers={"Retry-After": str(problems.RETRY_AFTER_SECONDS)},
-            checks=checks,
-        )
-
+    for router in (tasks.router, jobs.router, zoo.router, bundles.router, _health):
+        app.include_router(router)
     return app
 
 

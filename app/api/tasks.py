@@ -4,9 +4,10 @@ zoo's experts (its job: ``app.api.jobs``; the zoo itself: ``app.api.zoo``)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.api.auth import Reader, Writer
 from app.api.callbacks import CallbackUrl
 from app.api.deps import SessionDep, SettingsDep, ZooDep
-from app.api.idempotency import idempotent, key_of
+from app.api.idempotency import IdempotencyKey, idempotent
 from app.api.problems import documented
 from app.api.schemas import (
     DatasetOut,
@@ -28,15 +29,13 @@ from app.api.schemas import (
     Timings,
     UploadRanking,
 )
-from app.api.uploads import store_upload, validate
+from app.api.uploads import Dataset, DatasetUpload, validate
 from app.api.waits import Waits, wait_for
 from app.db.models import JobStatus
 from app.services import tasks, uploads
 from app.services.jobs import JobState
-from app.services.layout import DataLayout
 from app.services.problems import ProblemError
 from app.services.serving import FAST_METHODS, METHODS, WORKER_METHODS, ZooState
-from app.services.storage import StoredFile
 from app.services.uploads import Submitted
 from app.settings import Settings
 
@@ -44,11 +43,12 @@ router = APIRouter(
     prefix="/v1", responses=documented(400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503)
 )
 
-Method = Annotated[str, Query(description=f"one of: {', '.join(METHODS)}")]
 K = Annotated[int, Query(ge=1, le=1000, description="how many items to return")]
 
 
-def _check_method(method: str) -> None:
+def _known_method(
+    method: Annotated[str, Query(description=f"one of: {', '.join(METHODS)}")] = "learned",
+) -> str:
     if method not in METHODS:
         raise ProblemError(
             422,
@@ -56,6 +56,11 @@ def _check_method(method: str) -> None:
             "Unknown recommendation method",
             f"method {method!r} is not one of: {', '.join(METHODS)}",
         )
+    return method
+
+
+#: The ranking method asked for, checked before an upload is stored (a route lists it first).
+Method = Annotated[str, Depends(_known_method)]
 
 
 def accepted(job_id: str, body: BaseModel) -> JSONResponse:
@@ -71,22 +76,21 @@ async def _submit(
     request: Request,
     session: Session,
     settings: Settings,
-    stored: StoredFile,
-    file: UploadFile,
+    upload: Dataset,
     zoo: ZooState,
     tenant: str,
     callback: str | None,
 ) -> Submitted:
-    """Check and register a stored upload under the zoo's embedding configuration; its
+    """Check and register an uploaded dataset under the zoo's embedding configuration; its
     embedding job is sent unless one exists (``callback`` is called when it ends)."""
-    filename, config = uploads.safe_filename(file.filename), zoo.zoo.embed_config
-    data = await validate(request, settings, stored, filename, config.image_size)
+    config = zoo.zoo.embed_config
+    data = await validate(request, settings, upload, config.image_size)
     return await run_in_threadpool(
         uploads.register,
         session,
         settings=settings,
-        stored=stored,
-        filename=filename,
+        stored=upload.stored,
+        filename=upload.filename,
         data=data,
         config=config,
         tenant=tenant,
@@ -106,16 +110,12 @@ async def create_task(
     session: SessionDep,
     zoo: ZooDep,
     caller: Writer,
-    file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
     callback: CallbackUrl,
+    key: IdempotencyKey,
+    upload: DatasetUpload,
 ) -> JSONResponse:
-    key = key_of(request)
-    stored = await store_upload(file, DataLayout.of(settings).uploads, settings.max_upload_bytes)
-
     async def answer() -> JSONResponse:
-        submitted = await _submit(
-            request, session, settings, stored, file, zoo, caller.tenant, callback
-        )
+        submitted = await _submit(request, session, settings, upload, zoo, caller.tenant, callback)
         body = TaskAccepted(
             task_id=submitted.task_id,
             job_id=submitted.job_id,
@@ -128,12 +128,8 @@ async def create_task(
         )
         return accepted(submitted.job_id, body)
 
-    try:
-        return await idempotent(
-            request, settings, caller.tenant, key, {"file": stored.sha256}, answer
-        )
-    finally:
-        stored.discard()  # the request's own file, unless its row took it
+    parts = {"file": upload.stored.sha256}
+    return await idempotent(request, settings, caller.tenant, key, parts, answer)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut, summary="A task: dataset, probe, embedding")
@@ -190,12 +186,11 @@ def recommendations(
     zoo: ZooDep,
     caller: Reader,
     callback: CallbackUrl,
+    method: Method,
     k: K = 5,
-    method: Method = "learned",
 ) -> Ranking | JSONResponse:
     """A ranking with a fast method is answered at once; one a worker computes (LogME, brute
     force) is a job, followed at its link and called back at ``callback_url`` if given."""
-    _check_method(method)
     if method in WORKER_METHODS:
         if "tasks:write" not in caller.scopes:
             raise ProblemError(
@@ -224,6 +219,110 @@ def _failed(job: JobState) -> ProblemError:
     return ProblemError.of(job.error or {}, job=f"/v1/jobs/{job.id}")
 
 
+async def _now() -> float:
+    return time.monotonic()
+
+
+#: When the route began, before its upload is stored (a dependency listed before the
+#: upload's): an upload ranking's timings count from there.
+Started = Annotated[float, Depends(_now)]
+Wait = Annotated[float, Query(ge=0, description="seconds to wait for the ranking")]
+
+
+@dataclass(frozen=True)
+class _UploadRanking:
+    """One ``POST /v1/recommendations``: what its steps share (the caller's, the ranking
+    asked for, when it began and when it answers at the latest)."""
+
+    request: Request
+    session: Session
+    settings: Settings
+    zoo: ZooState
+    tenant: str
+    callback: str | None
+    method: str
+    k: int
+    upload: Dataset
+    started: float
+    deadline: float
+
+    async def answer(self) -> JSONResponse:
+        """The ranking once the upload is embedded, or 202 with the job still running at
+        the deadline (the embedding's, or a worker's ranking)."""
+        submitted = await _submit(
+            self.request,
+            self.session,
+            self.settings,
+            self.upload,
+            self.zoo,
+            self.tenant,
+            self.callback,
+        )
+        uploaded = time.monotonic()
+        job = await self.finished(submitted.job_id)
+        if job.status != JobStatus.succeeded:
+            return accepted(job.id, JobAccepted(task_id=submitted.task_id, job_id=job.id))
+        ranked = await self.rank(submitted.task_id)
+        if isinstance(ranked, JSONResponse):
+            return ranked
+        timings = self.timings(job, uploaded)
+        body = UploadRanking.model_validate(
+            {**ranked, "job_id": submitted.job_id, "timings": timings}
+        )
+        # The ranking's row is stored before the answer is recorded for its Idempotency-Key.
+        await run_in_threadpool(self.session.commit)
+        return JSONResponse(body.model_dump(mode="json", exclude_unset=True))
+
+    async def finished(self, job_id: str) -> JobState:
+        """The job once it has succeeded, or as it is at the deadline; a failed job is the
+        request's error."""
+        job = await wait_for(
+            self.settings, job_id, self.tenant, self.deadline, self.request.is_disconnected
+        )
+        if job.status == JobStatus.failed:
+            raise _failed(job)
+        return job
+
+    def timings(self, job: JobState, uploaded: float) -> Timings:
+        return Timings(
+            upload_s=round(uploaded - self.started, 3),
+            queue_wait_s=None if job.queue_wait_s is None else round(job.queue_wait_s, 3),
+            job_s=None if job.run_s is None else round(job.run_s, 3),
+            job_stages=job.timings,
+            total_s=round(time.monotonic() - self.started, 3),
+        )
+
+    async def rank(self, task_id: str) -> dict[str, object] | JSONResponse:
+        """The ranking of the embedded task: in-process, or by a worker job waited for until
+        the deadline (202 with the job after it; ``callback`` is called when the job ends)."""
+        method, k, tenant = self.method, self.k, self.tenant
+        if method in FAST_METHODS:
+            ranked: dict[str, object] = await run_in_threadpool(
+                tasks.rank_now,
+                self.session,
+                zoo=self.zoo,
+                task_id=task_id,
+                method=method,
+                k=k,
+                tenant=tenant,
+            )
+            return ranked
+        rank_job = await run_in_threadpool(
+            tasks.queue_rank,
+            self.session,
+            settings=self.settings,
+            task_id=task_id,
+            method=method,
+            k=k,
+            tenant=tenant,
+            callback_url=self.callback,
+        )
+        job = await self.finished(rank_job.id)
+        if job.status != JobStatus.succeeded or job.result is None:
+            return accepted(job.id, JobAccepted(task_id=task_id, job_id=job.id))
+        return {"task_id": task_id, "method": method, "ranking": job.result["ranking"][:k]}
+
+
 @router.post(
     "/recommendations",
     response_model=UploadRanking,
@@ -238,106 +337,23 @@ async def recommend_upload(
     session: SessionDep,
     zoo: ZooDep,
     caller: Writer,
-    file: Annotated[UploadFile, File(description="zip/tar of class folders, or .npz")],
     callback: CallbackUrl,
+    started: Started,
+    method: Method,
+    key: IdempotencyKey,
+    upload: DatasetUpload,
     k: K = 5,
-    method: Method = "learned",
-    wait: Annotated[float, Query(ge=0, description="seconds to wait for the ranking")] = 0.0,
+    wait: Wait = 0.0,
 ) -> JSONResponse:
-    _check_method(method)
-    started = time.monotonic()
-    key = key_of(request)
-    stored = await store_upload(file, DataLayout.of(settings).uploads, settings.max_upload_bytes)
     tenant = caller.tenant
     waits: Waits = request.app.state.waits
     # A wait holds a slot of the key's for the whole request; past the cap it does not wait.
     with waits.slot(caller.key_id or tenant, settings.max_waits_per_key) as may_wait:
         deadline = started + (min(wait, settings.max_wait_seconds) if may_wait else 0.0)
-
-        async def answer() -> JSONResponse:
-            submitted = await _submit(
-                request, session, settings, stored, file, zoo, tenant, callback
-            )
-            uploaded = time.monotonic()
-            job = await wait_for(
-                settings, submitted.job_id, tenant, deadline, request.is_disconnected
-            )
-            if job.status == JobStatus.failed:
-                raise _failed(job)
-            if job.status != JobStatus.succeeded:
-                return accepted(job.id, JobAccepted(task_id=submitted.task_id, job_id=job.id))
-            ranked = await _rank(
-                request,
-                session,
-                settings,
-                zoo,
-                submitted.task_id,
-                method,
-                k,
-                tenant,
-                deadline,
-                callback,
-            )
-            if isinstance(ranked, JSONResponse):
-                return ranked
-            timings = Timings(
-                upload_s=round(uploaded - started, 3),
-                queue_wait_s=None if job.queue_wait_s is None else round(job.queue_wait_s, 3),
-                job_s=None if job.run_s is None else round(job.run_s, 3),
-                job_stages=job.timings,
-                total_s=round(time.monotonic() - started, 3),
-            )
-            body = UploadRanking.model_validate(
-                {**ranked, "job_id": submitted.job_id, "timings": timings}
-            )
-            # The ranking's row is stored before the answer is recorded for its Idempotency-Key.
-            await run_in_threadpool(session.commit)
-            return JSONResponse(body.model_dump(mode="json", exclude_unset=True))
-
-        try:
-            return await idempotent(
-                request, settings, tenant, key, {"file": stored.sha256}, answer, ignore=("wait",)
-            )
-        finally:
-            stored.discard()  # the request's own file, unless its row took it
-
-
-async def _rank(
-    request: Request,
-    session: Session,
-    settings: Settings,
-    zoo: ZooState,
-    task_id: str,
-    method: str,
-    k: int,
-    tenant: str,
-    deadline: float,
-    callback: str | None,
-) -> dict[str, object] | JSONResponse:
-    """The ranking of an embedded task: in-process, or by a worker job waited for until
-    ``deadline`` (202 with the job after it; ``callback`` is called when the job ends)."""
-    if method in FAST_METHODS:
-        ranked: dict[str, object] = await run_in_threadpool(
-            tasks.rank_now, session, zoo=zoo, task_id=task_id, method=method, k=k, tenant=tenant
+        ranking = _UploadRanking(
+            request, session, settings, zoo, tenant, callback, method, k, upload, started, deadline
         )
-        return ranked
-    rank_job = await run_in_threadpool(
-        tasks.queue_rank,
-        session,
-        settings=settings,
-        task_id=task_id,
-        method=method,
-        k=k,
-        tenant=tenant,
-        callback_url=callback,
-    )
-    job = await wait_for(settings, rank_job.id, tenant, deadline, request.is_disconnected)
-    if job.status == JobStatus.failed:
-        raise _failed(job)
-    if job.status != JobStatus.succeeded or job.result is None:
-        return accepted(job.id, JobAccepted(task_id=task_id, job_id=job.id))
-    return {
-        "task_id": task_id,
-        "method": method,
-        "ranking": job.result["ranking"][:k],
-    }
+        parts = {"file": upload.stored.sha256}
+        return await idempotent(
+            request, settings, tenant, key, parts, ranking.answer, ignore=("wait",)
+        )

@@ -48,7 +48,7 @@ class StoredFile:
         return replace(self, path=self.final)
 
     def discard(self) -> None:
-        """Remove the request's own file if it is still there (the upload routes call this
+        """Remove the request's own file if it is still there (the API calls this
         when the request ends); once kept, the file has left that name."""
         if self.path != self.final:
             self.path.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ frees its name.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import delete, select
@@ -28,24 +28,27 @@ from app.services.publishing import (
     publish,
     save_zoo_embedding,
 )
+from app.services.storage import StoredFile
 from app.services.versions import Version
 from app.services.zoo_items import (
     KIND,
     Item,
     ItemModel,
     by_name,
+    check_free,
     expert_spec,
     ready_ids,
     refuse_taken,
     task_spec,
     what,
+    zoo_task_row,
 )
 from app.settings import Settings
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo.features import load_checked
-from app.zoo.tasks import materialize
+from app.zoo.tasks import materialize, uploaded_task
 
 
 def register(
@@ -91,6 +94,44 @@ def register(
         session.commit()
         raise
     return job
+
+
+def check_name_free(settings: Settings, *, model: ItemModel, name: str) -> None:
+    """409 when the name is taken, in a short transaction of its own: the request's session
+    stays unopened while its files are stored and checked."""
+    with session_scope(settings.resolved_database_url()) as session:
+        check_free(session, model=model, name=name)
+
+
+@dataclass(frozen=True)
+class NewZooTask:
+    """A zoo task as a client describes it, besides its dataset."""
+
+    name: str
+    domain: str | None = None
+
+
+def register_task(
+    session: Session,
+    *,
+    settings: Settings,
+    task: NewZooTask,
+    stored: StoredFile,
+    data: LabelledImages,
+    tenant: str,
+    callback_url: str | None = None,
+) -> Job:
+    """Register an uploaded dataset, checked (``data``), as a zoo task used whole."""
+    domain = (task.domain or "").strip()[:64] or None
+    spec = uploaded_task(task.name, str(stored.final), data, domain)
+    stored.keep()  # in place before the row naming it commits
+    return register(
+        session,
+        settings=settings,
+        item=zoo_task_row(spec),
+        tenant=tenant,
+        callback_url=callback_url,
+    )
 
 
 def _mark(settings: Settings, model: ItemModel, name: str, **values: Any) -> None:

@@ -7,6 +7,7 @@ with why). A published version is a snapshot of the ready ones (``publishing``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, fields
 from typing import Any, TypeVar, cast
 
@@ -29,11 +30,25 @@ ItemModel = type[Expert] | type[ZooTask]
 KIND: dict[ItemModel, JobKind] = {Expert: JobKind.expert, ZooTask: JobKind.zoo_task}
 #: The fields an expert row shares with ``ExpertSpec``.
 EXPERT_FIELDS = tuple(f.name for f in fields(ExpertSpec))
+#: An item's name: it is part of URLs, file names and messages.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 def what(model: ItemModel) -> str:
     """``expert`` or ``zoo task``, for messages."""
     return KIND[model].replace("-", " ")
+
+
+def check_name(what: str, name: str) -> None:
+    """422 for a name an item cannot have (``what``: ``expert`` or ``zoo task``)."""
+    if not NAME.fullmatch(name):
+        raise ProblemError(
+            422,
+            "invalid-name",
+            f"Invalid {what} name",
+            f"{what} name {name!r}: 1-100 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit",
+        )
 
 
 def expert_spec(row: Expert) -> ExpertSpec:
