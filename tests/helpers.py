@@ -3,6 +3,8 @@ settings on the tiny zoo, uploads, expert weights, and running a job as a worker
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import os
 import shutil
@@ -11,21 +13,25 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
+import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 import torch
 from PIL import Image
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 
 from app.db.migrate import upgrade
-from app.db.models import Job
+from app.db.models import Job, utcnow
 from app.db.session import engine_for, session_scope
 from app.services import api_keys
 from app.services.jobs import JobKind
@@ -36,6 +42,16 @@ from app.zoo.tasks import materialize
 from workers import tasks
 
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+#: How long a test waits for another process or thread before it calls it stuck, in seconds:
+#: a guard against hanging, never a claim about speed (no test asserts how long anything
+#: took). A machine slower than any seen yet can raise it with T2V_TEST_PATIENCE.
+PATIENCE = float(os.environ.get("T2V_TEST_PATIENCE", "300"))
+
+T = TypeVar("T")
+
+#: Leases short enough for a fault drill to see one expire and a sweep re-send its job.
+FAST_LEASES = {"job_lease_seconds": 4.0, "sweep_seconds": 1.0, "job_resend_seconds": 3.0}
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -66,23 +82,71 @@ def random_images(n: int, size: int = 12, seed: int = 0, channels: int = 1) -> n
     return rng.integers(0, 256, shape, dtype=np.uint8)
 
 
+@functools.cache
+def _sqlite_template() -> Path:
+    """A SQLite database migrated to head, once per test session, to copy."""
+    folder = Path(tempfile.mkdtemp(prefix="t2v-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    upgrade(f"sqlite:///{folder / 'state.db'}")
+    engine_for.cache_clear()
+    return folder / "state.db"
+
+
+@functools.cache
+def _postgres_template() -> str:
+    """A PostgreSQL database migrated to head, once per test session, that new databases are
+    created from (``CREATE DATABASE ... TEMPLATE``: a file copy on the server)."""
+    name = f"t2v_template_{uuid.uuid4().hex[:12]}"
+    url = _admin_url(name)
+    with _admin() as admin:
+        admin.execute(text(f'CREATE DATABASE "{name}"'))
+    atexit.register(_drop, name)
+    upgrade(url)
+    engine_for(url).dispose()  # a template takes no connections while it is copied
+    engine_for.cache_clear()
+    return name
+
+
+def _admin_url(name: str) -> str:
+    return POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+
+
 @contextmanager
-def fresh_database(kind: str, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty database: a SQLite file, or a new PostgreSQL database dropped after."""
+def _admin() -> Iterator[Connection]:
+    engine = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+
+
+def _drop(name: str) -> None:
+    with _admin() as admin:
+        admin.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextmanager
+def fresh_database(kind: str, tmp_path: Path, *, migrated: bool = True) -> Iterator[str]:
+    """The URL of a database of its own: a SQLite file, or a new PostgreSQL database dropped
+    after. Migrated to head, it is a copy of a database the migrations built once for the
+    session (the same schema for a fraction of the time; tests/db/test_migrations.py runs
+    the migrations themselves on empty ones)."""
     if kind == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state.db'}"
+        path = tmp_path / "state.db"
+        if migrated:
+            shutil.copyfile(_sqlite_template(), path)
+        yield f"sqlite:///{path}"
         return
     name = f"t2v_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    template = f' TEMPLATE "{_postgres_template()}"' if migrated else ""
+    with _admin() as admin:
+        admin.execute(text(f'CREATE DATABASE "{name}"{template}'))
     try:
-        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+        yield _admin_url(name)
     finally:
         engine_for.cache_clear()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        _drop(name)
 
 
 def service_settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Settings:
@@ -96,7 +160,7 @@ def service_settings(tiny_zoo: Path, database_url: str, tmp_path: Path) -> Setti
         broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
         zoo="tiny",
         zoo_poll_seconds=0,
-        api_keys="off",  # as on loopback; tests/service/test_access.py turns keys on
+        api_keys="off",  # as on loopback; tests/api/test_access.py turns keys on
     )
 
 
@@ -107,6 +171,38 @@ def npz_upload(task_index: int = 1) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, x=data.images, y=np.array(data.classes)[data.labels])
     return buffer.getvalue()
+
+
+def later(seconds: float) -> datetime:
+    """A moment ``seconds`` from now: a sweep or a try as of then sees what waiting would,
+    without the wait."""
+    return utcnow() + timedelta(seconds=seconds)
+
+
+def job_row(settings: Settings, job_id: str) -> Job:
+    """The job's row as it is now (read in a transaction of its own)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def job_reaching(
+    settings: Settings,
+    job_id: str,
+    statuses: set[str],
+    worker: subprocess.Popen[bytes],
+    log: Path,
+) -> Job:
+    """The job's row once its status is one of ``statuses``; fails at once if ``worker``
+    exits (with the end of its ``log``)."""
+
+    def reached() -> Job | None:
+        job = job_row(settings, job_id)
+        return job if job.status in statuses else None
+
+    what = f"job {job_id} to be {'/'.join(sorted(statuses))}"
+    return eventually(reached, what, processes=[worker], log=log)
 
 
 def run_job(settings: Settings, job_id: str) -> None:
@@ -242,6 +338,79 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def eventually(
+    check: Callable[[], T],
+    what: str,
+    *,
+    processes: Iterable[subprocess.Popen[bytes]] = (),
+    log: Path | None = None,
+    patience: float = PATIENCE,
+    pause: float | None = None,
+) -> T:
+    """``check()``'s first true answer, asked again and again: every ``pause`` seconds, or
+    from every 20 ms growing to every half second when none is given. It fails as soon as
+    one of ``processes`` has exited (what it was waiting for will never come), and after
+    ``patience`` seconds: a guard against a hang, not a bound on speed. The failure says
+    ``what`` was awaited, with the end of ``log``."""
+    started, wait = time.monotonic(), pause or 0.02
+    watched = list(processes)
+    while True:
+        found = check()
+        if found:
+            return found
+        dead = [p.args for p in watched if p.poll() is not None]
+        waited = time.monotonic() - started
+        if dead or waited > patience:
+            why = f"exited: {dead}" if dead else f"still not so after {waited:.0f} s"
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise AssertionError(f"waiting for {what}: {why}\n{tail}")
+        time.sleep(wait)
+        wait = wait if pause else min(wait * 1.5, 0.5)
+
+
+@contextmanager
+def in_background(call: Callable[[], T], *release: threading.Event) -> Iterator[Callable[[], T]]:
+    """``call`` on a thread of its own for the block, which gets a function that waits for
+    its answer (or raises what it raised). However the block ends, every event in
+    ``release`` is set, so that nothing the call waits on can hold it, and the thread is
+    joined: a test that fails while one of its requests is in flight fails there and then,
+    instead of leaving ``TestClient`` waiting on a request that never ends."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def answer() -> T:
+        thread.join(PATIENCE)
+        assert outcome, f"{call!r} is stuck"
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        result: T = value
+        return result
+
+    try:
+        yield answer
+    finally:
+        for event in release:
+            event.set()
+        thread.join(PATIENCE)
+
+
+def api_ready(port: int) -> bool:
+    """Whether an API on ``port`` answers ``/readyz`` with 200."""
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def start_api(settings: Settings, port: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
     """``task2vec serve`` on ``port`` (keys off, loopback), in its own process group; ready
     once ``/readyz`` answers 200."""
@@ -253,13 +422,9 @@ def start_api(settings: Settings, port: int, log: Path, **env: str) -> subproces
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.2)
+    try:
+        eventually(lambda: api_ready(port), "the API to be ready", processes=[process], log=log)
+    except BaseException:
+        stop(process)
+        raise
+    return process

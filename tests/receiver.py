@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
+from tests.helpers import PATIENCE
+
 
 @dataclass(frozen=True)
 class Received:
@@ -18,7 +20,8 @@ class Received:
     headers: dict[str, str]
     body: bytes
     answered: int
-    at: float
+    #: When it arrived, in Unix seconds (whole: as a signature's timestamp is).
+    at_unix: int
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -33,7 +36,8 @@ class _Receiver(BaseHTTPRequestHandler):
         with self.arrived:
             plan = self.plans.get(self.path, [])
             status = plan.pop(0) if plan else 200
-            self.got.append(Received(self.path, dict(self.headers), body, status, time.monotonic()))
+            arrived = Received(self.path, dict(self.headers), body, status, int(time.time()))
+            self.got.append(arrived)
             self.arrived.notify_all()
         self.send_response(status)
         self.send_header("Content-Length", "0")
@@ -57,7 +61,7 @@ class Receiver:
         self.handler.plans[path] = list(statuses)
         return self.base + path
 
-    def wait(self, path: str, count: int, timeout: float = 90) -> list[Received]:
+    def wait(self, path: str, count: int, timeout: float = PATIENCE) -> list[Received]:
         """The first ``count`` POSTs to ``path``, once they came."""
         with self.handler.arrived:
             self.handler.arrived.wait_for(

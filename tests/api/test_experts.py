@@ -5,7 +5,6 @@ forward pass before anything is kept; a refused one leaves no row and no file.""
 from __future__ import annotations
 
 import io
-import time
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ from app.task2vec.probes import IMAGENET_MEAN, IMAGENET_STD
 from tests.helpers import (
     NanFeatures,
     ScalarOutput,
+    eventually,
     onnx_model,
     run_job,
     small_extractor,
@@ -33,11 +33,11 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def _served_experts(client: TestClient, experts: int) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    while (zoo := client.get("/v1/zoo").json())["experts"] != experts:
-        assert time.monotonic() < deadline, zoo
-        time.sleep(0.05)
-    return zoo
+    def served() -> dict[str, Any] | None:
+        zoo: dict[str, Any] = client.get("/v1/zoo").json()
+        return zoo if zoo["experts"] == experts else None
+
+    return eventually(served, f"the API to serve {experts} experts")
 
 
 def _register(client: TestClient, name: str, architecture: str, weights: bytes, **form: str) -> Any:

@@ -10,7 +10,6 @@ from sqlalchemy import func, select, update
 
 from app.db.models import IdempotencyRecord, utcnow
 from app.db.session import session_scope
-from app.services import orphans
 from app.settings import Settings
 from tests.helpers import npz_upload
 
@@ -40,20 +39,3 @@ def test_an_idempotency_key_is_free_again_after_a_day(
     assert again.status_code == 202, again.text
     assert "idempotent-replayed" not in again.headers
     assert _records(settings) == 1  # the expired record gave way to the new one
-
-
-def test_the_sweep_deletes_expired_records(
-    client: TestClient, settings: Settings, sent: list[str]
-) -> None:
-    for i in (1, 2):
-        response = client.post(
-            "/v1/tasks",
-            headers={"Idempotency-Key": f"k{i}"},
-            files={"file": ("a.npz", npz_upload(i))},
-        )
-        assert response.status_code == 202
-    _age(settings, 23)
-    assert orphans.prune_idempotency_records(settings) == 0
-    _age(settings, 25)
-    assert orphans.prune_idempotency_records(settings) == 2
-    assert _records(settings) == 0

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from app.api.main import create_app
 from app.services import uploads
 from app.settings import Settings
-from tests.helpers import create_key, npz_upload, run_job
+from tests.helpers import PATIENCE, create_key, in_background, npz_upload, run_job
 
 
 def _bearer(settings: Settings, tenant: str) -> dict[str, str]:
@@ -34,7 +34,7 @@ def test_a_refused_request_leaves_another_tenants_upload_alone(
 
     def held(*args: Any, **kwargs: Any) -> Any:
         validating.set()
-        assert refused.wait(60)
+        assert refused.wait(PATIENCE), "never let go"
         return validate(*args, **kwargs)
 
     with TestClient(create_app(keyed)) as client:
@@ -45,25 +45,23 @@ def test_a_refused_request_leaves_another_tenants_upload_alone(
         )
         assert first.status_code == 202, first.text
         monkeypatch.setattr(uploads, "validate", held)
-        answers: list[Any] = []
-        a = threading.Thread(
-            target=lambda: answers.append(
-                client.post("/v1/tasks", headers=acme, files={"file": ("a.npz", upload)})
+
+        def acme_uploads() -> Any:
+            return client.post("/v1/tasks", headers=acme, files={"file": ("a.npz", upload)})
+
+        with in_background(acme_uploads, refused) as acme_answer:
+            assert validating.wait(PATIENCE), "acme's upload never reached validation"
+            reused = client.post(
+                "/v1/tasks",
+                headers={**globex, "Idempotency-Key": "k1"},
+                files={"file": ("a.npz", upload)},
             )
-        )
-        a.start()
-        assert validating.wait(60)
-        reused = client.post(
-            "/v1/tasks",
-            headers={**globex, "Idempotency-Key": "k1"},
-            files={"file": ("a.npz", upload)},
-        )
-        refused.set()
-        a.join(60)
+            refused.set()
+            answer = acme_answer()
         assert reused.status_code == 422, reused.text
         assert reused.json()["type"].endswith("/idempotency-key-reused")
-        assert answers[0].status_code == 202, answers[0].text
-        body = answers[0].json()
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
         run_job(keyed, body["job_id"])
         job = client.get(f"/v1/jobs/{body['job_id']}", headers=acme).json()
         assert job["status"] == "succeeded", job

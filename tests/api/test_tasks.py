@@ -1,5 +1,5 @@
 """The API against SQLite and the real PostgreSQL. Jobs run through the worker's own code
-(``run_embed``/``run_rank``) as the broker would deliver them; tests/service/test_e2e.py runs
+(``run_embed``/``run_rank``) as the broker would deliver them; tests/e2e/test_stack.py runs
 real worker processes."""
 
 from __future__ import annotations

@@ -1,57 +1,66 @@
 """Uploads are validated on a bounded pool: with one validation thread, four uploads sent at
-once decode one at a time, and the API answers other requests meanwhile."""
+once decode one at a time, and the API answers other requests meanwhile.
+
+The first validation is held until the test lets it go, so what is asserted is an order of
+events (one validating, three waiting, another request answered), however busy the machine."""
 
 from __future__ import annotations
 
 import threading
-import time
+from contextlib import ExitStack
 from typing import Any
 
 import pytest
+from anyio import CapacityLimiter
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
 from app.services import uploads
 from app.settings import Settings
-from tests.helpers import npz_upload
+from tests.helpers import PATIENCE, eventually, in_background, npz_upload
 
 
 def test_validations_share_a_bounded_pool(
     settings: Settings, sent: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lock = threading.Lock()
+    lock, release = threading.Lock(), threading.Event()
     running, most = 0, 0
     validate = uploads.validate
 
-    def slow(**kwargs: Any) -> Any:
+    def held(**kwargs: Any) -> Any:
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        time.sleep(0.5)
-        with lock:
-            running -= 1
-        return validate(**kwargs)
+        try:
+            assert release.wait(PATIENCE), "never released"
+            return validate(**kwargs)
+        finally:
+            with lock:
+                running -= 1
 
-    monkeypatch.setattr(uploads, "validate", slow)
+    monkeypatch.setattr(uploads, "validate", held)
     one = settings.model_copy(update={"validation_threads": 1})
-    with TestClient(create_app(one)) as client:
-        answers: list[int] = []
+    with TestClient(create_app(one)) as client, ExitStack() as uploading:
+        pool: CapacityLimiter = client.app.state.validation  # type: ignore[attr-defined]
 
-        def send(i: int) -> None:
+        def send(i: int) -> int:
             response = client.post("/v1/tasks", files={"file": (f"{i}.npz", npz_upload(i))})
-            answers.append(response.status_code)
+            return response.status_code
 
-        threads = [threading.Thread(target=send, args=(i,)) for i in (1, 2, 3, 4)]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.2)
-        started = time.monotonic()
+        answers = [
+            uploading.enter_context(in_background(lambda i=i: send(i), release))
+            for i in (1, 2, 3, 4)
+        ]
+
+        def queued() -> bool:
+            assert most <= 1, "two validations ran at once"
+            return running == 1 and pool.statistics().tasks_waiting == 3
+
+        # One upload holds the pool's only thread; the other three wait for it.
+        eventually(queued, "one validation running and three uploads queued")
         assert client.get("/v1/zoo").status_code == 200  # not stuck behind the uploads
-        # Stuck behind them, it would wait for the validations still queued, 1.8 s at least;
-        # on two busy cores the answer itself once took 0.64 s.
-        assert time.monotonic() - started < 1.0
-        for thread in threads:
-            thread.join(60)
-    assert answers == [202] * 4
+        assert (running, pool.statistics().tasks_waiting) == (1, 3)
+        release.set()
+        assert [answer() for answer in answers] == [202] * 4
     assert most == 1

@@ -4,21 +4,29 @@ per key (past the cap a request answers 202 at once)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import socket
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.api import waits
 from app.api.main import create_app
 from app.api.waits import Waits, wait_for
 from app.settings import Settings
-from tests.helpers import free_port, npz_upload, start_api, stop
+from tests.helpers import (
+    PATIENCE,
+    eventually,
+    free_port,
+    in_background,
+    npz_upload,
+    start_api,
+    stop,
+)
 
 
 @pytest.fixture
@@ -28,16 +36,37 @@ def queued_job(client: TestClient, sent: list[str]) -> str:
     return str(response.json()["job_id"])
 
 
-def _polls(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    polls: list[float] = []
+def _polls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The job reads a wait makes, in order."""
+    polls: list[str] = []
     state = waits._job_state
 
     def counted(*args: Any) -> Any:
-        polls.append(time.monotonic())
-        return state(*args)
+        job = state(*args)
+        polls.append(job.status)
+        return job
 
     monkeypatch.setattr(waits, "_job_state", counted)
     return polls
+
+
+WAITING = "t2v_http_waiting_requests"
+
+
+class _Steps:
+    """A clock that moves only when the wait pauses: every pause is seen exactly, however
+    busy the machine."""
+
+    def __init__(self) -> None:
+        self.time = 0.0
+        self.pauses: list[float] = []
+
+    def now(self) -> float:
+        return self.time
+
+    async def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.time += seconds
 
 
 async def _connected() -> bool:
@@ -51,51 +80,63 @@ async def _gone() -> bool:
 def test_a_wait_backs_off_between_polls(
     settings: Settings, queued_job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    polls = _polls(monkeypatch)
-    started = time.monotonic()
-    job = asyncio.run(wait_for(settings, queued_job, "local", started + 4.0, _connected))
+    polls, clock = _polls(monkeypatch), _Steps()
+    job = asyncio.run(wait_for(settings, queued_job, "local", 4.0, _connected, clock))
     assert job.status == "queued"
-    assert time.monotonic() - started == pytest.approx(4.0, abs=0.5)
-    assert len(polls) <= 14  # 0.1 s growing to 0.5 s; at a fixed 0.1 s it would be 40
-    gaps = [b - a for a, b in itertools.pairwise(polls)]
-    assert gaps[-2] > 3 * gaps[0]
+    # 0.1 s growing by half to 0.5 s, then 0.5 s, and the rest up to the deadline: 12 polls
+    # in 4 s, where a fixed 0.1 s would make 40.
+    growing = [0.1, 0.15, 0.225, 0.3375]
+    assert clock.pauses == pytest.approx([*growing, *[0.5] * 6, 4.0 - sum(growing) - 3.0])
+    assert clock.time == pytest.approx(4.0)
+    assert polls == ["queued"] * 12
 
 
 def test_a_wait_ends_when_the_client_has_gone(
     settings: Settings, queued_job: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    polls = _polls(monkeypatch)
-    started = time.monotonic()
-    asyncio.run(wait_for(settings, queued_job, "local", started + 600.0, _gone))
-    assert time.monotonic() - started < 1.0
-    assert len(polls) == 1
+    polls, clock = _polls(monkeypatch), _Steps()
+    asyncio.run(wait_for(settings, queued_job, "local", 600.0, _gone, clock))
+    assert (polls, clock.pauses) == (["queued"], [])
 
 
-def test_waits_are_capped_per_key(settings: Settings, sent: list[str]) -> None:
+def test_waits_are_capped_per_key(
+    settings: Settings, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     slots = Waits()
     with slots.slot("k", 2) as first, slots.slot("k", 2) as second:
         with slots.slot("k", 2) as third, slots.slot("other", 2) as other:
             assert (first, second, third, other) == (True, True, False, True)
         assert slots.waiting("k") == 2
     assert slots.waiting("k") == 0
-    # Through the API: with no wait allowed the call answers 202 at once, whatever wait says.
+    # Through the API: with no wait allowed the call answers 202 after one look at its job,
+    # whatever wait says (waiting its 60 s, it would look again and again).
+    polls = _polls(monkeypatch)
     capped = settings.model_copy(update={"max_waits_per_key": 0})
     with TestClient(create_app(capped)) as client:
-        started = time.monotonic()
         response = client.post(
             "/v1/recommendations", params={"wait": 60}, files={"file": ("a.npz", npz_upload(4))}
         )
-        assert response.status_code == 202, response.text
-        assert time.monotonic() - started < 30
+    assert response.status_code == 202, response.text
+    assert polls == ["queued"]
 
 
+def _waiting(port: int) -> float:
+    """``t2v_http_waiting_requests`` as the API's /metrics says it now."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    (family,) = (f for f in text_string_to_metric_families(text) if f.name == WAITING)
+    return float(family.samples[0].value)
+
+
+@pytest.mark.slow
 def test_a_client_that_hangs_up_frees_its_wait(settings: Settings, tmp_path: Path) -> None:
     """A real server, one wait allowed per key: a client asks to wait 600 s and hangs up; its
-    slot is free again at once, so the next call waits its full 3 s instead of being turned
-    away with an immediate 202 (which is what a wait still held until its deadline does)."""
-    port = free_port()
-    api = start_api(settings, port, tmp_path / "api.log", T2V_MAX_WAITS_PER_KEY="1")
+    slot is freed (not held until its deadline), so the next call gets the slot and waits,
+    instead of being turned away with an immediate 202. Which request holds a slot is read
+    off the API's own gauge of waiting requests."""
+    port, log = free_port(), tmp_path / "api.log"
+    api = start_api(settings, port, log, T2V_MAX_WAITS_PER_KEY="1")
     try:
+        until = partial(eventually, processes=[api], log=log)
         with socket.create_connection(("127.0.0.1", port)) as hung_up:
             body = _multipart(npz_upload(5))
             hung_up.sendall(
@@ -104,20 +145,23 @@ def test_a_client_that_hangs_up_frees_its_wait(settings: Settings, tmp_path: Pat
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            time.sleep(2)  # stored and registered; now waiting
-        time.sleep(1)
-        started = time.monotonic()
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/v1/recommendations",
-            params={"wait": 3},
-            files={"file": ("b.npz", npz_upload(6))},
-            timeout=60,
-        )
-        waited = time.monotonic() - started
+            until(lambda: _waiting(port) == 1, "the first request to wait")
+        until(lambda: _waiting(port) == 0, "the hung-up request to free its slot")
+
+        def ranked() -> httpx.Response:
+            return httpx.post(
+                f"http://127.0.0.1:{port}/v1/recommendations",
+                params={"wait": 10},
+                files={"file": ("b.npz", npz_upload(6))},
+                timeout=PATIENCE,
+            )
+
+        with in_background(ranked) as answer:
+            until(lambda: _waiting(port) == 1, "the next request to get the slot and wait")
+            response = answer()
     finally:
         stop(api)
-    assert response.status_code == 202, response.text
-    assert waited > 2.5
+    assert response.status_code == 202, response.text  # nothing embeds here: still queued
     assert "server" not in response.headers  # no software banner
 
 

@@ -1,4 +1,5 @@
-"""The task2vec command line, run as a user runs it."""
+"""The task2vec command line, run as a user runs it: each test starts the command in a
+process of its own."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.settings import Settings
 from app.task2vec import Embedding
 from tests.helpers import png_bytes, random_images, write_zip
+
+pytestmark = pytest.mark.slow
 
 FAST = [
     "--probe", "resnet18", "--probe-weights", "random", "--image-size", "32",
@@ -166,3 +170,36 @@ def test_serve_refuses_a_database_that_was_never_migrated(tmp_path: Path) -> Non
     assert "never migrated" in result.stderr
     assert "task2vec db upgrade" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_keys_from_the_command_line(settings: Settings) -> None:
+    env = {
+        **os.environ,
+        "T2V_DATA_DIR": str(settings.data_dir),
+        "T2V_DATABASE_URL": settings.resolved_database_url(),
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app.cli", "keys", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    created = cli("create", "--tenant", "acme", "--scope", "tasks:read", "--name", "ci")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert token.startswith("t2v_")
+    key_id = token.split("_")[1]
+    listed = cli("list")
+    assert key_id in listed.stdout
+    assert "acme" in listed.stdout
+    assert "active" in listed.stdout
+    assert token not in listed.stdout  # the secret is shown once, never again
+    assert cli("revoke", key_id).returncode == 0
+    assert "revoked" in cli("list").stdout
+    bad = cli("create", "--tenant", "acme", "--scope", "everything")
+    assert bad.returncode == 2
+    assert "scopes must be among" in bad.stderr

@@ -5,12 +5,12 @@ stored file is removed by the orphan pruning; nothing is half-registered."""
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,10 +18,13 @@ from sqlalchemy import select
 
 from app.db.models import Dataset, Job, JobStatus, Task
 from app.db.session import session_scope
-from app.services import leases, orphans
+from app.services import orphans
 from app.services.jobs import JobKind
 from app.settings import Settings
 from tests.helpers import (
+    FAST_LEASES,
+    PATIENCE,
+    eventually,
     free_port,
     fresh_database,
     npz_upload,
@@ -34,17 +37,22 @@ from tests.helpers import (
     write_zip,
 )
 
-FAST = {"job_lease_seconds": 4.0, "sweep_seconds": 1.0, "job_resend_seconds": 3.0}
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def embedded(tiny_zoo: Path, tmp_path: Path) -> Iterator[Settings]:
     with fresh_database("sqlite", tmp_path) as url:
-        yield service_settings(tiny_zoo, url, tmp_path).model_copy(update=FAST)
+        yield service_settings(tiny_zoo, url, tmp_path).model_copy(update=FAST_LEASES)
 
 
 def _stored(settings: Settings) -> set[Path]:
     return {p for p in (settings.data_dir / "uploads").rglob("*") if p.is_file()}
+
+
+def _finished(url: str) -> dict[str, Any] | None:
+    job: dict[str, Any] = httpx.get(url).json()
+    return job if job["status"] in ("succeeded", "failed") else None
 
 
 def _slow_to_validate(path: Path) -> Path:
@@ -73,7 +81,7 @@ def test_an_api_killed_during_uploads_loses_no_accepted_job(
             outcomes.append(exc)
 
     try:
-        with worker(embedded, log):
+        with worker(embedded, log) as running:
             accepted = []
             for i in (1, 2, 3):
                 response = httpx.post(
@@ -85,26 +93,28 @@ def test_an_api_killed_during_uploads_loses_no_accepted_job(
             # An upload being validated when the API dies: its file is stored, its rows not.
             sender = threading.Thread(target=send, args=("slow.zip", slow))
             sender.start()
-            deadline = time.monotonic() + 60
-            while not _stored(embedded) - before:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.005)
+            eventually(
+                lambda: _stored(embedded) - before,
+                "the slow upload's file",
+                processes=[api],
+                log=log,
+                pause=0.005,
+            )
             stop(api, signal.SIGKILL)
-            sender.join(timeout=60)
+            sender.join(PATIENCE)
             assert isinstance(outcomes[0], httpx.TransportError), outcomes
             orphan = _stored(embedded) - before
             assert len(orphan) == 1
 
             # A new API: the accepted jobs finish, with the worker that never stopped.
             api = start_api(embedded, port, log)
-            deadline = time.monotonic() + 180
             for job_id in accepted:
-                while (job := httpx.get(f"{base}/v1/jobs/{job_id}").json())["status"] not in (
-                    "succeeded",
-                    "failed",
-                ):
-                    assert time.monotonic() < deadline, log.read_text()[-3000:]
-                    time.sleep(0.1)
+                job = eventually(
+                    partial(_finished, f"{base}/v1/jobs/{job_id}"),
+                    f"job {job_id} to finish",
+                    processes=[api, running],
+                    log=log,
+                )
                 assert job["status"] == "succeeded", job
     finally:
         stop(api)
@@ -126,25 +136,3 @@ def test_an_api_killed_during_uploads_loses_no_accepted_job(
     assert orphans.prune(embedded, older_than=3600) == []
     assert set(orphans.prune(embedded, older_than=0)) == orphan
     assert _stored(embedded) == before
-
-
-def test_every_worker_sweeper_prunes_orphans_now_and_then(embedded: Settings) -> None:
-    """The sweep thread of every worker removes stored files no row holds, once old enough,
-    and leaves a young one (a request may still be about to commit its row)."""
-    uploads = embedded.data_dir / "uploads" / "ab"
-    uploads.mkdir(parents=True)
-    old, young = uploads / f"ab{'0' * 62}.upload", uploads / f"ab{'1' * 62}.upload"
-    for path in (old, young):
-        path.write_bytes(b"bytes no row holds")
-    os.utime(old, (time.time() - 60, time.time() - 60))
-    quick = embedded.model_copy(update={"sweep_seconds": 0.1, "orphan_files_seconds": 30.0})
-    sweeper = leases.Sweeper(quick)
-    sweeper.start()
-    try:
-        deadline = time.monotonic() + 30
-        while old.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-    finally:
-        sweeper.stop()
-    assert young.exists()

@@ -6,18 +6,19 @@ zoo version through the client, and is called back for that job too."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from task2vec_client import Client, UploadRanking
+from task2vec_client import Client, UploadRanking, ZooOut
 from task2vec_client.webhooks import verify
 
 from app.services import deliveries
 from app.settings import Settings
 from tests.helpers import (
+    PATIENCE,
+    eventually,
     free_port,
     fresh_database,
     npz_upload,
@@ -32,7 +33,10 @@ from tests.receiver import Receiver, receiving
 
 REDIS = "redis://127.0.0.1:6379/10"
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning"),
+]
 
 
 @pytest.fixture
@@ -48,7 +52,7 @@ def platform(tiny_zoo: Path, tmp_path: Path) -> Iterator[tuple[Settings, Client,
         with worker(settings, tmp_path / "worker.log", **allowed), receiving() as receiver:
             api = start_api(settings, port, tmp_path / "api.log", **allowed)
             try:
-                with Client(f"http://127.0.0.1:{port}", timeout=300) as client:
+                with Client(f"http://127.0.0.1:{port}", timeout=PATIENCE) as client:
                     yield settings, client, receiver
             finally:
                 stop(api)
@@ -56,7 +60,7 @@ def platform(tiny_zoo: Path, tmp_path: Path) -> Iterator[tuple[Settings, Client,
 
 def _signed(settings: Settings, receiver: Receiver, path: str, tries: int = 1) -> dict[str, object]:
     """The job view delivered to ``path`` (after ``tries`` tries), its signature verified."""
-    got = receiver.wait(path, tries, timeout=240)[-1]
+    got = receiver.wait(path, tries)[-1]
     verify(got.body, got.headers["X-T2V-Signature"], deliveries.secret_for(settings, "local"))
     assert got.headers["X-T2V-Event"] == "job.succeeded"
     view: dict[str, object] = json.loads(got.body)
@@ -82,17 +86,18 @@ def test_register_rank_and_be_called_back(
     for accepted, path, tries in ((onnx, "/onnx", 2), (vision, "/mnv3", 1)):
         view = _signed(settings, receiver, path, tries)  # the first /onnx try answered 503
         assert view["id"] == accepted.job_id
-        assert client.wait_for(accepted.job_id, timeout=60).status == "succeeded"
+        assert client.wait_for(accepted.job_id, timeout=PATIENCE).status == "succeeded"
 
-    deadline = time.monotonic() + 60
-    while (zoo := client.zoo()).experts != before.experts + 2:
-        assert time.monotonic() < deadline, zoo
-        time.sleep(0.2)
+    def with_both() -> ZooOut | None:
+        zoo = client.zoo()
+        return zoo if zoo.experts == before.experts + 2 else None
+
+    zoo = eventually(with_both, "the API to serve the version with both experts")
     assert zoo.version != before.version
     assert client.expert("edge-onnx").in_served_zoo
 
     answer = client.recommend(
-        npz_upload(2), k=zoo.experts, wait=240, callback_url=receiver.plan("/rank")
+        npz_upload(2), k=zoo.experts, wait=PATIENCE, callback_url=receiver.plan("/rank")
     )
     assert isinstance(answer, UploadRanking), answer
     assert answer.zoo_version == zoo.version

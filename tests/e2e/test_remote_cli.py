@@ -23,6 +23,8 @@ from tests.helpers import (
     worker_env,
 )
 
+pytestmark = pytest.mark.slow
+
 
 def _remote(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -9,12 +9,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.helpers import free_port
+from tests.helpers import PATIENCE, api_ready, eventually, free_port
+
+pytestmark = pytest.mark.slow
 
 
 def _group_alive(pgid: int) -> bool:
@@ -42,27 +44,19 @@ def test_run_serves_and_ctrl_c_stops_the_worker_too(tiny_zoo: Path, tmp_path: Pa
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert service.poll() is None, (tmp_path / "run.log").read_text()
-            try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
-                if ready.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "run.log").read_text()
-            time.sleep(0.5)
+        eventually(
+            lambda: api_ready(port),
+            "the service to be ready",
+            processes=[service],
+            log=tmp_path / "run.log",
+        )
         zoo = httpx.get(f"http://127.0.0.1:{port}/v1/zoo").json()
         assert (zoo["tasks"], zoo["experts"]) == (8, 3)
         assert (data_dir / "task2vec.db").is_file()
 
         os.killpg(service.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        service.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while _group_alive(service.pid):
-            assert time.monotonic() < deadline, "the worker outlived the service"
-            time.sleep(0.2)
+        service.wait(timeout=PATIENCE)
+        eventually(lambda: not _group_alive(service.pid), "the worker to stop with the service")
     finally:
         if _group_alive(service.pid):
             os.killpg(service.pid, signal.SIGKILL)

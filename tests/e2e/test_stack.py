@@ -5,9 +5,10 @@ management."""
 from __future__ import annotations
 
 import json
-import time
+import subprocess
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.api.main import create_app
 from app.settings import Settings
 from tests.helpers import (
+    PATIENCE,
     cnn_weights,
+    eventually,
     free_port,
     fresh_database,
     npz_upload,
@@ -27,28 +30,41 @@ from tests.helpers import (
     worker,
 )
 
+pytestmark = pytest.mark.slow
+
 REDIS = "redis://127.0.0.1:6379/9"
+
+Metrics = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Settings for the stack, and the real worker process running on it with its log."""
+
+    settings: Settings
+    worker: subprocess.Popen[bytes]
+    log: Path
+
+    def until(self, check: Any, what: str) -> Any:
+        """``check()``'s first true answer; fails at once if the worker has exited."""
+        return eventually(check, what, processes=[self.worker], log=self.log)
 
 
 @pytest.fixture(params=["postgresql+redis", "sqlite+sqla"])
-def stack(request: pytest.FixtureRequest, tiny_zoo: Path, tmp_path: Path) -> Iterator[Settings]:
-    """Settings for the stack, and a real worker process running on it."""
+def stack(request: pytest.FixtureRequest, tiny_zoo: Path, tmp_path: Path) -> Iterator[Stack]:
     database, broker = request.param.split("+")
     with fresh_database(database, tmp_path) as url:
         settings = service_settings(tiny_zoo, url, tmp_path)
         if broker == "redis":
             redis.Redis.from_url(REDIS).flushdb()
             settings = settings.model_copy(update={"broker_url": REDIS})
-        yield from _with_worker(settings, tmp_path)
+        settings = settings.model_copy(update={"worker_metrics_port": free_port()})
+        log = tmp_path / "worker.log"
+        with worker(settings, log) as process:
+            yield Stack(settings, process, log)
 
 
-def _with_worker(settings: Settings, tmp_path: Path) -> Iterator[Settings]:
-    settings = settings.model_copy(update={"worker_metrics_port": free_port()})
-    with worker(settings, tmp_path / "worker.log"):
-        yield settings
-
-
-def _worker_metrics(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def _worker_metrics(port: int) -> Metrics:
     """The worker's metrics endpoint, parsed: (sample name, labels) → value."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
@@ -69,14 +85,19 @@ def _job_lines(worker_log: str, job_id: str) -> list[dict[str, Any]]:
     return [line for line in lines if line.get("job_id") == job_id]
 
 
-def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path) -> None:
-    with TestClient(create_app(stack)) as client:
+def _finished(client: TestClient, location: str) -> dict[str, Any] | None:
+    job: dict[str, Any] = client.get(location).json()
+    return job if job["status"] in ("succeeded", "failed") else None
+
+
+def test_upload_to_ranking_through_a_real_worker(stack: Stack) -> None:
+    with TestClient(create_app(stack.settings)) as client:
         response = client.post(
             "/v1/recommendations",
-            params={"wait": 240, "k": 3},
+            params={"wait": PATIENCE, "k": 3},
             files={"file": ("clothes.npz", npz_upload(2))},
         )
-        worker_log = (tmp_path / "worker.log").read_text()
+        worker_log = stack.log.read_text()
         assert response.status_code == 200, f"{response.text}\n{worker_log[-3000:]}"
         body = response.json()
         assert len(body["ranking"]) == 3
@@ -88,23 +109,20 @@ def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path
             f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "brute-force"}
         )
         assert queued.status_code == 202
-        deadline = time.monotonic() + 120
-        while (job := client.get(queued.headers["location"]).json())["status"] not in (
-            "succeeded",
-            "failed",
-        ):
-            assert time.monotonic() < deadline, job
-            time.sleep(0.2)
+        location = queued.headers["location"]
+        job = stack.until(lambda: _finished(client, location), "the brute-force ranking")
         assert job["status"] == "succeeded", job
         assert all("error" in item["evidence"] for item in job["result"]["ranking"])
 
     # The jobs ran in a pool process; the worker's main process serves their metrics (the
     # last job's a moment after its row says it succeeded).
     ranked = ("t2v_worker_job_duration_seconds_count", _succeeded("rank"))
-    deadline = time.monotonic() + 10
-    while ranked not in (metrics := _worker_metrics(stack.worker_metrics_port)):
-        assert time.monotonic() < deadline, metrics
-        time.sleep(0.1)
+
+    def with_the_ranking() -> Metrics | None:
+        found = _worker_metrics(stack.settings.worker_metrics_port)
+        return found if ranked in found else None
+
+    metrics: Metrics = stack.until(with_the_ranking, "the worker's metrics of the ranking")
     for kind in ("embed", "rank"):
         done = _succeeded(kind)
         assert metrics[("t2v_worker_job_duration_seconds_count", done)] == 1, metrics
@@ -113,15 +131,15 @@ def test_upload_to_ranking_through_a_real_worker(stack: Settings, tmp_path: Path
     fisher = frozenset({("kind", "embed"), ("stage", "fisher")})
     assert metrics[("t2v_worker_job_stage_duration_seconds_count", fisher)] == 1
     # Its log lines are JSON objects carrying the job's id and the request that created it.
-    lines = _job_lines((tmp_path / "worker.log").read_text(), body["job_id"])
+    lines = _job_lines(stack.log.read_text(), body["job_id"])
     assert any(line["message"].endswith(" started") for line in lines), lines
     assert {line["request_id"] for line in lines} == {response.headers["x-request-id"]}
 
 
-def test_zoo_management_through_a_real_worker(stack: Settings, tmp_path: Path) -> None:
+def test_zoo_management_through_a_real_worker(stack: Stack) -> None:
     """A registered expert goes through the evaluate queue, and a new zoo task through the
     embed queue; the API serves the published versions without a restart."""
-    with TestClient(create_app(stack)) as client:
+    with TestClient(create_app(stack.settings)) as client:
         registered = client.post(
             "/v1/experts",
             data={"name": "cnn-4x1-e2e", "architecture": "cnn-4x1", "input_size": "28"},
@@ -134,11 +152,12 @@ def test_zoo_management_through_a_real_worker(stack: Settings, tmp_path: Path) -
             files={"file": ("clothes.npz", npz_upload(2))},
         )
         assert added.status_code == 202, added.text
-        deadline = time.monotonic() + 240
-        while (zoo := client.get("/v1/zoo").json())["experts"] != 4 or zoo["tasks"] != 9:
-            worker_log = (tmp_path / "worker.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, f"{zoo}\n{worker_log}"
-            time.sleep(0.2)
+
+        def grown() -> bool:
+            zoo = client.get("/v1/zoo").json()
+            return bool(zoo["experts"] == 4 and zoo["tasks"] == 9)
+
+        stack.until(grown, "a zoo version with the new expert and task")
         expert = client.get("/v1/experts/cnn-4x1-e2e").json()
         assert expert["status"] == "ready", expert
         task = client.get("/v1/zoo/tasks/uploaded-clothes").json()

@@ -1,6 +1,6 @@
 """What the service tells its operators: the API's /metrics (parsed as Prometheus parses it),
 X-Request-ID on every answer and on the jobs a request creates, JSON log lines carrying the
-request and the job, and the workers' job and sweep metrics (tests/service/test_e2e.py
+request and the job, and the workers' job and sweep metrics (tests/e2e/test_stack.py
 scrapes a real worker's endpoint in multiprocess mode)."""
 
 from __future__ import annotations
@@ -279,6 +279,7 @@ def test_sweeps_are_counted() -> None:
     }
 
 
+@pytest.mark.slow
 def test_a_worker_metrics_directory_is_fresh_and_stale_ones_go(tmp_path: Path) -> None:
     """``enable`` puts a process in multiprocess mode on a new private directory, and removes
     the directories of workers that were killed (their process is gone)."""

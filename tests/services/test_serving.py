@@ -5,29 +5,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from app.api.main import create_app
 from app.db.models import Recommendation
 from app.db.session import session_scope
-from app.services.cache import LRUCache
+from app.services.serving import ZooStates
 from app.settings import Settings
 from tests.helpers import npz_upload, run_job
-
-
-def test_the_cache_keeps_the_most_recently_used() -> None:
-    cache: LRUCache[str, int] = LRUCache(2)
-    cache.put("a", 1)
-    cache.put("b", 2)
-    assert cache.get("a") == 1  # "b" is now the least recently used
-    cache.put("c", 3)
-    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
-    assert len(cache) == 2
-    off: LRUCache[str, int] = LRUCache(0)
-    off.put("a", 1)
-    assert off.get("a") is None
 
 
 def test_without_a_ranking_cache_every_read_computes_and_one_row_is_kept(
@@ -46,6 +35,7 @@ def test_without_a_ranking_cache_every_read_computes_and_one_row_is_kept(
     assert rows == 1
 
 
+@pytest.mark.slow
 def test_a_serving_process_runs_its_numeric_libraries_on_one_thread() -> None:
     """``app.api.main:app`` (what uvicorn imports) caps BLAS, OpenMP and torch threads."""
     code = (
@@ -64,3 +54,13 @@ def test_a_serving_process_runs_its_numeric_libraries_on_one_thread() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[1]", "1", "1"]
+
+
+def test_a_late_load_of_an_older_version_is_never_installed() -> None:
+    """Background loads may finish out of order: only the version last asked for goes in."""
+    states = ZooStates()
+    old, older, newest = (SimpleNamespace(version=v) for v in ("v1", "v2", "v3"))
+    states._state, states._wanted = old, "v3"  # type: ignore[assignment]
+    assert states._install(older) is old  # type: ignore[arg-type]
+    assert states._install(newest) is newest  # type: ignore[arg-type]
+    assert states._install(older) is newest  # type: ignore[arg-type]

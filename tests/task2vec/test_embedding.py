@@ -149,6 +149,7 @@ def _fashion(classes: list[int], n: int = 400) -> LabelledImages:
     return from_arrays(x[keep], y[keep])
 
 
+@pytest.mark.slow
 def test_relabelling_the_classes_leaves_the_embedding_unchanged() -> None:
     task = _fashion([0, 1, 2, 3, 4])
     permutation = np.array([3, 0, 4, 1, 2])
@@ -169,6 +170,7 @@ def test_relabelling_the_classes_leaves_the_embedding_unchanged() -> None:
     assert symmetric(a, b) < 0.5 * symmetric(a, shuffled)
 
 
+@pytest.mark.slow
 def test_similar_tasks_are_closer_than_different_domains() -> None:
     clothes = embed(_fashion([0, 2, 4, 6]), REAL)  # tops
     shoes = embed(_fashion([5, 7, 9, 8]), REAL)  # footwear and bags

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.task2vec.lanes import Turnstile, cpu_lanes
+from tests.helpers import PATIENCE
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_a_step_that_fails_before_its_turn_does_not_hold_up_the_rest() -> None:
 
     thread = threading.Thread(target=run)
     thread.start()
-    thread.join(timeout=10)
+    thread.join(PATIENCE)
     assert done.is_set()
     assert passed[:1] == [0]
 

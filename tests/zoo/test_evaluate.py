@@ -14,7 +14,6 @@ import torch
 from app.data.offline import fashion_mnist
 from app.task2vec.datasets import from_arrays
 from app.task2vec.embedding import Embedding
-from app.zoo.build import ZooBuilder
 from app.zoo.check import CHECK_METHODS, check
 from app.zoo.evaluate import (
     METHODS,
@@ -26,7 +25,6 @@ from app.zoo.evaluate import (
     paired_difference,
 )
 from app.zoo.experts import load_expert
-from app.zoo.presets import recipe
 from app.zoo.recommenders import Query, brute_force
 from app.zoo.report import write_report
 from app.zoo.zoo import Zoo
@@ -35,8 +33,8 @@ RANKERS = [m for m in METHODS if m != "learned-shuffled"]
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    return ZooBuilder(recipe("tiny"), tmp_path_factory.mktemp("data")).build()
+def zoo(tiny_built: Zoo) -> Zoo:
+    return tiny_built
 
 
 @pytest.fixture(scope="module")

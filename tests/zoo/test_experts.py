@@ -79,6 +79,7 @@ def test_holdout_error_is_deterministic_and_tracks_separability() -> None:
     assert "30% held out" in protocol.describe()["split"]
 
 
+@pytest.mark.slow
 def test_weights_are_checked_before_a_large_architecture_is_built(tmp_path: Path) -> None:
     """mlp-4096x6 at 64 px has 134M parameters (536 MB): named with small weights, it is
     refused by the shapes without allocating them (peak memory of a fresh process)."""

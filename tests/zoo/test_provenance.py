@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.data import offline
-from app.zoo.build import PROVENANCE_FILE, ZooBuilder
+from app.zoo.build import PROVENANCE_FILE
 from app.zoo.presets import recipe
 from app.zoo.provenance import EXPERT_POOL, ImageSplit
 from app.zoo.tasks import SOURCES, TaskSpec, materialize, source_indices
@@ -19,8 +19,8 @@ from app.zoo.zoo import Zoo
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    return ZooBuilder(recipe("tiny"), tmp_path_factory.mktemp("data")).build()
+def built(tiny_built: Zoo) -> Zoo:
+    return tiny_built
 
 
 def test_split_pools_are_disjoint_seeded_and_cover_the_source() -> None:

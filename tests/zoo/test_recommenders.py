@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 from app.task2vec.errors import ConfigError
-from app.zoo.build import ZooBuilder
-from app.zoo.presets import recipe
 from app.zoo.recommenders import (
     Query,
     Task2VecKNN,
@@ -22,8 +20,8 @@ from app.zoo.zoo import Zoo
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    return ZooBuilder(recipe("tiny"), tmp_path_factory.mktemp("data")).build()
+def zoo(tiny_built: Zoo) -> Zoo:
+    return tiny_built
 
 
 def _dense_log_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
