@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: system install run test lint typecheck format bench clean starter-bundle
+.PHONY: system install run test test-fast lint typecheck format bench clean starter-bundle
 
 # Debian packages the project needs: Fashion-MNIST (the zoo's clothing images) and Python 3.11.
 system:
@@ -37,8 +37,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy app workers bench client/task2vec_client
 
+# The whole suite: lint, types, every test (real processes and fault drills included); the
+# slowest tests are listed at the end.
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=10
+
+# Everything but the tests marked slow: the loop to run while changing code.
+test-fast: lint typecheck
+	$(BIN)/pytest -m "not slow" --durations=10
 
 format: install
 	$(BIN)/ruff format .
