@@ -109,6 +109,8 @@ def test_the_check_catches_a_timed_assertion(source: str, timed: bool) -> None:
 
 #: What starts a process: the standard library's calls and the helpers built on them.
 STARTERS = {"Popen", "run", "check_output", "check_call", "start_api", "start_worker", "worker"}
+#: Calls that start one whatever they are called on (``ctx.Process``).
+ALWAYS = {"Popen", "Process"}
 
 
 def _marks_slow(node: ast.AST) -> bool:
@@ -121,7 +123,9 @@ def _starts(node: ast.AST, starters: set[str]) -> bool:
             func = call.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
             module = getattr(getattr(func, "value", None), "id", None)
-            if name in starters and (module in (None, "subprocess") or name not in STARTERS):
+            if name in ALWAYS or (
+                name in starters and (module in (None, "subprocess") or name not in STARTERS)
+            ):
                 return True
     return False
 
@@ -175,6 +179,7 @@ def test_tests_that_start_processes_are_marked_slow() -> None:
         ("pytestmark = [pytest.mark.slow]\ndef test_a():\n    subprocess.run(['x'])", []),
         ("def test_a():\n    client.post('/v1/tasks')\n    run_job(s, j)", []),
         ("def test_a():\n    asyncio.run(main())", []),
+        ("def test_a():\n    spawn.Process(target=f).start()", ["test_a"]),
     ],
 )
 def test_the_check_finds_a_test_that_starts_a_process(source: str, unmarked: list[str]) -> None:

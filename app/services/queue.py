@@ -10,6 +10,7 @@ is not held up behind long jobs; ``task2vec worker`` serves it by default.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from datetime import UTC, datetime
 from functools import cache
@@ -65,11 +66,33 @@ DELIVERY_TASK = "workers.deliver_webhook"
 WEBHOOK_QUEUE = "webhooks"
 
 
+#: The embedded broker: a SQLite file, through kombu's SQLAlchemy transport.
+EMBEDDED = "sqla+sqlite:///"
+
+
+def _declare_embedded_queues(celery: Celery, database: Path) -> None:
+    """Create the embedded broker's tables and a row for every queue, whichever process comes
+    first, before any message goes through it.
+
+    kombu's SQLAlchemy transport creates them on first use with a check and an insert that
+    are atomic within one process only: an API and a worker that started together both
+    inserted a queue's row, and the one that lost failed on its unique name (a worker stops:
+    "Unrecoverable error"). Under an exclusive lock on a file beside the database one process
+    at a time declares them, and every later use finds them."""
+    queues = sorted({kind.queue for kind in JobKind} | {WEBHOOK_QUEUE})
+    with database.with_name(database.name + ".lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with celery.connection_for_write() as connection:
+            channel = connection.default_channel
+            for name in queues:
+                channel.queue_declare(queue=name)
+
+
 @cache
 def celery_for(broker: str) -> Celery:
     """The Celery app for a broker URL (one per URL and process)."""
-    if broker.startswith("sqla+sqlite:///"):
-        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if broker.startswith(EMBEDDED):
+        Path(broker.removeprefix(EMBEDDED)).parent.mkdir(parents=True, exist_ok=True)
     celery = Celery("task2vec", broker=broker, include=[TASK_MODULE])
     celery.conf.update(
         task_acks_late=True,
@@ -94,6 +117,8 @@ def celery_for(broker: str) -> Celery:
         celery.conf.broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT}
     if broker.startswith("sqla+"):
         celery.steps["consumer"].add(PollEmbeddedBrokerOften)
+    if broker.startswith(EMBEDDED):
+        _declare_embedded_queues(celery, Path(broker.removeprefix(EMBEDDED)))
     return celery
 
 

@@ -10,8 +10,11 @@ refusals come from a closed port on loopback; ``check`` asks the machine's real 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import sqlite3
 from pathlib import Path
 from queue import Empty
+from threading import Barrier
 from typing import Any
 
 import pytest
@@ -24,7 +27,7 @@ from app.services import jobs, queue
 from app.services.jobs import JobKind
 from app.services.problems import ProblemError
 from app.settings import Settings
-from tests.helpers import free_port, job_row
+from tests.helpers import PATIENCE, free_port, job_row
 
 LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
@@ -94,6 +97,49 @@ def test_one_app_per_broker_with_that_brokers_options(tmp_path: Path) -> None:
     assert redis is not app
     assert redis.conf.broker_transport_options == {"visibility_timeout": 600}
     assert queue.PollEmbeddedBrokerOften not in redis.steps["consumer"]
+
+
+def _queue_rows(broker: str) -> list[str]:
+    database = broker.removeprefix(queue.EMBEDDED)
+    with sqlite3.connect(database) as connection:
+        return sorted(name for (name,) in connection.execute("SELECT name FROM kombu_queue"))
+
+
+def test_the_embedded_brokers_queues_exist_before_any_message(tmp_path: Path) -> None:
+    """A process that sends a message or consumes one finds its queue's row: nothing is
+    inserted on first use, where two processes would race to insert one name."""
+    broker = _embedded(tmp_path)
+    queue.celery_for(broker)
+    assert _queue_rows(broker) == ["embed", "evaluate", "webhooks"]
+    queue.celery_for.cache_clear()  # another process, as it starts
+    queue.celery_for(broker)
+    assert _queue_rows(broker) == ["embed", "evaluate", "webhooks"]
+
+
+def _send_at_once(broker: str, ready: Barrier) -> None:
+    from app.services import queue  # a fresh interpreter: its own app and engine
+
+    app = queue.celery_for(broker)
+    ready.wait()
+    app.send_task("workers.embed", args=["job"], queue="embed")
+
+
+@pytest.mark.slow
+def test_processes_starting_together_on_a_new_embedded_broker_all_send(tmp_path: Path) -> None:
+    """Six processes open a new embedded broker and send at the same moment, three times
+    over. Declaring a queue on first use, one in two such rounds lost a process to the
+    queue's unique name."""
+    spawn = multiprocessing.get_context("spawn")
+    for round_ in range(3):
+        broker = _embedded(tmp_path / str(round_))
+        ready = spawn.Barrier(6)
+        senders = [spawn.Process(target=_send_at_once, args=(broker, ready)) for _ in range(6)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(PATIENCE)
+        assert [s.exitcode for s in senders] == [0] * 6
+        assert len(_drain(broker, "embed")) == 6
 
 
 def test_a_message_carries_the_job_id_alone_to_its_queue(tmp_path: Path) -> None:
