@@ -3,6 +3,7 @@ each path with the statuses planned for it, then 200."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
-from tests.helpers import PATIENCE
+from tests.helpers import eventually
 
 
 @dataclass(frozen=True)
@@ -56,20 +57,20 @@ class _Receiver(BaseHTTPRequestHandler):
 class Receiver:
     def __init__(self, handler: type[_Receiver], base: str) -> None:
         self.handler, self.base = handler, base
+        #: The processes that send here (a worker, an API): a wait fails at once when one
+        #: of them has exited, instead of waiting for POSTs that can no longer come.
+        self.senders: list[subprocess.Popen[bytes]] = []
 
     def plan(self, path: str, *statuses: int) -> str:
         self.handler.plans[path] = list(statuses)
         return self.base + path
 
-    def wait(self, path: str, count: int, timeout: float = PATIENCE) -> list[Received]:
+    def wait(self, path: str, count: int) -> list[Received]:
         """The first ``count`` POSTs to ``path``, once they came."""
+        what = f"{count} POSTs to {path}"
+        eventually(lambda: self.count(path) >= count, what, processes=self.senders)
         with self.handler.arrived:
-            self.handler.arrived.wait_for(
-                lambda: len([r for r in self.handler.got if r.path == path]) >= count, timeout
-            )
-            found = [r for r in self.handler.got if r.path == path]
-        assert len(found) >= count, f"{len(found)} POSTs to {path}, not {count}"
-        return found[:count]
+            return [r for r in self.handler.got if r.path == path][:count]
 
     def count(self, path: str) -> int:
         with self.handler.arrived:

@@ -49,8 +49,12 @@ def platform(tiny_zoo: Path, tmp_path: Path) -> Iterator[tuple[Settings, Client,
         )
         allowed = {"T2V_ALLOW_PRIVATE_URLS": "true", "T2V_WEBHOOK_RETRY_BASE_SECONDS": "0.5"}
         port = free_port()
-        with worker(settings, tmp_path / "worker.log", **allowed), receiving() as receiver:
+        with (
+            worker(settings, tmp_path / "worker.log", **allowed) as running,
+            receiving() as receiver,
+        ):
             api = start_api(settings, port, tmp_path / "api.log", **allowed)
+            receiver.senders = [running, api]
             try:
                 with Client(f"http://127.0.0.1:{port}", timeout=PATIENCE) as client:
                     yield settings, client, receiver

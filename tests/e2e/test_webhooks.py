@@ -49,9 +49,10 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def live(
-    tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
 ) -> Iterator[tuple[Settings, TestClient]]:
-    """The API in-process and a real worker process, on SQLite, callbacks to loopback allowed."""
+    """The API in-process and a real worker process, on SQLite, callbacks to loopback allowed
+    (the receiver's waits end at once if the worker exits)."""
     tmp = tmp_path_factory.mktemp("webhooks")
     with fresh_database("sqlite", tmp) as url:
         settings = service_settings(tiny_zoo, url, tmp).model_copy(
@@ -69,10 +70,12 @@ def live(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        receiver.senders = [worker]
         try:
             with TestClient(create_app(settings)) as client:
                 yield settings, client
         finally:
+            receiver.senders = []
             stop(worker)
 
 
