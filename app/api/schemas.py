@@ -82,6 +82,17 @@ class RankedExpert(BaseModel):
     evidence: dict[str, Any]
 
 
+class MethodOut(BaseModel):
+    name: str
+    summary: str
+    needs: str = Field(
+        description="what of the dataset it reads: nothing, its embedding (the one probe pass "
+        "every upload gets) or its images (a forward pass of each expert it ranks)"
+    )
+    runs: str = Field(description="api: answered in the request; worker: a job beside it")
+    default: bool = Field(description="the method a ranking uses when none is named")
+
+
 class Ranking(BaseModel):
     task_id: str
     method: str

@@ -22,6 +22,7 @@ from app.api.schemas import (
     DatasetOut,
     EmbeddingOut,
     JobAccepted,
+    MethodOut,
     Neighbours,
     Ranking,
     TaskAccepted,
@@ -35,9 +36,10 @@ from app.db.models import JobStatus
 from app.services import tasks, uploads
 from app.services.jobs import JobState
 from app.services.problems import ProblemError
-from app.services.serving import FAST_METHODS, METHODS, WORKER_METHODS, ZooState
+from app.services.serving import DEFAULT_METHOD, FAST_METHODS, METHODS, WORKER_METHODS, ZooState
 from app.services.uploads import Submitted
 from app.settings import Settings
+from app.zoo import recommenders
 
 router = APIRouter(
     prefix="/v1", responses=documented(400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503)
@@ -47,7 +49,13 @@ K = Annotated[int, Query(ge=1, le=1000, description="how many items to return")]
 
 
 def _known_method(
-    method: Annotated[str, Query(description=f"one of: {', '.join(METHODS)}")] = "learned",
+    method: Annotated[
+        str,
+        Query(
+            description="the ranking method (see the README's recommenders table)",
+            json_schema_extra={"enum": list(METHODS)},
+        ),
+    ] = DEFAULT_METHOD,
 ) -> str:
     if method not in METHODS:
         raise ProblemError(
@@ -61,6 +69,20 @@ def _known_method(
 
 #: The ranking method asked for, checked before an upload is stored (a route lists it first).
 Method = Annotated[str, Depends(_known_method)]
+
+
+@router.get("/methods", response_model=list[MethodOut], summary="The ranking methods served")
+def methods(_: Reader) -> list[MethodOut]:
+    return [
+        MethodOut(
+            name=m.name,
+            summary=m.summary,
+            needs=m.needs,
+            runs=m.runs,
+            default=m.name == DEFAULT_METHOD,
+        )
+        for m in (recommenders.method(name) for name in METHODS)
+    ]
 
 
 def accepted(job_id: str, body: BaseModel) -> JSONResponse:

@@ -172,7 +172,8 @@ def recommend_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Rank the zoo's experts for DATASET, locally."""
-    from app.zoo.recommenders import LearnedScorer, Query, recommenders
+    from app.zoo import recommenders
+    from app.zoo.recommenders import Query
 
     try:
         built = load_zoo(zoo, quiet)
@@ -181,14 +182,8 @@ def recommend_command(
         with ProgressReporter(quiet) as progress:
             embedding = embed(data, config, progress=progress)
         built.check_compatible(embedding)
-        available = recommenders(built)
-        if method == "learned":
-            ranking = LearnedScorer(built)(built, Query(embedding, data))
-        elif method in available:
-            ranking = available[method](built, Query(embedding, data))
-        else:
-            names = ", ".join(["learned", *available])
-            raise ValueError(f"unknown method {method!r}; choose one of: {names}")
+        recommenders.method(method, among=recommenders.served())
+        ranking = recommenders.build(method, built)(built, Query(embedding, data))
     except (Task2VecError, ValueError) as exc:
         raise fail(exc) from None
     items = [{"expert": r.expert, "score": r.score, **r.evidence} for r in ranking[:k]]

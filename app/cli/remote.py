@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 from pydantic import BaseModel
@@ -23,7 +23,7 @@ from app.progress import err
 
 if TYPE_CHECKING:
     from task2vec_client import Client, JobOut
-    from task2vec_client.models import RankedExpert
+    from task2vec_client.models import RankedExpert, RankingMethod
 
 remote_app = typer.Typer(help="A running service, through its Python client.", no_args_is_help=True)
 app.add_typer(remote_app, name="remote")
@@ -70,12 +70,20 @@ def _follow(t2v: Client, job_id: str, progress: Progress) -> JobOut:
     return job
 
 
+def _method(name: str | None) -> RankingMethod | None:
+    """The method as the client types it: the service checks the name and names the choices."""
+    return cast("RankingMethod | None", name)
+
+
 @remote_app.command("recommend")
 def recommend(
     dataset: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="zip, tar or .npz")],
     server: Server = DEFAULT_SERVER,
     api_key: Key = None,
-    method: Annotated[str, typer.Option(help="learned, task2vec-knn, …, logme")] = "learned",
+    method: Annotated[
+        str | None,
+        typer.Option(help="ranking method (GET /v1/methods lists them); the service's default"),
+    ] = None,
     k: Annotated[int, typer.Option(min=1, help="experts to show")] = 5,
     as_json: AsJson = False,
 ) -> None:
@@ -102,14 +110,16 @@ def recommend(
             )
             progress.remove_task(bar)
             _follow(t2v, accepted.job_id, progress)
-            ranked = t2v.recommendations(accepted.task_id, k=k, method=method)
+            ranked = t2v.recommendations(accepted.task_id, k=k, method=_method(method))
             if isinstance(ranked, JobAccepted):  # a worker ranks it
                 job = _follow(t2v, ranked.job_id, progress)
-                items = (job.result or {}).get("ranking", [])[:k]
+                result = job.result or {}
+                items = result.get("ranking", [])[:k]
                 rows = [RankedExpert.model_validate(item) for item in items]
+                method = result.get("method", method)
                 body = {"task_id": accepted.task_id, "method": method, "ranking": items}
             else:
-                rows, body = ranked.ranking, ranked.model_dump(mode="json")
+                rows, body, method = ranked.ranking, ranked.model_dump(mode="json"), ranked.method
     except ProblemError as exc:
         raise fail(exc) from None
     if as_json:
@@ -155,7 +165,9 @@ def tasks(
     task_id: Annotated[str, typer.Argument(help="a task's id")],
     server: Server = DEFAULT_SERVER,
     api_key: Key = None,
-    method: Annotated[str, typer.Option(help="the ranking method")] = "learned",
+    method: Annotated[
+        str | None, typer.Option(help="ranking method; the service's default")
+    ] = None,
     k: Annotated[int, typer.Option(min=1)] = 5,
     as_json: AsJson = False,
 ) -> None:
@@ -165,7 +177,7 @@ def tasks(
     try:
         with _client(server, api_key) as t2v:
             task = t2v.task(task_id)
-            ranked = t2v.recommendations(task_id, k=k, method=method)
+            ranked = t2v.recommendations(task_id, k=k, method=_method(method))
     except ProblemError as exc:
         raise fail(exc) from None
     if as_json:
@@ -176,7 +188,7 @@ def tasks(
     if isinstance(ranked, JobAccepted):
         out.print(f"{method} is ranked by a worker: task2vec remote jobs {ranked.job_id}")
     else:
-        out.print(_ranking_table(method, ranked.ranking))
+        out.print(_ranking_table(ranked.method, ranked.ranking))
 
 
 @remote_app.command("experts")

@@ -43,27 +43,30 @@ def zoo_evaluate(
     out: Annotated[Path, typer.Option("--out", help="folder for report.md, results.json, plots")],
     zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
     methods: Annotated[
-        str, typer.Option(help="comma-separated recommenders")
-    ] = "global-best,task2vec-knn,task2vec-asym,learned,learned-shuffled,logme",
+        str | None, typer.Option(help="comma-separated recommenders; by default all of them")
+    ] = None,
     k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
     protocols: Annotated[
-        str, typer.Option(help="comma-separated: task (leave-one-task-out), domain")
-    ] = "task,domain",
+        str,
+        typer.Option(help="comma-separated: task (leave-one-task-out), domain, source"),
+    ] = "task,domain,source",
     zero_filters: Annotated[
         str, typer.Option(help="filters with zero Fisher in both embeddings: drop or half")
     ] = "drop",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Leave-one-task-out and leave-one-domain-out evaluation of the recommenders: a fold
-    holds out its tasks and every expert trained on them."""
+    """Leave-one-task-out, leave-one-domain-out and leave-one-source-out evaluation of the
+    recommenders: a fold holds out its tasks, every task that shares an image with them and
+    every expert trained on one of those."""
     from app.task2vec.distances import zero_filter_convention
-    from app.zoo.evaluate import evaluate
+    from app.zoo.evaluate import METHODS, evaluate
     from app.zoo.report import write_report
 
     try:
         built = load_zoo(zoo, quiet)
         with ProgressReporter(quiet) as progress, zero_filter_convention(zero_filters):
-            results = evaluate(built, methods.split(","), k, progress, tuple(protocols.split(",")))
+            chosen = list(METHODS) if methods is None else methods.split(",")
+            results = evaluate(built, chosen, k, progress, tuple(protocols.split(",")))
         results["zoo"]["zero_filters"] = zero_filters
         write_report(built, results, out)
     except (Task2VecError, ValueError) as exc:
@@ -78,8 +81,8 @@ def zoo_check(
     ],
     zoo: Annotated[str, typer.Option(help="preset name or zoo folder")] = "demo",
     methods: Annotated[
-        str, typer.Option(help="comma-separated recommenders")
-    ] = "global-best,task2vec-knn,task2vec-asym,learned,logme",
+        str | None, typer.Option(help="comma-separated recommenders; by default all of them")
+    ] = None,
     k: Annotated[int, typer.Option(help="neighbour tasks for knn and learned")] = 5,
     out: Annotated[
         Path | None, typer.Option("--out", help="write results.json (every figure) here")
@@ -88,7 +91,7 @@ def zoo_check(
 ) -> None:
     """Score every recommender against brute force on datasets from outside the zoo: each
     expert is evaluated on each dataset with the zoo's protocol, then compared with the picks."""
-    from app.zoo.check import check
+    from app.zoo.check import CHECK_METHODS, check
     from app.zoo.report import summary_table, versus_table
 
     try:
@@ -100,7 +103,8 @@ def zoo_check(
             names = [str(p) for p in datasets]
         loaded = {n: load_dataset(p, image_size=size) for n, p in zip(names, datasets, strict=True)}
         with ProgressReporter(quiet) as progress:
-            results = check(built, loaded, tuple(methods.split(",")), k, progress)
+            chosen = CHECK_METHODS if methods is None else tuple(methods.split(","))
+            results = check(built, loaded, chosen, k, progress)
     except (Task2VecError, ValueError) as exc:
         raise fail(exc) from None
     if out is not None:

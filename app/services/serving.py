@@ -24,15 +24,18 @@ from app.settings import Settings
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
-from app.zoo.recommenders import LearnedScorer, Query, Ranked, Recommender, recommenders
+from app.zoo import recommenders
+from app.zoo.recommenders import Query, Ranked, Recommender
 from app.zoo.zoo import Zoo
 
 log = logging.getLogger(__name__)
 
 #: Methods the API answers in-process; the others need the images and run on a worker.
-FAST_METHODS = ("learned", "task2vec-knn", "task2vec-asym", "global-best")
-WORKER_METHODS = ("logme", "brute-force")
-METHODS = FAST_METHODS + WORKER_METHODS
+FAST_METHODS = recommenders.registry.names(runs=("api",))
+WORKER_METHODS = recommenders.registry.names(runs=("worker",))
+METHODS = recommenders.served()
+#: The method a ranking uses when none is named.
+DEFAULT_METHOD = "learned"
 
 
 @dataclass
@@ -50,10 +53,10 @@ class ZooState:
 
     @classmethod
     def load(cls, version: Version, ranking_cache_size: int = 4096) -> ZooState:
-        """The version's zoo with its saved index and a freshly fit learned scorer."""
+        """The version's zoo with its saved index and every served method fitted on it."""
         zoo = Zoo.load(version.folder)
         zoo.index()
-        methods: dict[str, Recommender] = {**recommenders(zoo), "learned": LearnedScorer(zoo)}
+        methods = {name: recommenders.build(name, zoo) for name in METHODS}
         return cls(zoo, version, methods, LRUCache(ranking_cache_size))
 
     def neighbours(self, embedding: Embedding, k: int) -> list[dict[str, Any]]:
@@ -72,8 +75,7 @@ class ZooState:
     def rank(
         self, method: str, embedding: Embedding, data: LabelledImages | None = None
     ) -> list[Ranked]:
-        if method not in self.methods:
-            raise ConfigError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+        recommenders.method(method, among=METHODS)
         self.zoo.check_compatible(embedding)
         return self.methods[method](self.zoo, Query(embedding, data))
 

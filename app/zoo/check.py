@@ -17,39 +17,40 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import embed
+from app.zoo import recommenders
 from app.zoo.evaluate import Progress, ranking_metrics, summarise, versus
 from app.zoo.features import extract_features
 from app.zoo.matrix import holdout_error
-from app.zoo.recommenders import LearnedScorer, Query, Ranked, logme, ranked, recommenders
+from app.zoo.recommenders import Query, logme
 from app.zoo.zoo import Zoo
 
-CHECK_METHODS = ("global-best", "task2vec-knn", "task2vec-asym", "learned", "logme")
+#: Every method of the evaluation but the label baselines: an outside dataset has no zoo label.
+CHECK_METHODS = tuple(
+    m for m in recommenders.evaluated() if recommenders.method(m).needs != "label"
+)
 
 
 def _ground_truth(
     zoo: Zoo, data: LabelledImages, with_logme: bool
-) -> tuple[dict[str, float], list[Ranked] | None, float]:
-    """Every expert's held-out error on ``data``, LogME's ranking (when asked) and its seconds.
+) -> tuple[dict[str, float], dict[str, float] | None, float]:
+    """Every expert's held-out error on ``data``, its LogME score (when asked) and the seconds
+    LogME took.
 
     Features are extracted once per expert and serve both; LogME's seconds include the forward
     passes, which it needs and the embedding-based recommenders do not."""
     errors: dict[str, float] = {}
-    scores, evidence = [], []
+    scores: dict[str, float] = {}
     seconds = 0.0
     for e, expert in enumerate(zoo.experts):
         started = time.perf_counter()
         features = extract_features(expert, zoo.expert_model(e), data)
         if with_logme:
-            scores.append(logme(features, data.labels))
-            evidence.append({"logme": scores[-1]})
+            scores[expert.name] = logme(features, data.labels)
             seconds += time.perf_counter() - started
         errors[expert.name] = holdout_error(features, data.labels, zoo.protocol)
-    ranking = ranked(zoo, np.array(scores), evidence) if with_logme else None
-    return errors, ranking, seconds
+    return errors, scores if with_logme else None, seconds
 
 
 def check(
@@ -72,24 +73,22 @@ def check(
         )
     if not datasets:
         raise ValueError("an outside check needs at least one labelled dataset")
-    made = recommenders(zoo, k)
-    if "learned" in methods:
-        made["learned"] = LearnedScorer(zoo, k)
+    made = {m: recommenders.build(m, zoo, k) for m in methods}
+    images = any(recommenders.method(m).needs == "images" for m in methods)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     truth: dict[str, dict[str, float]] = {}
     for i, (name, data) in enumerate(datasets.items()):
         embedding = embed(data, zoo.embed_config, progress=progress)
         zoo.check_compatible(embedding, f"the embedding of {name}")
-        errors, by_logme, logme_seconds = _ground_truth(zoo, data, "logme" in methods)
+        errors, by_logme, logme_seconds = _ground_truth(zoo, data, images)
         truth[name] = errors
         floor = zoo.protocol.resolution(len(data))
         for method in methods:
-            if method == "logme" and by_logme is not None:
-                ranking, seconds = by_logme, logme_seconds
-            else:
-                started = time.perf_counter()
-                ranking = made[method](zoo, Query(embedding, data))
-                seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            ranking = made[method](zoo, Query(embedding, data, logme=by_logme))
+            seconds = time.perf_counter() - started
+            if recommenders.method(method).needs == "images":
+                seconds += logme_seconds
             rows[method].append(
                 {
                     "dataset": name,
@@ -105,7 +104,7 @@ def check(
             progress("datasets", i + 1, len(datasets))
     return {
         "recommenders": {m: summarise(r) for m, r in rows.items()},
-        "versus": versus(rows, key="dataset"),
+        "versus": versus(rows, key="dataset", cluster=None),
         "per_dataset": rows,
         "errors": truth,
         "zoo": {"tasks": len(zoo.tasks), "experts": len(zoo.experts), "probe": zoo.probe},

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,64 +42,17 @@ from threadpoolctl import threadpool_limits
 from app.task2vec.distances import memoised_distances
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
+from app.zoo import recommenders
 from app.zoo.features import extract_features
+from app.zoo.folds import MIN_SCORED_IMAGES, PROTOCOL_TITLES, PROTOCOLS, Fold, folds
 from app.zoo.index import recall_at_k
-from app.zoo.recommenders import (
-    LearnedScorer,
-    Query,
-    Ranked,
-    Recommender,
-    Task2VecKNN,
-    global_best,
-    logme,
-    ranked,
-    task2vec_asym,
-)
+from app.zoo.recommenders import Query, Ranked, Task2VecKNN, logme
 from app.zoo.zoo import Zoo
 
-#: The learned scorer trained and queried with the embeddings dealt out to the wrong tasks:
-#: what it scores without task information. The gap to ``learned`` is what the embeddings add.
-SHUFFLED_CONTROL = "learned-shuffled"
-METHODS = ("global-best", "task2vec-knn", "task2vec-asym", "learned", SHUFFLED_CONTROL, "logme")
-PROTOCOLS = ("task", "domain")
-PROTOCOL_TITLES = {"task": "leave-one-task-out", "domain": "leave-one-domain-out"}
+#: Every method the evaluation compares, in the registry's order (brute force is the truth).
+METHODS = recommenders.evaluated()
 METRICS = ("rel_error_increase", "regret", "weighted_tau", "top1", "seconds")
 Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Fold:
-    """One round of an evaluation: tasks held out, and the experts that stay candidates."""
-
-    name: str
-    held_out: tuple[int, ...]
-    experts: tuple[int, ...]
-
-    def visible(self, zoo: Zoo) -> list[int]:
-        return [t for t in range(len(zoo.tasks)) if t not in self.held_out]
-
-
-def folds(zoo: Zoo, protocol: str) -> list[Fold]:
-    """The folds of ``protocol`` ("task" or "domain"). Experts trained on a held-out task
-    leave with it; experts with no source task in the zoo (ImageNet, random) always stay."""
-    groups: list[tuple[str, tuple[int, ...]]]
-    if protocol == "task":
-        groups = [(task.name, (t,)) for t, task in enumerate(zoo.tasks)]
-    elif protocol == "domain":
-        domains = sorted({t.domain for t in zoo.tasks})
-        if len(domains) < 2:
-            raise ValueError("leave-one-domain-out needs a zoo of at least two domains")
-        groups = [
-            (d, tuple(t for t, task in enumerate(zoo.tasks) if task.domain == d)) for d in domains
-        ]
-    else:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of: {', '.join(PROTOCOLS)}")
-    out = []
-    for name, held in groups:
-        names = {zoo.tasks[t].name for t in held}
-        kept = tuple(e for e, x in enumerate(zoo.experts) if x.source_task not in names)
-        out.append(Fold(name, held, kept))
-    return out
 
 
 def ranking_metrics(
@@ -126,23 +78,6 @@ def _metrics(zoo: Zoo, task: int, fold: Fold, ranking: list[Ranked]) -> dict[str
     return ranking_metrics(errors, zoo.protocol.resolution(zoo.tasks[task].size), ranking)
 
 
-def shuffled_embeddings(zoo: Zoo, seed: int = 0) -> Zoo:
-    """The zoo with its embeddings permuted so that no task keeps its own (a derangement)."""
-    n = len(zoo.tasks)
-    rng = np.random.default_rng(seed)
-    order = np.arange(n)
-    while n > 1 and np.any(order == np.arange(n)):
-        order = rng.permutation(n)
-    return Zoo(
-        zoo.embed_config,
-        zoo.tasks,
-        [zoo.embeddings[i] for i in order],
-        zoo.experts,
-        zoo.errors,
-        zoo.protocol,
-    )
-
-
 def logme_scores(zoo: Zoo, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(tasks, experts) LogME scores of every expert on every zoo task's evaluation images,
     and the seconds each task's scores took (every expert's forward pass included). A zoo
@@ -166,21 +101,14 @@ def logme_scores(zoo: Zoo, progress: Progress | None = None) -> tuple[np.ndarray
     return scores, seconds
 
 
-def _fold_recommenders(sub: Zoo, methods: list[str], k: int) -> dict[str, Recommender]:
-    """The recommenders of one fold, fit on the fold's zoo alone."""
-    made: dict[str, Recommender] = {}
-    for method in methods:
-        if method == "global-best":
-            made[method] = global_best
-        elif method == "task2vec-knn":
-            made[method] = Task2VecKNN(sub, k)
-        elif method == "task2vec-asym":
-            made[method] = task2vec_asym
-        elif method == "learned":
-            made[method] = LearnedScorer(sub, k)
-        elif method == SHUFFLED_CONTROL:
-            made[method] = LearnedScorer(shuffled_embeddings(sub), k)
-    return made
+def _query(zoo: Zoo, fold: Fold, t: int, embedding: Embedding, logme: np.ndarray | None) -> Query:
+    """Held-out task ``t`` as a query: its embedding, its LogME scores for the fold's experts
+    (read from the precomputed matrix), and the labels only the label baselines read."""
+    scores = None
+    if logme is not None:
+        scores = {zoo.experts[e].name: float(logme[t, e]) for e in fold.experts}
+    task = zoo.tasks[t]
+    return Query(embedding, logme=scores, domain=task.domain, source=task.source)
 
 
 def fold_rankings(
@@ -191,35 +119,32 @@ def fold_rankings(
     logme: np.ndarray | None = None,
     queries: dict[int, Embedding] | None = None,
 ) -> dict[str, dict[int, tuple[list[Ranked], float]]]:
-    """Every method's ranking (and its seconds) for every task the fold holds out.
+    """Every method's ranking (and its seconds) for every task the fold scores.
 
-    The recommenders see the fold's ``Zoo.subset`` and the held-out task's embedding only
-    (``queries[t]``: the embedding of the task's images, as a user's upload would have; by
-    default the zoo's copy, which is the same file). ``logme`` is the precomputed
-    (tasks, experts) matrix of ``logme_scores``. A method that
-    cannot rank in this fold (``task2vec-asym`` with no expert left that has a source task)
-    is left out of the fold's answer.
+    Each method is fitted on the fold's ``Zoo.subset`` alone, and sees the held-out task's
+    embedding (``queries[t]``: the embedding of the task's images, as a user's upload would
+    have; by default the zoo's copy, which is the same file). ``logme`` is the precomputed
+    (tasks, experts) matrix of ``logme_scores``, which the methods that need the images read
+    instead of extracting features again. A method that cannot rank in this fold
+    (``task2vec-asym`` with no expert left that has a source task) is left out of the fold's
+    answer.
     """
     sub = zoo.subset(fold.visible(zoo), list(fold.experts))
-    made = _fold_recommenders(sub, methods, k)
+    for name in methods:
+        if recommenders.method(name).needs == "images" and logme is None:
+            raise ConfigError(f"{name} needs the precomputed scores of logme_scores()")
+    made = {name: recommenders.build(name, sub, k) for name in methods}
     out: dict[str, dict[int, tuple[list[Ranked], float]]] = {m: {} for m in methods}
-    for t in fold.held_out:
-        for method in methods:
-            if method == "logme":
-                if logme is None:
-                    raise ConfigError("logme needs the precomputed scores of logme_scores()")
-                row = logme[t, list(fold.experts)]
-                evidence = [{"logme": float(v)} for v in row]
-                out[method][t] = (ranked(sub, row, evidence), float("nan"))
-                continue
-            seen = sub if method != SHUFFLED_CONTROL else shuffled_embeddings(sub)
+    for t in fold.queries:
+        embedding = zoo.embeddings[t] if queries is None else queries[t]
+        query = _query(zoo, fold, t, embedding, logme)
+        for name, recommender in made.items():
             started = time.perf_counter()
             try:
-                query = zoo.embeddings[t] if queries is None else queries[t]
-                ranking = made[method](seen, Query(query))
+                ranking = recommender(sub, query)
             except ConfigError:
                 continue
-            out[method][t] = (ranking, time.perf_counter() - started)
+            out[name][t] = (ranking, time.perf_counter() - started)
     return out
 
 
@@ -248,21 +173,36 @@ def paired_difference(
     baseline: list[dict[str, Any]],
     metric: str = "regret",
     key: str = "task",
+    cluster: str | None = "domain",
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Mean of ``metric`` minus the baseline's on the same tasks, with a 95% paired bootstrap
-    interval (tasks resampled with replacement, seeded) and the share of tasks on which the
-    recommender is better, worse or tied. Below zero is better for regret and error increase.
+    """Mean of ``metric`` minus the baseline's on the same queries, with a 95% paired
+    bootstrap interval (seeded) and the share of queries on which the recommender is better,
+    worse or tied. Below zero is better for regret and error increase.
 
-    Paired because tasks differ far more from each other than recommenders do: the spread of
-    a per-task difference is what says whether a gap is real."""
+    Paired because queries differ far more from each other than recommenders do. Clustered
+    (``cluster``: the row field naming a query's cluster, its domain by default) because the
+    queries of one domain are not independent draws: they share images, classes and the
+    experts that suit them, so resampling single queries makes the interval too narrow. Each
+    resample draws whole clusters with replacement and averages over their queries.
+    ``cluster=None`` resamples queries (datasets that share nothing)."""
     theirs = {r[key]: r[metric] for r in baseline}
-    diffs = np.array([r[metric] - theirs[r[key]] for r in rows if r[key] in theirs])
-    if len(diffs) == 0:
+    pairs = [
+        (r.get(cluster) if cluster else i, r[metric] - theirs[r[key]])
+        for i, r in enumerate(rows)
+        if r[key] in theirs
+    ]
+    if not pairs:
         return {"tasks": 0}
+    diffs = np.array([d for _, d in pairs])
+    labels = sorted({str(c) for c, _ in pairs})
+    of = np.array([labels.index(str(c)) for c, _ in pairs])
+    sums = np.bincount(of, weights=diffs, minlength=len(labels))
+    counts = np.bincount(of, minlength=len(labels)).astype(float)
     rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    drawn = rng.integers(0, len(labels), size=(resamples, len(labels)))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return {
         "metric_difference": float(diffs.mean()),
@@ -271,20 +211,25 @@ def paired_difference(
         "better": float(np.mean(diffs < 0)),
         "worse": float(np.mean(diffs > 0)),
         "tasks": len(diffs),
+        "clusters": len(labels),
     }
 
 
 def versus(
-    per_task: dict[str, list[dict[str, Any]]], metric: str = "regret", key: str = "task"
+    per_task: dict[str, list[dict[str, Any]]],
+    metric: str = "regret",
+    key: str = "task",
+    cluster: str | None = "domain",
+    baseline: str = BASELINE,
 ) -> dict[str, dict[str, float]]:
-    """Every recommender against ``BASELINE`` on ``metric`` (see ``paired_difference``),
-    rows matched by ``key``."""
-    if BASELINE not in per_task:
+    """Every recommender against ``baseline`` on ``metric`` (see ``paired_difference``),
+    rows matched by ``key``, resampled by ``cluster``."""
+    if baseline not in per_task:
         return {}
     return {
-        m: paired_difference(rows, per_task[BASELINE], metric, key)
+        m: paired_difference(rows, per_task[baseline], metric, key, cluster)
         for m, rows in per_task.items()
-        if m != BASELINE
+        if m != baseline
     }
 
 
@@ -295,10 +240,11 @@ def evaluate_protocol(
     k: int = 5,
     logme: tuple[np.ndarray, np.ndarray] | None = None,
     progress: Progress | None = None,
+    min_images: int = MIN_SCORED_IMAGES,
 ) -> dict[str, Any]:
-    """Summary, per-domain summaries and per-task rows of every method under ``protocol``."""
+    """Summary, per-domain summaries and per-query rows of every method under ``protocol``."""
     per_task: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
-    all_folds = folds(zoo, protocol)
+    all_folds = folds(zoo, protocol, min_images)
     for i, fold in enumerate(all_folds):
         rankings = fold_rankings(zoo, fold, methods, k, None if logme is None else logme[0])
         for method, by_task in rankings.items():
@@ -309,7 +255,9 @@ def evaluate_protocol(
                     {
                         "task": zoo.tasks[t].name,
                         "domain": zoo.tasks[t].domain,
+                        "source": zoo.tasks[t].source,
                         "fold": fold.name,
+                        "hidden": len(fold.held_out),
                         "pick": ranking[0].expert,
                         "experts": len(fold.experts),
                         **_metrics(zoo, t, fold, ranking),
@@ -322,11 +270,14 @@ def evaluate_protocol(
     return {
         "recommenders": {m: summarise(rows) for m, rows in per_task.items()},
         "versus": versus(per_task),
+        "versus_domain_best": versus(per_task, baseline="domain-best"),
         "domains": {
             m: {d: summarise([r for r in rows if r["domain"] == d]) for d in domains}
             for m, rows in per_task.items()
         },
         "folds": len(all_folds),
+        "queries": sum(len(f.queries) for f in all_folds),
+        "hidden_per_fold": float(np.mean([len(f.held_out) for f in all_folds])),
         "per_task": per_task,
     }
 
@@ -337,8 +288,10 @@ def evaluate(
     k: int = 5,
     progress: Progress | None = None,
     protocols: tuple[str, ...] = PROTOCOLS,
+    min_images: int = MIN_SCORED_IMAGES,
 ) -> dict[str, Any]:
-    """Every method under every protocol, with what describes the zoo."""
+    """Every method under every protocol, with what describes the zoo. Queries are the tasks
+    whose truth rests on at least ``min_images`` held-out images (``folds.scored``)."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(
@@ -347,14 +300,15 @@ def evaluate(
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocols: {', '.join(sorted(unknown))}")
-    scores = logme_scores(zoo, progress) if "logme" in methods else None
+    images = any(recommenders.method(m).needs == "images" for m in methods)
+    scores = logme_scores(zoo, progress) if images else None
     # One BLAS thread: threaded dot products and SVDs round their last bit by the core count
     # (81 of 152 demo distances differed between 1 and 2 threads), so this keeps the report
     # the same on every machine. Every fold asks for the same pairs of embeddings again:
     # each distance is computed once.
     with threadpool_limits(limits=1, user_api="blas"), memoised_distances():
         results = {
-            protocol: evaluate_protocol(zoo, protocol, methods, k, scores, progress)
+            protocol: evaluate_protocol(zoo, protocol, methods, k, scores, progress, min_images)
             for protocol in protocols
         }
     knn = Task2VecKNN(zoo, k)
@@ -370,6 +324,7 @@ def evaluate(
             "architectures": sorted({e.architecture for e in zoo.experts}),
             "probe": zoo.probe,
             "protocol": zoo.protocol.describe(),
+            "min_scored_images": min_images,
             "index_recall_at_10": recall,
             "imagenet_expert_not_best_share": (
                 float(np.mean(~np.isin(best, imagenet))) if imagenet else None

@@ -11,13 +11,16 @@ from typing import Any
 import numpy as np
 
 from app.task2vec.distances import distance_matrix
-from app.zoo.evaluate import BASELINE, PROTOCOL_TITLES
+from app.zoo.evaluate import BASELINE
+from app.zoo.folds import PROTOCOL_TITLES
 from app.zoo.zoo import Zoo
 
 
-def versus_table(compared: dict[str, dict[str, float]], metric: str = "regret") -> list[str]:
+def versus_table(
+    compared: dict[str, dict[str, float]], metric: str = "regret", baseline: str = BASELINE
+) -> list[str]:
     lines = [
-        f"| recommender | {metric} − {BASELINE}'s, mean | 95% paired bootstrap "
+        f"| recommender | {metric} − {baseline}'s, mean | 95% paired bootstrap "
         "| better on | worse on |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -149,18 +152,27 @@ def _report_lines(zoo: Zoo, results: dict[str, Any], domains: list[str]) -> list
         f"Probe: {zoo.probe}. Protocol: {described['classifier']}; {described['split']}. "
         f"Image provenance: {described['provenance']}.",
         "",
-        "A fold holds out its tasks and every expert trained on one of them.",
+        "A fold holds out its tasks, every zoo task that shares an image with one of them and "
+        "every expert trained on one of those. Queries are the tasks whose truth rests on at "
+        f"least {results['zoo'].get('min_scored_images', 1)} held-out images. Intervals: 95% "
+        "paired bootstrap, resampling domains (clusters of queries), seeded.",
     ]
     for protocol, result in results["protocols"].items():
         lines += [
             "",
-            f"## {PROTOCOL_TITLES[protocol]} ({result['folds']} folds)",
+            f"## {PROTOCOL_TITLES[protocol]} ({result['folds']} folds, "
+            f"{result.get('queries', '?')} queries, "
+            f"{result.get('hidden_per_fold', float('nan')):.1f} tasks hidden per fold)",
             "",
             *summary_table(result["recommenders"]),
             "",
             f"Against {BASELINE} on the same tasks (regret in error points; below zero is better):",
             "",
             *versus_table(result["versus"]),
+            "",
+            "Against domain-best (the query's domain label, which a user does not have):",
+            "",
+            *versus_table(result.get("versus_domain_best", {}), baseline="domain-best"),
             "",
             "Per domain (mean relative error increase, weighted τ):",
             "",

@@ -29,6 +29,7 @@ from task2vec_client.models import (
     JobOut,
     Neighbours,
     Ranking,
+    RankingMethod,
     TaskAccepted,
     TaskOut,
     UploadRanking,
@@ -86,6 +87,8 @@ def _finished(job: JobOut, raise_on_failure: bool) -> JobOut:
 
 
 def _with_callback(params: dict[str, Any], callback_url: str | None) -> dict[str, Any]:
+    """The query parameters, without those left to the service's default (None)."""
+    params = {name: value for name, value in params.items() if value is not None}
     return params if callback_url is None else {**params, "callback_url": callback_url}
 
 
@@ -195,7 +198,7 @@ class Client:
         dataset: Dataset,
         *,
         k: int = 5,
-        method: str = "learned",
+        method: RankingMethod | None = None,
         wait: float = 120.0,
         filename: str | None = None,
         progress: UploadProgress | None = None,
@@ -282,7 +285,12 @@ class Client:
         return result
 
     def recommendations(
-        self, task_id: str, *, k: int = 5, method: str = "learned", callback_url: str | None = None
+        self,
+        task_id: str,
+        *,
+        k: int = 5,
+        method: RankingMethod | None = None,
+        callback_url: str | None = None,
     ) -> Ranking | JobAccepted:
         """The task's ranking; a JobAccepted for the methods a worker computes."""
         params = _with_callback({"k": k, "method": method}, callback_url)
@@ -371,7 +379,7 @@ class AsyncClient:
         dataset: Dataset,
         *,
         k: int = 5,
-        method: str = "learned",
+        method: RankingMethod | None = None,
         wait: float = 120.0,
         filename: str | None = None,
         progress: UploadProgress | None = None,
@@ -452,7 +460,12 @@ class AsyncClient:
         return result
 
     async def recommendations(
-        self, task_id: str, *, k: int = 5, method: str = "learned", callback_url: str | None = None
+        self,
+        task_id: str,
+        *,
+        k: int = 5,
+        method: RankingMethod | None = None,
+        callback_url: str | None = None,
     ) -> Ranking | JobAccepted:
         params = _with_callback({"k": k, "method": method}, callback_url)
         response = await self._send("GET", f"/v1/tasks/{task_id}/recommendations", params)

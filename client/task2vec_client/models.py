@@ -4,9 +4,15 @@ cannot drift. Unknown fields are kept (a newer service may add some)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+#: The ranking methods the service accepts (its registry's served methods; a test of the
+#: service compares the two). Leave the method out to get the service's default.
+RankingMethod = Literal[
+    "global-best", "task2vec-knn", "task2vec-asym", "learned", "logme", "brute-force"
+]
 
 
 class _Model(BaseModel):

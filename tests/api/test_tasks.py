@@ -15,7 +15,9 @@ from app.db.models import ApiKey, Job, Recommendation
 from app.db.session import session_scope
 from app.services import queue
 from app.services.problems import ProblemError
+from app.services.serving import DEFAULT_METHOD
 from app.settings import Settings
+from app.zoo import recommenders
 from tests.helpers import npz_upload, run_job
 
 
@@ -116,6 +118,21 @@ def test_errors_are_problem_details(client: TestClient, sent: list[str]) -> None
     unknown = client.get("/v1/tasks/nope/recommendations", params={"method": "magic"})
     assert unknown.status_code == 422
     assert "magic" in unknown.json()["detail"]
+
+
+def test_the_methods_served_are_the_registrys(client: TestClient) -> None:
+    """``/v1/methods`` and the OpenAPI enum of ``method`` both read the registry; an
+    evaluation-only baseline (it needs a label a user does not have) is refused by name."""
+    listed = client.get("/v1/methods").json()
+    assert [m["name"] for m in listed] == list(recommenders.served())
+    assert [m["name"] for m in listed if m["default"]] == [DEFAULT_METHOD]
+    assert {m["runs"] for m in listed} == {"api", "worker"}
+    operation = client.get("/openapi.json").json()["paths"]["/v1/recommendations"]["post"]
+    (method,) = [p for p in operation["parameters"] if p["name"] == "method"]
+    assert method["schema"]["enum"] == list(recommenders.served())
+    refused = client.get("/v1/tasks/nope/recommendations", params={"method": "domain-best"})
+    assert refused.status_code == 422
+    assert "learned" in refused.json()["detail"]
 
 
 def test_catalogue_and_health(client: TestClient) -> None:

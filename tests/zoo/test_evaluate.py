@@ -44,7 +44,7 @@ def logme(zoo: Zoo) -> np.ndarray:
 
 def test_evaluation_reports_both_protocols_and_writes_the_report(zoo: Zoo, tmp_path: Path) -> None:
     methods = list(METHODS)
-    results = evaluate(zoo, methods, k=3)
+    results = evaluate(zoo, methods, k=3, min_images=1)
     assert set(results["protocols"]) == set(PROTOCOLS)
     for result in results["protocols"].values():
         summary = result["recommenders"]
@@ -69,6 +69,7 @@ def test_evaluation_reports_both_protocols_and_writes_the_report(zoo: Zoo, tmp_p
     assert set(results["protocols"]["task"]["versus"]) == set(methods) - {"global-best"}
     assert "leave-one-task-out" in report
     assert "leave-one-domain-out" in report
+    assert "leave-one-source-out" in report
     for name in ("task_map.png", "distance_matrix.png", "error_increase.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -81,21 +82,21 @@ def test_the_paired_comparison_matches_tasks_and_brackets_the_mean() -> None:
     rows = [{"task": r["task"], "regret": r["regret"] - 1.0} for r in reversed(baseline)]
     rows[0]["regret"] += 3.0
     rows.append({"task": "unseen", "regret": 100.0})
-    result = paired_difference(rows, baseline)
+    result = paired_difference(rows, baseline, cluster=None)
     assert result["tasks"] == 40
     assert result["metric_difference"] == pytest.approx(-1.0 + 3.0 / 40)
     assert result["low"] < result["metric_difference"] < result["high"] < 0.0
     assert result["better"] == pytest.approx(39 / 40)
     assert result["worse"] == pytest.approx(1 / 40)
-    assert paired_difference(rows, baseline) == result  # seeded
-    same = paired_difference(baseline, baseline)
+    assert paired_difference(rows, baseline, cluster=None) == result  # seeded
+    same = paired_difference(baseline, baseline, cluster=None)
     assert same["metric_difference"] == same["low"] == same["high"] == 0.0
     assert same["better"] == same["worse"] == 0.0
 
 
 def test_a_fold_holds_out_the_experts_trained_on_its_tasks(zoo: Zoo) -> None:
     for protocol in PROTOCOLS:
-        for fold in folds(zoo, protocol):
+        for fold in folds(zoo, protocol, 1):
             held = {zoo.tasks[t].name for t in fold.held_out}
             kept = {zoo.experts[e].name for e in fold.experts}
             for e, expert in enumerate(zoo.experts):
@@ -103,8 +104,8 @@ def test_a_fold_holds_out_the_experts_trained_on_its_tasks(zoo: Zoo) -> None:
             # The ImageNet expert has no source task: it is always a candidate.
             assert "imagenet-efficientnet-lite0" in kept
     # Some folds do lose an expert: the protocol is not vacuous on this zoo.
-    assert any(len(f.experts) < len(zoo.experts) for f in folds(zoo, "task"))
-    by_domain = {f.name: len(f.experts) for f in folds(zoo, "domain")}
+    assert any(len(f.experts) < len(zoo.experts) for f in folds(zoo, "task", 1))
+    by_domain = {f.name: len(f.experts) for f in folds(zoo, "domain", 1)}
     assert by_domain == {"clothing": 2, "handwritten digits": 2, "8x8 digits": 3}
 
 
@@ -139,7 +140,7 @@ def _rankings(
     zoo: Zoo, protocol: str, logme: np.ndarray, queries: list[Embedding]
 ) -> dict[tuple[str, str, int], list[tuple[str, float]]]:
     out = {}
-    for fold in folds(zoo, protocol):
+    for fold in folds(zoo, protocol, 1):
         answers = fold_rankings(zoo, fold, RANKERS, 3, logme, dict(enumerate(queries)))
         for method, by_task in answers.items():
             for t, (ranking, _) in by_task.items():
@@ -157,7 +158,7 @@ def test_nothing_derived_from_a_held_out_task_changes_its_ranking(
     queries = list(zoo.embeddings)
     clean = _rankings(zoo, protocol, logme, queries)
     assert {method for _, method, _ in clean} == set(RANKERS)
-    for fold in folds(zoo, protocol):
+    for fold in folds(zoo, protocol, 1):
         noisy = _corrupted(zoo, fold.held_out, tmp_path)
         noisy_logme = logme_scores(noisy)[0]
         for t in fold.held_out:

@@ -8,10 +8,10 @@ from dataclasses import asdict
 import numpy as np
 
 from app.task2vec.embedding import EmbedConfig, Embedding
-from app.zoo.evaluate import evaluate, shuffled_embeddings
+from app.zoo.evaluate import evaluate
 from app.zoo.experts import ExpertSpec
 from app.zoo.matrix import EvaluationProtocol
-from app.zoo.recommenders import LearnedScorer, Query
+from app.zoo.recommenders import LearnedScorer, Query, shuffled_embeddings
 from app.zoo.tasks import TaskSpec
 from app.zoo.zoo import COMPARABLE_KEYS, Zoo
 
@@ -27,7 +27,11 @@ def _domain_zoo(tasks_per_domain: int = 12, dim: int = 300, seed: int = 0) -> Zo
     for d in range(3):
         for i in range(tasks_per_domain):
             size = int(rng.choice([100, 400, 1600]))
-            tasks.append(TaskSpec(f"d{d}-{i}", "mnist", ((0,), (1,)), ("a", "b"), size))
+            # Uploaded tasks: they have no source images, so no two of them overlap.
+            name = f"d{d}-{i}"
+            tasks.append(
+                TaskSpec(name, "upload", ((0,), (1,)), ("a", "b"), size, dataset=f"{name}.npz")
+            )
             h = np.exp(centres[d] + rng.normal(0, 0.3, dim)).astype(np.float32)
             embeddings.append(
                 Embedding(h, np.ones_like(h), {**meta, "num_images": size, "num_classes": 2})

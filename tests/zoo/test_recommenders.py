@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from app.task2vec.errors import ConfigError
+from app.zoo import recommenders
 from app.zoo.recommenders import (
     Query,
     Task2VecKNN,
-    _log_evidence,
     brute_force,
     global_best,
     logme,
-    recommenders,
     task2vec_asym,
 )
+from app.zoo.recommenders.transferability import _log_evidence
 from app.zoo.zoo import Zoo
 
 
@@ -61,10 +61,11 @@ def test_logme_prefers_informative_features() -> None:
 def test_every_recommender_ranks_every_expert_it_can(zoo: Zoo) -> None:
     target = 3
     data = zoo.task_data(target)
-    query = Query(zoo.embeddings[target], data)
+    task = zoo.tasks[target]
+    query = Query(zoo.embeddings[target], data, domain=task.domain, source=task.source)
     names = {e.name for e in zoo.experts}
-    for name, rank in recommenders(zoo).items():
-        ranking = rank(zoo, query)
+    for name in recommenders.REGISTRY:
+        ranking = recommenders.build(name, zoo)(zoo, query)
         scores = [r.score for r in ranking]
         assert scores == sorted(scores, reverse=True), name
         if name == "task2vec-asym":
