@@ -20,9 +20,11 @@ from typing import Any
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import embed
 from app.zoo import recommenders
-from app.zoo.evaluate import Progress, ranking_metrics, summarise, versus
+from app.zoo.evaluate import Progress, ranking_metrics, summarise, versus, with_logme
 from app.zoo.features import extract_features
+from app.zoo.folds import shared_images
 from app.zoo.matrix import holdout_error
+from app.zoo.novelty import Novelty
 from app.zoo.recommenders import Query, logme
 from app.zoo.zoo import Zoo
 
@@ -73,13 +75,16 @@ def check(
         )
     if not datasets:
         raise ValueError("an outside check needs at least one labelled dataset")
+    zoo = with_logme(zoo)
     made = {m: recommenders.build(m, zoo, k) for m in methods}
+    novelty = Novelty.fit(zoo, shared_images(zoo))
     images = any(recommenders.method(m).needs == "images" for m in methods)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     truth: dict[str, dict[str, float]] = {}
     for i, (name, data) in enumerate(datasets.items()):
         embedding = embed(data, zoo.embed_config, progress=progress)
         zoo.check_compatible(embedding, f"the embedding of {name}")
+        novel = novelty.of(zoo, embedding)
         errors, by_logme, logme_seconds = _ground_truth(zoo, data, images)
         truth[name] = errors
         floor = zoo.protocol.resolution(len(data))
@@ -87,8 +92,8 @@ def check(
             started = time.perf_counter()
             ranking = made[method](zoo, Query(embedding, data, logme=by_logme))
             seconds = time.perf_counter() - started
-            if recommenders.method(method).needs == "images":
-                seconds += logme_seconds
+            passes = sum("logme" in r.evidence for r in ranking)
+            seconds += logme_seconds * passes / len(zoo.experts)
             rows[method].append(
                 {
                     "dataset": name,
@@ -98,6 +103,8 @@ def check(
                     "best": min(errors, key=errors.__getitem__),
                     **ranking_metrics(errors, floor, ranking),
                     "seconds": seconds,
+                    "forward_passes": passes,
+                    **novel,
                 }
             )
         if progress is not None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -44,14 +45,15 @@ from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo import recommenders
 from app.zoo.features import extract_features
-from app.zoo.folds import MIN_SCORED_IMAGES, PROTOCOL_TITLES, PROTOCOLS, Fold, folds
+from app.zoo.folds import MIN_SCORED_IMAGES, PROTOCOL_TITLES, PROTOCOLS, Fold, folds, shared_images
 from app.zoo.index import recall_at_k
+from app.zoo.novelty import Novelty
 from app.zoo.recommenders import Query, Ranked, Task2VecKNN, logme
 from app.zoo.zoo import Zoo
 
 #: Every method the evaluation compares, in the registry's order (brute force is the truth).
 METHODS = recommenders.evaluated()
-METRICS = ("rel_error_increase", "regret", "weighted_tau", "top1", "seconds")
+METRICS = ("rel_error_increase", "regret", "weighted_tau", "top1", "seconds", "forward_passes")
 Progress = Callable[[str, int, int], None]
 
 
@@ -101,6 +103,15 @@ def logme_scores(zoo: Zoo, progress: Progress | None = None) -> tuple[np.ndarray
     return scores, seconds
 
 
+def with_logme(zoo: Zoo) -> Zoo:
+    """``zoo`` with its LogME matrix, when the build saved one for exactly its tasks and
+    experts (what the hybrid fits its rule on)."""
+    from app.zoo.build import load_logme
+
+    saved = None if zoo.logme is not None else load_logme(zoo)
+    return zoo if saved is None else replace(zoo, logme=saved[0])
+
+
 def _query(zoo: Zoo, fold: Fold, t: int, embedding: Embedding, logme: np.ndarray | None) -> Query:
     """Held-out task ``t`` as a query: its embedding, its LogME scores for the fold's experts
     (read from the precomputed matrix), and the labels only the label baselines read."""
@@ -130,6 +141,8 @@ def fold_rankings(
     answer.
     """
     sub = zoo.subset(fold.visible(zoo), list(fold.experts))
+    if logme is not None:
+        sub.logme = logme[np.ix_(fold.visible(zoo), list(fold.experts))]
     for name in methods:
         if recommenders.method(name).needs == "images" and logme is None:
             raise ConfigError(f"{name} needs the precomputed scores of logme_scores()")
@@ -157,7 +170,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float]:
     if not rows:
         return {"tasks": 0}
     return {
-        **{key: _mean([row[key] for row in rows]) for key in METRICS},
+        **{key: _mean([row.get(key, float("nan")) for row in rows]) for key in METRICS},
         # The mean is driven by the few tasks an expert solves perfectly (a tiny floor).
         "median_rel_error_increase": float(np.median([r["rel_error_increase"] for r in rows])),
         "tasks": len(rows),
@@ -233,6 +246,50 @@ def versus(
     }
 
 
+def _fold_novelty(zoo: Zoo, fold: Fold) -> dict[int, dict[str, Any]]:
+    """For each query of ``fold``: is it out of the fold's zoo's distribution (``novelty``)?"""
+    sub = zoo.subset(fold.visible(zoo), list(fold.experts))
+    novelty = Novelty.fit(sub, shared_images(sub))
+    return {t: novelty.of(sub, zoo.embeddings[t]) for t in fold.queries}
+
+
+def _row(
+    zoo: Zoo, t: int, fold: Fold, ranking: list[Ranked], seconds: float, novel: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "task": zoo.tasks[t].name,
+        "domain": zoo.tasks[t].domain,
+        "source": zoo.tasks[t].source,
+        "fold": fold.name,
+        "hidden": len(fold.held_out),
+        "pick": ranking[0].expert,
+        "experts": len(fold.experts),
+        **_metrics(zoo, t, fold, ranking),
+        "seconds": seconds,
+        # Experts run over the query's images: those whose LogME the ranking reports.
+        "forward_passes": sum("logme" in r.evidence for r in ranking),
+        "out_of_distribution": novel["out_of_distribution"],
+        "nearest_distance": novel["nearest_distance"],
+    }
+
+
+def novelty_summary(per_task: dict[str, list[dict[str, Any]]]) -> dict[str, float]:
+    """How often the out-of-distribution flag fires, and whether it marks the queries on which
+    ``learned`` loses to LogME (its regret is higher)."""
+    rows = per_task.get("learned") or next(iter(per_task.values()), [])
+    out: dict[str, float] = {
+        "queries": len(rows),
+        "flagged": float(np.mean([r["out_of_distribution"] for r in rows])) if rows else 0.0,
+    }
+    if "learned" in per_task and "logme" in per_task:
+        theirs = {r["task"]: r["regret"] for r in per_task["logme"]}
+        loses = [(r["out_of_distribution"], r["regret"] > theirs[r["task"]]) for r in rows]
+        for flag, name in ((True, "flagged"), (False, "unflagged")):
+            picked = [lost for f, lost in loses if f == flag]
+            out[f"learned_loses_when_{name}"] = float(np.mean(picked)) if picked else float("nan")
+    return out
+
+
 def evaluate_protocol(
     zoo: Zoo,
     protocol: str,
@@ -242,28 +299,22 @@ def evaluate_protocol(
     progress: Progress | None = None,
     min_images: int = MIN_SCORED_IMAGES,
 ) -> dict[str, Any]:
-    """Summary, per-domain summaries and per-query rows of every method under ``protocol``."""
+    """Summary, per-domain summaries and per-query rows of every method under ``protocol``.
+
+    A method's seconds per recommendation include its experts' forward passes where it has
+    any: LogME's measured seconds for the task, pro rata for a shortlist."""
     per_task: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     all_folds = folds(zoo, protocol, min_images)
     for i, fold in enumerate(all_folds):
         rankings = fold_rankings(zoo, fold, methods, k, None if logme is None else logme[0])
+        novel = _fold_novelty(zoo, fold)
         for method, by_task in rankings.items():
             for t, (ranking, seconds) in by_task.items():
-                if method == "logme" and logme is not None:
-                    seconds = float(logme[1][t])
-                per_task[method].append(
-                    {
-                        "task": zoo.tasks[t].name,
-                        "domain": zoo.tasks[t].domain,
-                        "source": zoo.tasks[t].source,
-                        "fold": fold.name,
-                        "hidden": len(fold.held_out),
-                        "pick": ranking[0].expert,
-                        "experts": len(fold.experts),
-                        **_metrics(zoo, t, fold, ranking),
-                        "seconds": seconds,
-                    }
-                )
+                row = _row(zoo, t, fold, ranking, seconds, novel[t])
+                if logme is not None and row["forward_passes"]:
+                    share = row["forward_passes"] / len(zoo.experts)
+                    row["seconds"] = seconds + float(logme[1][t]) * share
+                per_task[method].append(row)
         if progress is not None:
             progress(f"{PROTOCOL_TITLES[protocol]}: {fold.name}", i + 1, len(all_folds))
     domains = sorted({t.domain for t in zoo.tasks})
@@ -271,6 +322,8 @@ def evaluate_protocol(
         "recommenders": {m: summarise(rows) for m, rows in per_task.items()},
         "versus": versus(per_task),
         "versus_domain_best": versus(per_task, baseline="domain-best"),
+        "versus_logme": versus(per_task, baseline="logme"),
+        "novelty": novelty_summary(per_task),
         "domains": {
             m: {d: summarise([r for r in rows if r["domain"] == d]) for d in domains}
             for m, rows in per_task.items()

@@ -30,9 +30,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
+from app.zoo.provenance import ImageSplit
 from app.zoo.tasks import UPLOAD, TaskSpec, source_indices
 from app.zoo.zoo import Zoo
 
@@ -61,6 +63,14 @@ class Fold:
         return [t for t in range(len(zoo.tasks)) if t not in held]
 
 
+@lru_cache(maxsize=8192)
+def _drawn(task: TaskSpec, split: ImageSplit | None) -> np.ndarray:
+    """``source_indices``, once per recipe: every fold and every rule fit asks again."""
+    indices = source_indices(task, split)
+    indices.flags.writeable = False
+    return indices
+
+
 def shared_images(zoo: Zoo) -> list[frozenset[int]]:
     """Per task: the zoo tasks that share at least one source image with it (itself included).
 
@@ -73,7 +83,7 @@ def shared_images(zoo: Zoo) -> list[frozenset[int]]:
             groups[(task.source, slice_)].append(t)
     shared = [{t} for t in range(len(zoo.tasks))]
     for members in groups.values():
-        drawn = {t: source_indices(zoo.tasks[t], zoo.protocol.split) for t in members}
+        drawn = {t: _drawn(zoo.tasks[t], zoo.protocol.split) for t in members}
         size = 1 + max(int(indices.max()) for indices in drawn.values())
         masks = np.zeros((len(members), size), dtype=bool)
         for row, t in enumerate(members):

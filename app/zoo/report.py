@@ -37,17 +37,18 @@ def versus_table(
 def summary_table(summary: dict[str, dict[str, float]]) -> list[str]:
     lines = [
         "| recommender | rel. error increase (%), mean | median | regret (points) | weighted τ "
-        "| top-1 | seconds | tasks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| top-1 | seconds | forward passes | tasks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in summary.items():
         if not row.get("tasks"):
-            lines.append(f"| {name} | – | – | – | – | – | – | 0 |")
+            lines.append(f"| {name} | – | – | – | – | – | – | – | 0 |")
             continue
         lines.append(
             f"| {name} | {row['rel_error_increase']:.1f} | {row['median_rel_error_increase']:.1f} "
             f"| {row['regret']:.2f} | {row['weighted_tau']:.3f} | {row['top1']:.2f} "
-            f"| {row['seconds']:.4f} | {int(row['tasks'])} |"
+            f"| {row['seconds']:.4f} | {row.get('forward_passes', float('nan')):.1f} "
+            f"| {int(row['tasks'])} |"
         )
     return lines
 
@@ -141,6 +142,18 @@ def _plot_error_increase(protocols: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _novelty_lines(novelty: dict[str, float] | None) -> list[str]:
+    if not novelty or not novelty.get("queries"):
+        return []
+    line = f"Out of the zoo's distribution: {novelty['flagged']:.0%} of the queries"
+    if "learned_loses_when_flagged" in novelty:
+        line += (
+            f"; learned loses to logme on {novelty['learned_loses_when_flagged']:.0%} of those "
+            f"and on {novelty['learned_loses_when_unflagged']:.0%} of the others"
+        )
+    return [line + ".", ""]
+
+
 def _report_lines(zoo: Zoo, results: dict[str, Any], domains: list[str]) -> list[str]:
     """report.md: the zoo and protocol, then per protocol the summary, the comparison with
     the baseline and the per-domain table, the index's recall and the plots."""
@@ -174,6 +187,11 @@ def _report_lines(zoo: Zoo, results: dict[str, Any], domains: list[str]) -> list
             "",
             *versus_table(result.get("versus_domain_best", {}), baseline="domain-best"),
             "",
+            "Against logme (which runs every expert over the images):",
+            "",
+            *versus_table(result.get("versus_logme", {}), baseline="logme"),
+            "",
+            *_novelty_lines(result.get("novelty")),
             "Per domain (mean relative error increase, weighted τ):",
             "",
             *_domain_table(result["domains"]),

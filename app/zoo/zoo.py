@@ -52,6 +52,10 @@ class Zoo:
     errors: np.ndarray  # (tasks, experts) held-out error of each expert's features
     protocol: EvaluationProtocol
     folder: Path | None = field(default=None, compare=False)  # where it was loaded from
+    #: (tasks, experts) LogME scores of every expert on every task, when they are known (the
+    #: build computes them; a subset keeps its cells). What a method that combines the
+    #: embedding with LogME fits its rule on.
+    logme: np.ndarray | None = field(default=None, repr=False, compare=False)
     _models: dict[int, nn.Module] = field(default_factory=dict, repr=False, compare=False)
     _index: TaskIndex | None = field(default=None, repr=False, compare=False)
     _parent: tuple[Zoo, list[int]] | None = field(default=None, repr=False, compare=False)
@@ -110,6 +114,7 @@ class Zoo:
             [self.experts[e] for e in experts],
             self.errors[np.ix_(tasks, experts)],
             self.protocol,
+            logme=None if self.logme is None else self.logme[np.ix_(tasks, experts)],
         )
         zoo._parent = (self, list(experts))
         return zoo

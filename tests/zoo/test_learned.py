@@ -12,6 +12,7 @@ from app.zoo.evaluate import evaluate
 from app.zoo.experts import ExpertSpec
 from app.zoo.matrix import EvaluationProtocol
 from app.zoo.recommenders import LearnedScorer, Query, shuffled_embeddings
+from app.zoo.recommenders.learned import _principal_axes
 from app.zoo.tasks import TaskSpec
 from app.zoo.zoo import COMPARABLE_KEYS, Zoo
 
@@ -75,3 +76,13 @@ def test_shuffled_embeddings_leave_no_task_its_own() -> None:
     control = shuffled_embeddings(zoo, seed=1)
     assert not any(a is b for a, b in zip(zoo.embeddings, control.embeddings, strict=True))
     assert sorted(id(e) for e in control.embeddings) == sorted(id(e) for e in zoo.embeddings)
+
+
+def test_the_principal_axes_are_the_svds_up_to_sign() -> None:
+    x = np.random.default_rng(0).normal(size=(30, 500))
+    x -= x.mean(axis=0)
+    _, singular, vt = np.linalg.svd(x, full_matrices=False)
+    expected = vt[:4].T / singular[:4]
+    got = _principal_axes(x, 4)
+    signs = np.sign((expected * got).sum(axis=0))
+    np.testing.assert_allclose(got * signs, expected, atol=1e-12)

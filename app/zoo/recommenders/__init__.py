@@ -10,7 +10,13 @@ Every method is registered by name in ``registry``; importing this package regis
 all, in the order the reports list them.
 """
 
-from app.zoo.recommenders import baselines, learned, neighbours, transferability  # noqa: F401
+from app.zoo.recommenders import (  # noqa: F401
+    baselines,
+    hybrid,
+    learned,
+    neighbours,
+    transferability,
+)
 from app.zoo.recommenders.base import Query, Ranked, Recommender, ranked
 from app.zoo.recommenders.baselines import global_best
 from app.zoo.recommenders.learned import LearnedScorer, shuffled_embeddings, task_descriptors
