@@ -139,11 +139,12 @@ def test_zoo_build_recommend_and_evaluate(tmp_path: Path) -> None:
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     results = json.loads((out / "results.json").read_text())
-    assert set(results["protocols"]) == {"task", "domain"}
+    assert set(results["protocols"]) == {"task", "domain", "source"}
     for protocol in results["protocols"].values():
         assert set(protocol["recommenders"]) == {"global-best", "task2vec-knn"}
         assert "rel_error_increase" in protocol["recommenders"]["global-best"]
     assert "leave-one-domain-out" in evaluated.stdout
+    assert "leave-one-source-out" in evaluated.stdout
 
     checked = task2vec(
         "zoo", "check", str(tmp_path / "upload.npz"), "--zoo", "tiny", "--methods",

@@ -59,6 +59,17 @@ def test_logme_prefers_informative_features() -> None:
     assert logme(informative, labels) > logme(noise, labels)
 
 
+def test_logme_of_features_that_carry_nothing_is_finite_and_below_informative_ones() -> None:
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(2), 30)
+    informative = rng.normal(size=(60, 8)) + np.eye(2)[labels] @ rng.normal(size=(2, 8)) * 3
+    with np.errstate(all="raise"):  # no 0/0 on the way
+        dead = logme(np.zeros((60, 8)), labels)
+        useful = logme(informative, labels)
+    assert np.isfinite(dead)
+    assert dead < useful
+
+
 def test_every_recommender_ranks_every_expert_it_can(zoo: Zoo) -> None:
     zoo = with_logme(zoo)  # the hybrid fits its rule on it
     target = 3

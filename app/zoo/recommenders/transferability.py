@@ -15,6 +15,8 @@ from app.zoo.recommenders.base import Query, Ranked, Recommender, need_data, ran
 from app.zoo.recommenders.registry import register
 from app.zoo.zoo import Zoo
 
+_SMALLEST_ALPHA = 1e-12
+
 
 def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 11) -> float:
     """LogME (You et al., ICML 2021): mean log evidence per sample of a Bayesian linear model.
@@ -39,7 +41,10 @@ def logme(features: np.ndarray, labels: np.ndarray, iterations: int = 11) -> flo
             gamma = float((sigma / (sigma + t)).sum())
             m2 = float((sigma * z2 / (sigma + t) ** 2).sum())
             res2 = float((z2 / (1 + sigma / t) ** 2).sum() + max(outside, 0.0))
-            alpha = gamma / (m2 + 1e-5)
+            # Features with no variance (a dead expert, a constant image set) give γ = 0 and
+            # would drive α to 0 and α/β to 0/0; the floor keeps the evidence finite (it is
+            # independent of α then) and never binds on features that carry anything.
+            alpha = max(gamma / (m2 + 1e-5), _SMALLEST_ALPHA)
             beta = (n - gamma) / (res2 + 1e-5)
         evidences.append(_log_evidence(sigma, z2, outside, n, dim, alpha, beta) / n)
     return float(np.mean(evidences))
