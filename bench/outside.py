@@ -30,7 +30,8 @@ from app.data.offline import FASHION_MNIST_CLASSES, fashion_mnist
 from app.task2vec.datasets import LabelledImages, from_arrays
 from app.zoo.build import zoo_folder
 from app.zoo.check import CHECK_METHODS, check
-from app.zoo.report import summary_table, versus_table
+from app.zoo.evaluate import versus
+from app.zoo.report import interval_lines, summary_table, versus_table
 from app.zoo.tasks import TRANSFORMS
 from app.zoo.zoo import Zoo
 
@@ -108,14 +109,26 @@ def _print(results: dict[str, Any]) -> None:
     )
     print("\n".join(summary_table(results["recommenders"])))
     print("\n".join(["", *versus_table(results["versus"])]))
+    if "logme" in results["per_dataset"]:
+        against = versus(results["per_dataset"], key="dataset", cluster=None, baseline="logme")
+        print("\n".join(["", *versus_table(against, baseline="logme")]))
+    print("\n".join(["", *interval_lines(results.get("intervals"))]))
     rows = {m: {r["dataset"]: r for r in rs} for m, rs in results["per_dataset"].items()}
-    print("\n| dataset | images | best expert (error) | " + " | ".join(rows) + " |")
-    print("|---|---:|---|" + "---|" * len(rows))
+    print(
+        "\n| dataset | images | out of distribution | best expert (error) | "
+        + " | ".join(rows)
+        + " |"
+    )
+    print("|---|---:|---|---|" + "---|" * len(rows))
     for name, errors in results["errors"].items():
         best = min(errors, key=errors.__getitem__)
-        images = next(iter(rows.values()))[name]["images"]
+        first = next(iter(rows.values()))[name]
+        flag = "yes" if first["out_of_distribution"] else "no"
         cells = [f"{r[name]['pick']} (+{r[name]['regret']:.1f})" for r in rows.values()]
-        print(f"| {name} | {images} | {best} ({errors[best]:.3f}) | " + " | ".join(cells) + " |")
+        print(
+            f"| {name} | {first['images']} | {flag} ({first['nearest_distance']:.3f}) "
+            f"| {best} ({errors[best]:.3f}) | " + " | ".join(cells) + " |"
+        )
 
 
 def main() -> None:

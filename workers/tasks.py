@@ -229,6 +229,7 @@ def run_rank(job_id: str, settings: Settings) -> None:
                 "task": task_id,
                 "method": method,
                 "ranking": items,
+                "novelty": state.assess(embedding),
                 "zoo_version": state.version.content,
             }
         )

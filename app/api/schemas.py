@@ -78,8 +78,30 @@ class Neighbours(BaseModel):
 class RankedExpert(BaseModel):
     rank: int
     expert: str
-    score: float
-    evidence: dict[str, Any]
+    score: float = Field(description="the method's score: higher ranks first")
+    evidence: dict[str, Any] = Field(
+        description="why the expert is here: predicted_error (a fraction of the images, in "
+        "the zoo protocol's units) with error_interval (its low and high end) at "
+        "interval_level (0.8: four in five true errors fall inside), and what the method "
+        "read (the README's answer section documents every field)"
+    )
+
+
+class NoveltyOut(BaseModel):
+    """Whether the task lies outside what the zoo covers."""
+
+    out_of_distribution: bool = Field(
+        description="the task is farther from its nearest zoo task than threshold_quantile of "
+        "the zoo's own tasks are from theirs: the neighbours' experts say little, so trust "
+        "predicted errors less (their intervals are wider) and prefer a method that reads the "
+        "images (logme)"
+    )
+    nearest_distance: float = Field(description="symmetric Task2Vec distance to the nearest task")
+    threshold: float = Field(description="the distance above which a task is flagged")
+    threshold_quantile: float
+    zoo_quantile: float = Field(
+        description="the share of zoo tasks whose nearest neighbour is at least as near"
+    )
 
 
 class MethodOut(BaseModel):
@@ -97,6 +119,7 @@ class Ranking(BaseModel):
     task_id: str
     method: str
     ranking: list[RankedExpert]
+    novelty: NoveltyOut | None = None
     seconds: float = Field(description="time to rank")
     cached: bool = Field(
         default=False,
@@ -126,6 +149,7 @@ class UploadRanking(BaseModel):
     job_id: str = Field(description="the embedding job")
     method: str
     ranking: list[RankedExpert]
+    novelty: NoveltyOut | None = None
     seconds: float | None = None
     zoo_version: str | None = None
     timings: Timings

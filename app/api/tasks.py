@@ -342,7 +342,12 @@ class _UploadRanking:
         job = await self.finished(rank_job.id)
         if job.status != JobStatus.succeeded or job.result is None:
             return accepted(job.id, JobAccepted(task_id=task_id, job_id=job.id))
-        return {"task_id": task_id, "method": method, "ranking": job.result["ranking"][:k]}
+        return {
+            "task_id": task_id,
+            "method": method,
+            "ranking": job.result["ranking"][:k],
+            "novelty": job.result.get("novelty"),
+        }
 
 
 @router.post(

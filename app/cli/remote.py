@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from pydantic import BaseModel
@@ -49,12 +49,31 @@ def _print_json(answer: BaseModel) -> None:
 
 
 def _ranking_table(title: str, ranking: list[RankedExpert]) -> Table:
+    """Rank, expert, score, and the expert's predicted error with its interval when given."""
     table = Table(title=title)
-    for column in ("rank", "expert", "score"):
+    for column in ("rank", "expert", "score", "predicted error", "80% interval"):
         table.add_column(column, justify="right" if column != "expert" else "left")
     for item in ranking:
-        table.add_row(str(item.rank), item.expert, f"{item.score:.4f}")
+        error, interval = item.predicted_error, item.error_interval
+        table.add_row(
+            str(item.rank),
+            item.expert,
+            f"{item.score:.4f}",
+            "" if error is None else f"{100 * error:.1f}%",
+            "" if interval is None else f"{100 * interval[0]:.1f}–{100 * interval[1]:.1f}%",
+        )
     return table
+
+
+def _novelty_line(novelty: dict[str, Any]) -> str:
+    """One sentence on whether the zoo knows tasks like this one."""
+    distance, threshold = novelty["nearest_distance"], novelty["threshold"]
+    if novelty["out_of_distribution"]:
+        return (
+            f"[yellow]out of the zoo's distribution[/]: nearest zoo task at {distance:.3f}, "
+            f"beyond {threshold:.3f}; predictions are unsure, try --method logme"
+        )
+    return f"within the zoo's distribution: nearest zoo task at {distance:.3f} (≤ {threshold:.3f})"
 
 
 def _follow(t2v: Client, job_id: str, progress: Progress) -> JobOut:
@@ -117,7 +136,12 @@ def recommend(
                 items = result.get("ranking", [])[:k]
                 rows = [RankedExpert.model_validate(item) for item in items]
                 method = result.get("method", method)
-                body = {"task_id": accepted.task_id, "method": method, "ranking": items}
+                body = {
+                    "task_id": accepted.task_id,
+                    "method": method,
+                    "ranking": items,
+                    "novelty": result.get("novelty"),
+                }
             else:
                 rows, body, method = ranked.ranking, ranked.model_dump(mode="json"), ranked.method
     except ProblemError as exc:
@@ -126,6 +150,8 @@ def recommend(
         print(json.dumps(body, indent=1))
         return
     out.print(_ranking_table(f"{dataset.name}: {method}, task {accepted.task_id}", rows))
+    if body.get("novelty"):
+        out.print(_novelty_line(body["novelty"]))
 
 
 @remote_app.command("jobs")
@@ -189,6 +215,8 @@ def tasks(
         out.print(f"{method} is ranked by a worker: task2vec remote jobs {ranked.job_id}")
     else:
         out.print(_ranking_table(ranked.method, ranked.ranking))
+        if ranked.novelty is not None:
+            out.print(_novelty_line(ranked.novelty.model_dump()))
 
 
 @remote_app.command("experts")

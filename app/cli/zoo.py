@@ -92,7 +92,7 @@ def zoo_check(
     """Score every recommender against brute force on datasets from outside the zoo: each
     expert is evaluated on each dataset with the zoo's protocol, then compared with the picks."""
     from app.zoo.check import CHECK_METHODS, check
-    from app.zoo.report import summary_table, versus_table
+    from app.zoo.report import interval_lines, summary_table, versus_table
 
     try:
         built = load_zoo(zoo, quiet)
@@ -116,6 +116,7 @@ def zoo_check(
     )
     print("\n".join(summary_table(results["recommenders"])))
     print("\n".join(["", *versus_table(results["versus"])]))
+    print("\n".join(["", *interval_lines(results["intervals"])]))
     by_dataset = {
         m: {row["dataset"]: row for row in rows} for m, rows in results["per_dataset"].items()
     }

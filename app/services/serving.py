@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,6 +25,10 @@ from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import Embedding
 from app.task2vec.errors import ConfigError
 from app.zoo import recommenders
+from app.zoo.evidence import readable
+from app.zoo.folds import overlapping
+from app.zoo.intervals import ErrorIntervals
+from app.zoo.novelty import Novelty
 from app.zoo.recommenders import Query, Ranked, Recommender
 from app.zoo.zoo import Zoo
 
@@ -47,6 +51,10 @@ class ZooState:
     zoo: Zoo
     version: Version
     methods: dict[str, Recommender] = field(default_factory=dict)
+    #: The zoo's yardsticks, fitted once per version: is a task out of its distribution, and
+    #: what error each expert will have on it (with an interval).
+    novelty: Novelty | None = None
+    intervals: ErrorIntervals | None = None
     rankings: LRUCache[tuple[str, str], list[Ranked]] = field(
         default_factory=lambda: LRUCache(4096)
     )
@@ -57,7 +65,13 @@ class ZooState:
         zoo = Zoo.load(version.folder)
         zoo.index()
         methods = {name: recommenders.build(name, zoo) for name in METHODS}
-        return cls(zoo, version, methods, LRUCache(ranking_cache_size))
+        shared = overlapping(zoo)
+        novelty, intervals = Novelty.fit(zoo, shared), ErrorIntervals(zoo, shared)
+        return cls(zoo, version, methods, novelty, intervals, LRUCache(ranking_cache_size))
+
+    def assess(self, embedding: Embedding) -> dict[str, Any] | None:
+        """Whether the task lies outside what the zoo covers (``Novelty.check``)."""
+        return None if self.novelty is None else self.novelty.of(self.zoo, embedding)
 
     def neighbours(self, embedding: Embedding, k: int) -> list[dict[str, Any]]:
         self.zoo.check_compatible(embedding)
@@ -75,9 +89,16 @@ class ZooState:
     def rank(
         self, method: str, embedding: Embedding, data: LabelledImages | None = None
     ) -> list[Ranked]:
+        """The method's ranking, each item's evidence led by what a person reads
+        (``evidence.readable``: predicted error and interval, nearest tasks, the expert),
+        whatever the method ranked by."""
         recommenders.method(method, among=METHODS)
         self.zoo.check_compatible(embedding)
-        return self.methods[method](self.zoo, Query(embedding, data))
+        ranking = self.methods[method](self.zoo, Query(embedding, data))
+        if self.intervals is None:
+            return ranking
+        shown = readable(self.zoo, self.intervals, embedding)
+        return [replace(r, evidence={**shown[r.expert], **r.evidence}) for r in ranking]
 
     def ranking(self, task_id: str, method: str, embedding: Embedding) -> tuple[list[Ranked], bool]:
         """The task's ranking by a method the API answers in-process, and whether it was

@@ -145,6 +145,7 @@ def rank_now(
         "task_id": task_id,
         "method": method,
         "ranking": ranking_items(ranked, k),
+        "novelty": zoo.assess(embedding),
         "seconds": round(seconds, 6),
         "cached": not computed,
         "zoo_version": zoo.version.content,

@@ -17,15 +17,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import embed
 from app.zoo import recommenders
 from app.zoo.evaluate import Progress, ranking_metrics, summarise, versus, with_logme
 from app.zoo.features import extract_features
 from app.zoo.folds import shared_images
+from app.zoo.intervals import ErrorIntervals, coverage, interval_summary
 from app.zoo.matrix import holdout_error
 from app.zoo.novelty import Novelty
-from app.zoo.recommenders import Query, logme
+from app.zoo.recommenders import Query, Recommender, logme
 from app.zoo.zoo import Zoo
 
 #: Every method of the evaluation but the label baselines: an outside dataset has no zoo label.
@@ -55,6 +58,42 @@ def _ground_truth(
     return errors, scores if with_logme else None, seconds
 
 
+def _scored(
+    zoo: Zoo,
+    recommend: Recommender,
+    query: Query,
+    errors: dict[str, float],
+    floor: float,
+    logme_seconds: float,
+) -> dict[str, Any]:
+    """One method's ranking for one dataset, scored against brute force (``errors``, whose
+    differences below ``floor`` the split cannot resolve).
+
+    The seconds include LogME's share of the forward passes the method asked for: an expert
+    scored by LogME had to be run over the dataset, which the embedding-only methods skip."""
+    started = time.perf_counter()
+    ranking = recommend(zoo, query)
+    seconds = time.perf_counter() - started
+    passes = sum("logme" in r.evidence for r in ranking)
+    return {
+        "pick": ranking[0].expert,
+        **ranking_metrics(errors, floor, ranking),
+        "seconds": seconds + logme_seconds * passes / len(zoo.experts),
+        "forward_passes": passes,
+    }
+
+
+def _check_arguments(datasets: Mapping[str, LabelledImages], methods: tuple[str, ...]) -> None:
+    unknown = set(methods) - set(CHECK_METHODS)
+    if unknown:
+        raise ValueError(
+            f"unknown recommenders: {', '.join(sorted(unknown))}; "
+            f"choose from {', '.join(CHECK_METHODS)}"
+        )
+    if not datasets:
+        raise ValueError("an outside check needs at least one labelled dataset")
+
+
 def check(
     zoo: Zoo,
     datasets: Mapping[str, LabelledImages],
@@ -66,52 +105,43 @@ def check(
 
     Returns the summary per method (the figures of ``evaluate``: relative error increase,
     regret in points, weighted τ, top-1, seconds per recommendation), one row per dataset and
-    method, and every expert's true error on every dataset."""
-    unknown = set(methods) - set(CHECK_METHODS)
-    if unknown:
-        raise ValueError(
-            f"unknown recommenders: {', '.join(sorted(unknown))}; "
-            f"choose from {', '.join(CHECK_METHODS)}"
-        )
-    if not datasets:
-        raise ValueError("an outside check needs at least one labelled dataset")
+    method, every expert's true error on every dataset, and how many of those errors the
+    predicted-error intervals hold (``intervals``)."""
+    _check_arguments(datasets, methods)
     zoo = with_logme(zoo)
     made = {m: recommenders.build(m, zoo, k) for m in methods}
-    novelty = Novelty.fit(zoo, shared_images(zoo))
+    shared = shared_images(zoo)
+    novelty, intervals = Novelty.fit(zoo, shared), ErrorIntervals(zoo, shared, k)
+    covered: list[dict[str, Any]] = []
     images = any(recommenders.method(m).needs == "images" for m in methods)
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     truth: dict[str, dict[str, float]] = {}
     for i, (name, data) in enumerate(datasets.items()):
         embedding = embed(data, zoo.embed_config, progress=progress)
         zoo.check_compatible(embedding, f"the embedding of {name}")
-        novel = novelty.of(zoo, embedding)
         errors, by_logme, logme_seconds = _ground_truth(zoo, data, images)
         truth[name] = errors
+        described = {
+            "dataset": name,
+            "images": len(data),
+            "classes": len(data.classes),
+            "best": min(errors, key=errors.__getitem__),
+            **novelty.of(zoo, embedding),
+        }
+        truth_row = np.array([errors[e.name] for e in zoo.experts])
+        held = coverage(intervals.predict(embedding), truth_row)
+        covered.append({**held, "out_of_distribution": described["out_of_distribution"]})
+        query = Query(embedding, data, logme=by_logme)
         floor = zoo.protocol.resolution(len(data))
         for method in methods:
-            started = time.perf_counter()
-            ranking = made[method](zoo, Query(embedding, data, logme=by_logme))
-            seconds = time.perf_counter() - started
-            passes = sum("logme" in r.evidence for r in ranking)
-            seconds += logme_seconds * passes / len(zoo.experts)
-            rows[method].append(
-                {
-                    "dataset": name,
-                    "images": len(data),
-                    "classes": len(data.classes),
-                    "pick": ranking[0].expert,
-                    "best": min(errors, key=errors.__getitem__),
-                    **ranking_metrics(errors, floor, ranking),
-                    "seconds": seconds,
-                    "forward_passes": passes,
-                    **novel,
-                }
-            )
+            row = _scored(zoo, made[method], query, errors, floor, logme_seconds)
+            rows[method].append({**described, **row})
         if progress is not None:
             progress("datasets", i + 1, len(datasets))
     return {
         "recommenders": {m: summarise(r) for m, r in rows.items()},
         "versus": versus(rows, key="dataset", cluster=None),
+        "intervals": interval_summary(covered),
         "per_dataset": rows,
         "errors": truth,
         "zoo": {"tasks": len(zoo.tasks), "experts": len(zoo.experts), "probe": zoo.probe},

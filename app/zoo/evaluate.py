@@ -47,6 +47,7 @@ from app.zoo import recommenders
 from app.zoo.features import extract_features
 from app.zoo.folds import MIN_SCORED_IMAGES, PROTOCOL_TITLES, PROTOCOLS, Fold, folds, shared_images
 from app.zoo.index import recall_at_k
+from app.zoo.intervals import ErrorIntervals, coverage, interval_summary
 from app.zoo.novelty import Novelty
 from app.zoo.recommenders import Query, Ranked, Task2VecKNN, logme
 from app.zoo.zoo import Zoo
@@ -246,11 +247,26 @@ def versus(
     }
 
 
-def _fold_novelty(zoo: Zoo, fold: Fold) -> dict[int, dict[str, Any]]:
-    """For each query of ``fold``: is it out of the fold's zoo's distribution (``novelty``)?"""
+def _fold_context(zoo: Zoo, fold: Fold, k: int) -> dict[int, dict[str, Any]]:
+    """For each query of ``fold``: is it out of the fold's zoo's distribution (``novelty``),
+    and how well the intervals fitted on the fold's zoo hold its true errors (``intervals``)?"""
     sub = zoo.subset(fold.visible(zoo), list(fold.experts))
-    novelty = Novelty.fit(sub, shared_images(sub))
-    return {t: novelty.of(sub, zoo.embeddings[t]) for t in fold.queries}
+    shared = shared_images(sub)
+    novelty, intervals = Novelty.fit(sub, shared), ErrorIntervals(sub, shared, k)
+    out = {}
+    for t in fold.queries:
+        truth = zoo.errors[t, list(fold.experts)]
+        held = coverage(intervals.predict(zoo.embeddings[t]), truth)
+        out[t] = {**novelty.of(sub, zoo.embeddings[t]), **held}
+    return out
+
+
+def _row_labels(zoo: Zoo, t: int, novel: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "task": zoo.tasks[t].name,
+        "domain": zoo.tasks[t].domain,
+        "out_of_distribution": novel["out_of_distribution"],
+    }
 
 
 def _row(
@@ -304,10 +320,14 @@ def evaluate_protocol(
     A method's seconds per recommendation include its experts' forward passes where it has
     any: LogME's measured seconds for the task, pro rata for a shortlist."""
     per_task: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    covered: list[dict[str, Any]] = []
     all_folds = folds(zoo, protocol, min_images)
     for i, fold in enumerate(all_folds):
         rankings = fold_rankings(zoo, fold, methods, k, None if logme is None else logme[0])
-        novel = _fold_novelty(zoo, fold)
+        novel = _fold_context(zoo, fold, k)
+        for t in fold.queries:
+            held = {key: novel[t][key] for key in ("covered", "width", "absolute_error")}
+            covered.append({**held, **_row_labels(zoo, t, novel[t])})
         for method, by_task in rankings.items():
             for t, (ranking, seconds) in by_task.items():
                 row = _row(zoo, t, fold, ranking, seconds, novel[t])
@@ -324,6 +344,7 @@ def evaluate_protocol(
         "versus_domain_best": versus(per_task, baseline="domain-best"),
         "versus_logme": versus(per_task, baseline="logme"),
         "novelty": novelty_summary(per_task),
+        "intervals": interval_summary(covered),
         "domains": {
             m: {d: summarise([r for r in rows if r["domain"] == d]) for d in domains}
             for m, rows in per_task.items()

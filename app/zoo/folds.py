@@ -34,6 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from app.task2vec.errors import DatasetError
 from app.zoo.provenance import ImageSplit
 from app.zoo.tasks import UPLOAD, TaskSpec, source_indices
 from app.zoo.zoo import Zoo
@@ -71,6 +72,11 @@ def _drawn(task: TaskSpec, split: ImageSplit | None) -> np.ndarray:
     return indices
 
 
+def _image_pool(zoo: Zoo, task: TaskSpec) -> tuple[str, str]:
+    """The images a task is drawn from: its source, and with an image split its domain's slice."""
+    return (task.source, task.domain if zoo.protocol.split is not None else "")
+
+
 def shared_images(zoo: Zoo) -> list[frozenset[int]]:
     """Per task: the zoo tasks that share at least one source image with it (itself included).
 
@@ -79,8 +85,7 @@ def shared_images(zoo: Zoo) -> list[frozenset[int]]:
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for t, task in enumerate(zoo.tasks):
         if task.source != UPLOAD:
-            slice_ = task.domain if zoo.protocol.split is not None else ""
-            groups[(task.source, slice_)].append(t)
+            groups[_image_pool(zoo, task)].append(t)
     shared = [{t} for t in range(len(zoo.tasks))]
     for members in groups.values():
         drawn = {t: _drawn(zoo.tasks[t], zoo.protocol.split) for t in members}
@@ -92,6 +97,23 @@ def shared_images(zoo: Zoo) -> list[frozenset[int]]:
         for a, b in zip(*np.nonzero(counts), strict=True):
             shared[members[a]].add(members[b])
     return [frozenset(s) for s in shared]
+
+
+def overlapping(zoo: Zoo) -> list[frozenset[int]]:
+    """``shared_images``, or where a source's images cannot be read on this machine (a served
+    zoo imported from a bundle, without the datasets it was cut from), every task of the same
+    source and slice: a superset of the true overlaps, so what is fitted on it (the
+    out-of-distribution yardstick, the intervals' calibration) errs wide, never narrow."""
+    try:
+        return shared_images(zoo)
+    except (DatasetError, OSError):
+        groups: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for t, task in enumerate(zoo.tasks):
+            groups[_image_pool(zoo, task)].add(t)
+        return [
+            frozenset(groups[_image_pool(zoo, task)] if task.source != UPLOAD else {t})
+            for t, task in enumerate(zoo.tasks)
+        ]
 
 
 def scored(task: TaskSpec, zoo: Zoo, min_images: int = MIN_SCORED_IMAGES) -> bool:

@@ -154,6 +154,24 @@ def _novelty_lines(novelty: dict[str, float] | None) -> list[str]:
     return [line + ".", ""]
 
 
+def interval_lines(intervals: dict[str, float] | None) -> list[str]:
+    """One sentence on how many true errors the predicted-error intervals held."""
+    if not intervals or not intervals.get("queries"):
+        return []
+    line = (
+        f"Predicted errors: {intervals['level']:.0%} intervals held {intervals['covered']:.0%} "
+        f"of the true errors (mean width {intervals['width']:.1f} points, mean absolute error "
+        f"{intervals['absolute_error']:.1f} points)"
+    )
+    if not np.isnan(intervals["covered_flagged"]):
+        line += (
+            f"; {intervals['covered_flagged']:.0%} on the out-of-distribution queries (width "
+            f"{intervals['width_flagged']:.1f}), {intervals['covered_unflagged']:.0%} on the "
+            f"others (width {intervals['width_unflagged']:.1f})"
+        )
+    return [line + ".", ""]
+
+
 def _report_lines(zoo: Zoo, results: dict[str, Any], domains: list[str]) -> list[str]:
     """report.md: the zoo and protocol, then per protocol the summary, the comparison with
     the baseline and the per-domain table, the index's recall and the plots."""
@@ -192,6 +210,7 @@ def _report_lines(zoo: Zoo, results: dict[str, Any], domains: list[str]) -> list
             *versus_table(result.get("versus_logme", {}), baseline="logme"),
             "",
             *_novelty_lines(result.get("novelty")),
+            *interval_lines(result.get("intervals")),
             "Per domain (mean relative error increase, weighted τ):",
             "",
             *_domain_table(result["domains"]),

@@ -100,11 +100,32 @@ class RankedExpert(_Model):
     score: float
     evidence: dict[str, Any]
 
+    @property
+    def predicted_error(self) -> float | None:
+        """The expert's expected error on the dataset (a fraction), when the service gave one."""
+        value = self.evidence.get("predicted_error")
+        return None if value is None else float(value)
+
+    @property
+    def error_interval(self) -> tuple[float, float] | None:
+        """The interval holding the true error at ``evidence["interval_level"]`` (0.8)."""
+        value = self.evidence.get("error_interval")
+        return None if value is None else (float(value[0]), float(value[1]))
+
+
+class Novelty(_Model):
+    out_of_distribution: bool
+    nearest_distance: float
+    threshold: float
+    threshold_quantile: float
+    zoo_quantile: float
+
 
 class Ranking(_Model):
     task_id: str
     method: str
     ranking: list[RankedExpert]
+    novelty: Novelty | None = None
     seconds: float
     cached: bool = False
     zoo_version: str
@@ -123,6 +144,7 @@ class UploadRanking(_Model):
     job_id: str
     method: str
     ranking: list[RankedExpert]
+    novelty: Novelty | None = None
     seconds: float | None = None
     zoo_version: str | None = None
     timings: Timings

@@ -21,6 +21,27 @@ from app.zoo import recommenders
 from tests.helpers import npz_upload, run_job
 
 
+def _assert_a_readable_answer(body: dict[str, object]) -> None:
+    """Every item predicts its error with an 80% interval; the answer says whether the task
+    is out of the zoo's distribution (a zoo task's own images are not)."""
+    novelty = body["novelty"]
+    assert isinstance(novelty, dict)
+    assert novelty["out_of_distribution"] is False
+    assert novelty["nearest_distance"] <= novelty["threshold"]
+    items = body["ranking"]
+    assert isinstance(items, list)
+    for item in items:
+        evidence = item["evidence"]
+        low, high = evidence["error_interval"]
+        assert 0 <= low <= evidence["predicted_error"] <= high <= 1
+        assert evidence["interval_level"] == 0.8
+        nearest = evidence["nearest_tasks"]
+        assert len(nearest) == 3
+        assert [n["distance"] for n in nearest] == sorted(n["distance"] for n in nearest)
+        assert all(0 <= n["error"] <= 1 for n in nearest)
+        assert evidence["architecture"]
+
+
 def test_upload_embed_neighbours_and_recommendations(
     client: TestClient, settings: Settings, sent: list[str]
 ) -> None:
@@ -61,6 +82,7 @@ def test_upload_embed_neighbours_and_recommendations(
         assert ranked.json()["method"] == method
         assert 1 <= len(ranked.json()["ranking"]) <= 2
         assert ranked.json()["cached"] is False
+        _assert_a_readable_answer(ranked.json())
     # Read again: the ranking this process computed for the zoo version, and no new row.
     first = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"k": 3}).json()
     again = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"k": 3}).json()
@@ -74,6 +96,7 @@ def test_upload_embed_neighbours_and_recommendations(
     result = client.get(queued.headers["location"]).json()
     assert result["status"] == "succeeded"
     assert len(result["result"]["ranking"]) == 3
+    _assert_a_readable_answer(result["result"])
     assert result["links"]["task"] == f"/v1/tasks/{body['task_id']}"
     with session_scope(settings.resolved_database_url()) as session:
         rows = session.query(Recommendation).order_by(Recommendation.id).all()
@@ -102,6 +125,7 @@ def test_one_call_recommendation_waits_for_the_job(
     body = response.json()
     assert body["method"] == "learned"
     assert len(body["ranking"]) == 3
+    _assert_a_readable_answer(body)
     assert {"upload_s", "queue_wait_s", "job_s", "job_stages", "total_s"} <= set(body["timings"])
 
 

@@ -62,6 +62,8 @@ def test_rank_a_dataset_from_the_command_line(embedded: Settings, tmp_path: Path
             assert table.returncode == 0, table.stderr
             assert "expert" in table.stdout
             assert body["ranking"][0]["expert"] in table.stdout
+            assert "predicted" in table.stdout
+            assert "the zoo's distribution" in table.stdout
         shown = _remote(settings, "tasks", body["task_id"], "--server", server, "--json")
         assert json.loads(shown.stdout)["dataset"]["filename"] == "shoes.npz"
         experts = _remote(settings, "experts", "--server", server, "--json")

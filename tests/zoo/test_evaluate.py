@@ -54,6 +54,10 @@ def test_evaluation_reports_both_protocols_and_writes_the_report(zoo: Zoo, tmp_p
             assert row["rel_error_increase"] >= 0.0
             assert row["regret"] >= 0.0
         assert set(result["domains"]["learned"]) == {t.domain for t in zoo.tasks}
+        intervals = result["intervals"]
+        assert intervals["queries"] == len(zoo.tasks)
+        assert 0.0 <= intervals["covered"] <= 1.0
+        assert intervals["width"] > 0
     per_task = results["protocols"]["domain"]["per_task"]["learned"]
     assert {row["fold"] for row in per_task} == {t.domain for t in zoo.tasks}
     assert 0.0 <= results["zoo"]["imagenet_expert_not_best_share"] <= 1.0
@@ -196,6 +200,8 @@ def test_an_outside_check_scores_the_rankings_against_brute_force(zoo: Zoo) -> N
             assert row["regret"] == pytest.approx(100 * (errors[row["pick"]] - errors[row["best"]]))
             assert row["top1"] == float(row["regret"] == 0.0)
             assert -1.0 <= row["weighted_tau"] <= 1.0
+    assert results["intervals"]["queries"] == 2
+    assert 0.0 <= results["intervals"]["covered"] <= 1.0
 
     with pytest.raises(ValueError, match="unknown recommenders: oracle"):
         check(zoo, outside, ("oracle",))
