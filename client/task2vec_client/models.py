@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict
 #: The ranking methods the service accepts (its registry's served methods; a test of the
 #: service compares the two). Leave the method out to get the service's default.
 RankingMethod = Literal[
-    "global-best", "task2vec-knn", "task2vec-asym", "learned", "logme", "brute-force"
+    "global-best", "task2vec-knn", "task2vec-asym", "learned", "logme", "brute-force", "hybrid"
 ]
 
 

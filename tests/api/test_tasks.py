@@ -98,18 +98,34 @@ def test_upload_embed_neighbours_and_recommendations(
     assert len(result["result"]["ranking"]) == 3
     _assert_a_readable_answer(result["result"])
     assert result["links"]["task"] == f"/v1/tasks/{body['task_id']}"
+    by_logme = {r["expert"]: r["evidence"]["logme"] for r in result["result"]["ranking"]}
+
+    # The hybrid, end to end: a worker job that runs its shortlist over the images. The served
+    # tiny zoo has no LogME matrix, so the default rule's shortlist (9) holds all 3 experts,
+    # ordered by LogME alone: the same values and order as the logme ranking's.
+    hybrid = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "hybrid"})
+    assert hybrid.status_code == 202
+    run_job(settings, sent[-1])
+    answer = client.get(hybrid.headers["location"]).json()["result"]
+    _assert_a_readable_answer(answer)
+    items = answer["ranking"]
+    assert [i["evidence"]["logme_rank"] for i in items] == [1, 2, 3]
+    assert {i["expert"]: i["evidence"]["logme"] for i in items} == pytest.approx(by_logme)
+    assert [i["expert"] for i in items] == sorted(by_logme, key=lambda e: -by_logme[e])
     with session_scope(settings.resolved_database_url()) as session:
         rows = session.query(Recommendation).order_by(Recommendation.id).all()
         methods = [r.method for r in rows]
         learned = rows[0].ranking
     # One row per ranking computed (method and zoo version), whatever k asked; the whole order.
-    assert methods == ["learned", "task2vec-knn", "task2vec-asym", "global-best", "logme"]
+    assert methods == [
+        "learned", "task2vec-knn", "task2vec-asym", "global-best", "logme", "hybrid"
+    ]  # fmt: skip
     assert [r["expert"] for r in learned] == [r["expert"] for r in first["ranking"]]
 
     # The same bytes again: the same task, the same job, nothing new to compute.
     again = client.post("/v1/tasks", files={"file": ("other-name.npz", upload)}).json()
     assert (again["task_id"], again["job_id"]) == (body["task_id"], body["job_id"])
-    assert len(sent) == 2
+    assert len(sent) == 3  # the embedding, logme and hybrid jobs
 
 
 def test_one_call_recommendation_waits_for_the_job(

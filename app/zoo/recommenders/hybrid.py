@@ -23,7 +23,7 @@ import numpy as np
 
 from app.task2vec.errors import ConfigError
 from app.zoo.features import extract_many
-from app.zoo.folds import scored, shared_images
+from app.zoo.folds import overlapping, scored, shared_images
 from app.zoo.novelty import Novelty
 from app.zoo.recommenders.base import Query, Ranked, Recommender, need_embedding
 from app.zoo.recommenders.learned import LearnedScorer
@@ -45,8 +45,10 @@ class Rule:
     weight: float
 
 
-#: The rule of a zoo too small to fit one on.
-DEFAULT_RULE = Rule(shortlist=max(SHORTLISTS), weight=0.5)
+#: The rule of a zoo without a LogME matrix (a served zoo imported from a bundle) or too small
+#: to fit one on: what ``fit_rule`` chooses on the demo zoo's 152 tasks (the nine experts the
+#: learned scorer likes best, ordered by LogME alone).
+DEFAULT_RULE = Rule(shortlist=9, weight=1.0)
 
 
 def _z(values: np.ndarray) -> np.ndarray:
@@ -139,9 +141,13 @@ def fit_rule(zoo: Zoo, k: int = 5) -> Rule:
 
 class Hybrid:
     def __init__(self, zoo: Zoo, k: int = 5, rule: Rule | None = None) -> None:
+        """``rule``: by default fitted on ``zoo`` (``fit_rule``) when it has its LogME
+        matrix, else ``DEFAULT_RULE``."""
         self.scorer = LearnedScorer(zoo, k)
-        self.rule = fit_rule(zoo, k) if rule is None else rule
-        self.novelty = Novelty.fit(zoo, shared_images(zoo))
+        if rule is None:
+            rule = fit_rule(zoo, k) if zoo.logme is not None else DEFAULT_RULE
+        self.rule = rule
+        self.novelty = Novelty.fit(zoo, overlapping(zoo))
 
     def _logme(self, zoo: Zoo, query: Query, shortlist: list[int]) -> dict[int, float]:
         if query.logme is not None:
@@ -181,7 +187,7 @@ class Hybrid:
     summary="the learned scorer shortlists experts, LogME on their features of the images "
     "re-ranks them (every expert when the data is unlike the zoo's)",
     needs="images",
-    runs="evaluation",
+    runs="worker",
 )
 def _hybrid(zoo: Zoo, k: int) -> Recommender:
     return Hybrid(zoo, k)
