@@ -37,10 +37,11 @@ from app.services.queue import DELIVERY_TASK, WARM_UP_SETTING, WARMED_UP, celery
 from app.services.serving import ZooStates, ranking_items
 from app.services.versions import Version
 from app.settings import Settings, get_settings
-from app.task2vec.datasets import LabelledImages, from_arrays, load_dataset
+from app.task2vec.datasets import LabelledImages, from_arrays
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.probes import ProbeNetwork
+from workers.ranking import dataset, prerank
 
 log = logging.getLogger(__name__)
 celery = celery_for(get_settings().resolved_broker_url())
@@ -168,21 +169,20 @@ def _attempt(
 def run_embed(job_id: str, settings: Settings) -> None:
     def body(recorder: JobRecorder, _: dict[str, Any]) -> None:
         url = settings.resolved_database_url()
-        task_id, dataset_path, _tenant = _task_context(url, job_id)
+        task_id, dataset_path, tenant = _task_context(url, job_id)
         path = DataLayout.of(settings).task_embedding(task_id)
+        state = ZOOS.current(settings)
         with session_scope(url) as session:
             done = tasks.embedding_row(session, task_id=task_id)
+        data: LabelledImages | None = None
         if done is None:  # an earlier attempt may have stored it before it was cut off
-            zoo = ZOOS.current(settings).zoo
-            config = replace(zoo.embed_config, device=settings.device)
+            config = replace(state.zoo.embed_config, device=settings.device)
             recorder.stage("loading dataset")
-            data = load_dataset(
-                dataset_path, image_size=config.image_size, limits=settings.dataset_limits()
-            )
+            data = dataset(settings, state, dataset_path)
             started = time.perf_counter()
             embedding = embed(data, config, probe=_probe(config), progress=recorder.progress)
             seconds = time.perf_counter() - started
-            zoo.check_compatible(embedding)
+            state.zoo.check_compatible(embedding)
             recorder.stage("saving")
             embedding.save(path)
             with session_scope(url) as session:
@@ -190,10 +190,12 @@ def run_embed(job_id: str, settings: Settings) -> None:
                 tasks.save_embedding(
                     session, task_id=task_id, path=path, embedding=embedding, seconds=seconds
                 )
-            dim = embedding.dim
         else:
-            dim = done.dim
-        recorder.succeed({"task": task_id, "embedding_dim": dim})
+            embedding = Embedding.load(path)
+        ranked = prerank(
+            recorder, settings, state, (task_id, tenant, dataset_path), embedding, data
+        )
+        recorder.succeed({"task": task_id, "embedding_dim": embedding.dim, "ranked": ranked})
 
     _execute(job_id, settings, "embedding", body)
 
@@ -204,11 +206,7 @@ def run_rank(job_id: str, settings: Settings) -> None:
         task_id, dataset_path, tenant = _task_context(url, job_id)
         state = ZOOS.current(settings)
         recorder.stage("loading dataset")
-        data = load_dataset(
-            dataset_path,
-            image_size=state.zoo.embed_config.image_size,
-            limits=settings.dataset_limits(),
-        )
+        data = dataset(settings, state, dataset_path)
         embedding = Embedding.load(DataLayout.of(settings).task_embedding(task_id))
         method = params["method"]
         recorder.stage(f"ranking ({method})")

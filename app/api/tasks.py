@@ -211,9 +211,16 @@ def recommendations(
     method: Method,
     k: K = 5,
 ) -> Ranking | JSONResponse:
-    """A ranking with a fast method is answered at once; one a worker computes (LogME, brute
-    force) is a job, followed at its link and called back at ``callback_url`` if given."""
+    """A ranking with a fast method is answered at once; one a worker computes (LogME, the
+    hybrid, brute force) is answered from the ranking a worker stored for the task on this zoo
+    version (the embedding job stores the default's), or is a job, followed at its link and
+    called back at ``callback_url`` if given."""
     if method in WORKER_METHODS:
+        stored = tasks.rank_stored(
+            session, zoo=zoo, task_id=task_id, method=method, k=k, tenant=caller.tenant
+        )
+        if stored is not None:
+            return Ranking.model_validate(stored)
         if "tasks:write" not in caller.scopes:
             raise ProblemError(
                 403,
@@ -329,6 +336,17 @@ class _UploadRanking:
                 tenant=tenant,
             )
             return ranked
+        stored: dict[str, object] | None = await run_in_threadpool(
+            tasks.rank_stored,
+            self.session,
+            zoo=self.zoo,
+            task_id=task_id,
+            method=method,
+            k=k,
+            tenant=tenant,
+        )
+        if stored is not None:
+            return stored
         rank_job = await run_in_threadpool(
             tasks.queue_rank,
             self.session,

@@ -49,19 +49,19 @@ def _print_json(answer: BaseModel) -> None:
 
 
 def _ranking_table(title: str, ranking: list[RankedExpert]) -> Table:
-    """Rank, expert, score, and the expert's predicted error with its interval when given."""
+    """Rank, expert, score, and the expert's predicted error with its interval when given
+    (one column, so that the table fits 80 characters without cutting a name)."""
     table = Table(title=title)
-    for column in ("rank", "expert", "score", "predicted error", "80% interval"):
-        table.add_column(column, justify="right" if column != "expert" else "left")
+    table.add_column("rank", justify="right")
+    table.add_column("expert", no_wrap=True)
+    table.add_column("score", justify="right")
+    table.add_column("predicted error (80%)", justify="right")
     for item in ranking:
         error, interval = item.predicted_error, item.error_interval
-        table.add_row(
-            str(item.rank),
-            item.expert,
-            f"{item.score:.4f}",
-            "" if error is None else f"{100 * error:.1f}%",
-            "" if interval is None else f"{100 * interval[0]:.1f}–{100 * interval[1]:.1f}%",
-        )
+        predicted = "" if error is None else f"{100 * error:.1f}%"
+        if interval is not None:
+            predicted += f" ({100 * interval[0]:.0f}–{100 * interval[1]:.0f})"
+        table.add_row(str(item.rank), item.expert, f"{item.score:.4f}", predicted)
     return table
 
 

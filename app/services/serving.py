@@ -38,8 +38,13 @@ log = logging.getLogger(__name__)
 FAST_METHODS = recommenders.registry.names(runs=("api",))
 WORKER_METHODS = recommenders.registry.names(runs=("worker",))
 METHODS = recommenders.served()
-#: The method a ranking uses when none is named.
-DEFAULT_METHOD = "learned"
+#: The method a ranking uses when none is named: the one that measures best for its cost
+#: (the README's quality section). It reads the images of a shortlist of experts, so the
+#: embedding job ranks with it while it has the images (``PRERANKED``).
+DEFAULT_METHOD = "hybrid"
+#: Methods the embedding job ranks with before it ends, so that their answer is stored when
+#: the embedding is: the default, when it needs the images.
+PRERANKED = tuple(m for m in (DEFAULT_METHOD,) if m in WORKER_METHODS)
 
 
 @dataclass

@@ -152,6 +152,46 @@ def rank_now(
     }
 
 
+def stored_ranking(
+    session: Session, *, task_id: str, method: str, version_id: int
+) -> list[dict[str, Any]] | None:
+    """The whole ranking recorded for the task by ``method`` on zoo version ``version_id``
+    (the newest, where a job ran again), or None."""
+    items: list[dict[str, Any]] | None = session.scalar(
+        select(Recommendation.ranking)
+        .where(
+            Recommendation.task_id == task_id,
+            Recommendation.method == method,
+            Recommendation.index_version_id == version_id,
+        )
+        .order_by(Recommendation.id.desc())
+        .limit(1)
+    )
+    return items
+
+
+def rank_stored(
+    session: Session, *, zoo: ZooState, task_id: str, method: str, k: int, tenant: str
+) -> dict[str, Any] | None:
+    """The answer of a method that needs the images, when a worker has ranked the task with it
+    on the served zoo version already (the embedding job ranks with the default method), or
+    None: a rank job has to compute it."""
+    embedding = embedding_of(session, task_id=task_id, tenant=tenant)
+    started = time.perf_counter()
+    items = stored_ranking(session, task_id=task_id, method=method, version_id=zoo.version.id)
+    if items is None:
+        return None
+    return {
+        "task_id": task_id,
+        "method": method,
+        "ranking": items[:k],
+        "novelty": zoo.assess(embedding),
+        "seconds": round(time.perf_counter() - started, 6),
+        "cached": True,
+        "zoo_version": zoo.version.content,
+    }
+
+
 def queue_rank(
     session: Session,
     *,

@@ -61,10 +61,13 @@ def test_keys_are_required_and_checked(keyed: Settings) -> None:
         assert client.get("/healthz").status_code == 200  # probes need no key
         anonymous = client.post("/v1/tasks", files={"file": ("a.npz", npz_upload())})
         assert anonymous.status_code == 401  # refused before the body is read
-        logme = client.get(
-            "/v1/tasks/x/recommendations", headers=reader, params={"method": "logme"}
-        )
-        assert logme.status_code == 403  # a worker ranking is work: it needs tasks:write
+        writer = _auth(keyed, "acme", "tasks:read", "tasks:write")
+        mine = client.post("/v1/tasks", headers=writer, files={"file": ("a.npz", npz_upload())})
+        ranked = f"/v1/tasks/{mine.json()['task_id']}/recommendations"
+        # The default ranking was stored by the embedding job: any reader may read it.
+        assert client.get(ranked, headers=reader).json()["method"] == "hybrid"
+        logme = client.get(ranked, headers=reader, params={"method": "logme"})
+        assert logme.status_code == 403  # a new worker ranking is work: it needs tasks:write
 
         _, token = create_key(keyed, "acme", ["tasks:read"])
         key_id = token.split("_")[1]

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from app.api.main import create_app
 from app.settings import Settings
 from tests.helpers import create_key, free_port, npz_upload, run_job
-from workers import tasks
+from workers import ranking, tasks
 
 
 def _bearer(settings: Settings, tenant: str, *scopes: str) -> dict[str, str]:
@@ -61,7 +61,7 @@ def test_an_unforeseen_worker_error_stores_no_exception_text(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("postgresql://app:pw@db.internal/state at /srv/t2v/uploads/ab")
 
-    monkeypatch.setattr(tasks, "load_dataset", broken)
+    monkeypatch.setattr(ranking, "load_dataset", broken)
     run_job(settings, body["job_id"])
     job = client.get(f"/v1/jobs/{body['job_id']}").json()
     assert job["status"] == "failed"

@@ -84,8 +84,9 @@ def test_upload_embed_neighbours_and_recommendations(
         assert ranked.json()["cached"] is False
         _assert_a_readable_answer(ranked.json())
     # Read again: the ranking this process computed for the zoo version, and no new row.
-    first = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"k": 3}).json()
-    again = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"k": 3}).json()
+    learned = {"method": "learned", "k": 3}
+    first = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params=learned).json()
+    again = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params=learned).json()
     assert first["cached"]
     assert again["cached"]
     assert again["ranking"] == first["ranking"]
@@ -99,14 +100,19 @@ def test_upload_embed_neighbours_and_recommendations(
     _assert_a_readable_answer(result["result"])
     assert result["links"]["task"] == f"/v1/tasks/{body['task_id']}"
     by_logme = {r["expert"]: r["evidence"]["logme"] for r in result["result"]["ranking"]}
+    # Asked again, LogME's ranking is the one its job stored: no second job.
+    stored = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "logme"})
+    assert stored.status_code == 200
+    assert stored.json()["ranking"] == result["result"]["ranking"][:5]
 
-    # The hybrid, end to end: a worker job that runs its shortlist over the images. The served
-    # tiny zoo has no LogME matrix, so the default rule's shortlist (9) holds all 3 experts,
-    # ordered by LogME alone: the same values and order as the logme ranking's.
-    hybrid = client.get(f"/v1/tasks/{body['task_id']}/recommendations", params={"method": "hybrid"})
-    assert hybrid.status_code == 202
-    run_job(settings, sent[-1])
-    answer = client.get(hybrid.headers["location"]).json()["result"]
+    # The default, the hybrid, was ranked by the embedding job while it had the images: the
+    # answer is there with no job of its own. The served tiny zoo has no LogME matrix, so the
+    # default rule's shortlist (9) holds all 3 experts, ordered by LogME alone: the same
+    # values and order as the logme ranking's.
+    default = client.get(f"/v1/tasks/{body['task_id']}/recommendations")
+    assert default.status_code == 200, default.text
+    answer = default.json()
+    assert answer["method"] == DEFAULT_METHOD == "hybrid"
     _assert_a_readable_answer(answer)
     items = answer["ranking"]
     assert [i["evidence"]["logme_rank"] for i in items] == [1, 2, 3]
@@ -115,17 +121,17 @@ def test_upload_embed_neighbours_and_recommendations(
     with session_scope(settings.resolved_database_url()) as session:
         rows = session.query(Recommendation).order_by(Recommendation.id).all()
         methods = [r.method for r in rows]
-        learned = rows[0].ranking
+        in_process = rows[1].ranking
     # One row per ranking computed (method and zoo version), whatever k asked; the whole order.
     assert methods == [
-        "learned", "task2vec-knn", "task2vec-asym", "global-best", "logme", "hybrid"
+        "hybrid", "learned", "task2vec-knn", "task2vec-asym", "global-best", "logme"
     ]  # fmt: skip
-    assert [r["expert"] for r in learned] == [r["expert"] for r in first["ranking"]]
+    assert [r["expert"] for r in in_process] == [r["expert"] for r in first["ranking"]]
 
     # The same bytes again: the same task, the same job, nothing new to compute.
     again = client.post("/v1/tasks", files={"file": ("other-name.npz", upload)}).json()
     assert (again["task_id"], again["job_id"]) == (body["task_id"], body["job_id"])
-    assert len(sent) == 3  # the embedding, logme and hybrid jobs
+    assert len(sent) == 2  # the embedding job and logme's
 
 
 def test_one_call_recommendation_waits_for_the_job(
@@ -139,7 +145,7 @@ def test_one_call_recommendation_waits_for_the_job(
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["method"] == "learned"
+    assert body["method"] == "hybrid"
     assert len(body["ranking"]) == 3
     _assert_a_readable_answer(body)
     assert {"upload_s", "queue_wait_s", "job_s", "job_stages", "total_s"} <= set(body["timings"])

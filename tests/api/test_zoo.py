@@ -96,8 +96,12 @@ def test_register_an_expert_and_the_api_swaps_to_the_new_version(
         version_id = session.scalar(
             select(IndexVersionRow.id).where(IndexVersionRow.content == second["version"])
         )
-        (served,) = session.scalars(select(Recommendation)).all()
-        assert served.index_version_id == version_id
+        served = session.scalars(select(Recommendation)).all()
+        # The embedding job's default ranking and the learned one: both on the new version.
+        assert {(s.method, s.index_version_id) for s in served} == {
+            ("hybrid", version_id),
+            ("learned", version_id),
+        }
 
 
 def test_add_a_zoo_task(client: TestClient, settings: Settings, sent: list[str]) -> None:

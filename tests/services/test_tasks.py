@@ -23,7 +23,7 @@ from app.services import tasks, uploads
 from app.services.layout import DataLayout
 from app.services.problems import ProblemError
 from app.services.publishing import ensure_published
-from app.services.serving import ZooState
+from app.services.serving import DEFAULT_METHOD, ZooState
 from app.services.storage import store_stream
 from app.services.versions import Version
 from app.settings import Settings
@@ -80,9 +80,15 @@ def _problem(call: Callable[[], object]) -> ProblemError:
     return raised.value
 
 
-def _recommendations(settings: Settings) -> list[Recommendation]:
+def _recommendations(
+    settings: Settings, methods: tuple[str, ...] | None = None
+) -> list[Recommendation]:
+    """The recorded rankings, oldest first (of ``methods`` only, when given)."""
+    query = select(Recommendation).order_by(Recommendation.id)
+    if methods is not None:
+        query = query.where(Recommendation.method.in_(methods))
     with session_scope(settings.resolved_database_url()) as session:
-        return list(session.scalars(select(Recommendation).order_by(Recommendation.id)))
+        return list(session.scalars(query))
 
 
 def test_a_task_is_its_tenants_own(settings: Settings, version: Version, sent: list[str]) -> None:
@@ -208,6 +214,14 @@ def test_queue_rank_sends_a_job_only_for_a_task_with_an_embedding(
     run_job(settings, submitted.job_id)
     assert _problem(lambda: queue_rank("globex")).status == 404
     assert sent == [submitted.job_id]  # nothing sent for either
+    # The embedding job ranked with the default method while it had the images.
+    [default] = _recommendations(settings)
+    assert (default.method, default.job_id, default.index_version_id) == (
+        DEFAULT_METHOD,
+        None,
+        version.id,
+    )
+    assert len(default.ranking) == version.experts
     with session_scope(url) as session:
         ranks = session.scalar(select(func.count()).select_from(Job).where(Job.kind == "rank"))
     assert ranks == 0
@@ -222,7 +236,7 @@ def test_queue_rank_sends_a_job_only_for_a_task_with_an_embedding(
     run_job(settings, job.id)
     done = job_row(settings, job.id)
     assert done.status == JobStatus.succeeded, done.error
-    [recorded] = _recommendations(settings)
+    [recorded] = _recommendations(settings, ("logme",))
     assert (recorded.job_id, recorded.method, recorded.tenant) == (job.id, "logme", "acme")
     assert recorded.index_version_id == version.id
     assert len(recorded.ranking) == version.experts  # the whole order, whatever k
@@ -250,7 +264,8 @@ def test_rank_now_answers_k_and_records_the_whole_order_once(
     answered = first["ranking"]
     assert isinstance(answered, list)
     assert [item["rank"] for item in answered] == [1, 2]
-    [recorded] = _recommendations(settings)
+    in_process = ("learned", "task2vec-knn")
+    [recorded] = _recommendations(settings, in_process)
     assert (recorded.method, recorded.index_version_id, recorded.job_id) == (
         "learned",
         version.id,
@@ -263,9 +278,9 @@ def test_rank_now_answers_k_and_records_the_whole_order_once(
     assert (again["cached"], again["ranking"]) == (True, answered)
     elsewhere = rank_now(ZooState.load(version))  # another process computes it again
     assert (elsewhere["cached"], elsewhere["ranking"]) == (False, answered)
-    assert len(_recommendations(settings)) == 1  # the same ranking: kept once
+    assert len(_recommendations(settings, in_process)) == 1  # the same ranking: kept once
 
     assert rank_now(zoo, "task2vec-knn")["cached"] is False
-    assert [r.method for r in _recommendations(settings)] == ["learned", "task2vec-knn"]
+    assert [r.method for r in _recommendations(settings, in_process)] == list(in_process)
     assert _problem(lambda: rank_now(zoo, tenant="globex")).status == 404
-    assert len(_recommendations(settings)) == 2
+    assert len(_recommendations(settings, in_process)) == 2

@@ -1,0 +1,60 @@
+"""What the worker ranks with: the task's images, and the rankings an embedding job records
+before it ends (``PRERANKED``: the default method, when it needs the images), so that the
+default answer is stored when the embedding is and no second job has to run for it."""
+
+from __future__ import annotations
+
+from app.db.session import session_scope
+from app.services import tasks
+from app.services.jobs import JobRecorder
+from app.services.serving import PRERANKED, ZooState, ranking_items
+from app.settings import Settings
+from app.task2vec.datasets import LabelledImages, load_dataset
+from app.task2vec.embedding import Embedding
+
+
+def dataset(settings: Settings, state: ZooState, dataset_path: str) -> LabelledImages:
+    return load_dataset(
+        dataset_path,
+        image_size=state.zoo.embed_config.image_size,
+        limits=settings.dataset_limits(),
+    )
+
+
+def prerank(
+    recorder: JobRecorder,
+    settings: Settings,
+    state: ZooState,
+    task: tuple[str, str, str],
+    embedding: Embedding,
+    data: LabelledImages | None,
+) -> list[str]:
+    """Rank the task (id, tenant, dataset path) with the methods of ``PRERANKED`` while the
+    job has its images, and record each ranking, so that the default answer is there when the
+    embedding is. A method already recorded for this zoo version (an earlier attempt's) is
+    skipped."""
+    task_id, tenant, dataset_path = task
+    url = settings.resolved_database_url()
+    ranked = []
+    for method in PRERANKED:
+        with session_scope(url) as session:
+            stored = tasks.stored_ranking(
+                session, task_id=task_id, method=method, version_id=state.version.id
+            )
+        if stored is None:
+            recorder.stage(f"ranking ({method})")
+            if data is None:
+                data = dataset(settings, state, dataset_path)
+            items = ranking_items(state.rank(method, embedding, data), len(state.zoo.experts))
+            with session_scope(url) as session:
+                recorder.hold(session)
+                tasks.record_ranking(
+                    session,
+                    tenant=tenant,
+                    task_id=task_id,
+                    method=method,
+                    ranking=items,
+                    version_id=state.version.id,
+                )
+        ranked.append(method)
+    return ranked
