@@ -28,15 +28,15 @@ def prerank(
     task: tuple[str, str, str],
     embedding: Embedding,
     data: LabelledImages | None,
+    methods: tuple[str, ...] = PRERANKED,
 ) -> list[str]:
-    """Rank the task (id, tenant, dataset path) with the methods of ``PRERANKED`` while the
-    job has its images, and record each ranking, so that the default answer is there when the
-    embedding is. A method already recorded for this zoo version (an earlier attempt's) is
-    skipped."""
+    """Rank the task (id, tenant, dataset path) with ``methods`` while the job has its images,
+    and record each ranking, so that their answer is there when the embedding is. A method
+    already recorded for this zoo version (an earlier attempt's) is skipped."""
     task_id, tenant, dataset_path = task
     url = settings.resolved_database_url()
     ranked = []
-    for method in PRERANKED:
+    for method in methods:
         with session_scope(url) as session:
             stored = tasks.stored_ranking(
                 session, task_id=task_id, method=method, version_id=state.version.id

@@ -34,7 +34,7 @@ from app.services.layout import DataLayout
 from app.services.problems import problem, redact
 from app.services.publishing import current_version
 from app.services.queue import DELIVERY_TASK, WARM_UP_SETTING, WARMED_UP, celery_for
-from app.services.serving import ZooStates, ranking_items
+from app.services.serving import PRERANKED, ZooStates, ranking_items
 from app.services.versions import Version
 from app.settings import Settings, get_settings
 from app.task2vec.datasets import LabelledImages, from_arrays
@@ -167,7 +167,7 @@ def _attempt(
 
 
 def run_embed(job_id: str, settings: Settings) -> None:
-    def body(recorder: JobRecorder, _: dict[str, Any]) -> None:
+    def body(recorder: JobRecorder, params: dict[str, Any]) -> None:
         url = settings.resolved_database_url()
         task_id, dataset_path, tenant = _task_context(url, job_id)
         path = DataLayout.of(settings).task_embedding(task_id)
@@ -192,9 +192,10 @@ def run_embed(job_id: str, settings: Settings) -> None:
                 )
         else:
             embedding = Embedding.load(path)
-        ranked = prerank(
-            recorder, settings, state, (task_id, tenant, dataset_path), embedding, data
-        )
+        # A job queued before jobs named their methods ranks with the default.
+        methods = tuple(params.get("prerank", PRERANKED))
+        task = (task_id, tenant, dataset_path)
+        ranked = prerank(recorder, settings, state, task, embedding, data, methods)
         recorder.succeed({"task": task_id, "embedding_dim": embedding.dim, "ranked": ranked})
 
     _execute(job_id, settings, "embedding", body)

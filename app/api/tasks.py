@@ -36,7 +36,14 @@ from app.db.models import JobStatus
 from app.services import tasks, uploads
 from app.services.jobs import JobState
 from app.services.problems import ProblemError
-from app.services.serving import DEFAULT_METHOD, FAST_METHODS, METHODS, WORKER_METHODS, ZooState
+from app.services.serving import (
+    DEFAULT_METHOD,
+    FAST_METHODS,
+    METHODS,
+    PRERANKED,
+    WORKER_METHODS,
+    ZooState,
+)
 from app.services.uploads import Submitted
 from app.settings import Settings
 from app.zoo import recommenders
@@ -102,9 +109,11 @@ async def _submit(
     zoo: ZooState,
     tenant: str,
     callback: str | None,
+    prerank: tuple[str, ...] = PRERANKED,
 ) -> Submitted:
     """Check and register an uploaded dataset under the zoo's embedding configuration; its
-    embedding job is sent unless one exists (``callback`` is called when it ends)."""
+    embedding job is sent unless one exists (``callback`` is called when it ends), and ranks
+    with ``prerank`` before it ends."""
     config = zoo.zoo.embed_config
     data = await validate(request, settings, upload, config.image_size)
     return await run_in_threadpool(
@@ -117,6 +126,7 @@ async def _submit(
         config=config,
         tenant=tenant,
         callback_url=callback,
+        prerank=prerank,
     )
 
 
@@ -278,6 +288,9 @@ class _UploadRanking:
     async def answer(self) -> JSONResponse:
         """The ranking once the upload is embedded, or 202 with the job still running at
         the deadline (the embedding's, or a worker's ranking)."""
+        # The embedding job ranks with the method asked for when it needs the images (no
+        # second job), and with nothing more when the API answers it from the embedding.
+        prerank = (self.method,) if self.method in WORKER_METHODS else ()
         submitted = await _submit(
             self.request,
             self.session,
@@ -286,6 +299,7 @@ class _UploadRanking:
             self.zoo,
             self.tenant,
             self.callback,
+            prerank,
         )
         uploaded = time.monotonic()
         job = await self.finished(submitted.job_id)

@@ -20,6 +20,7 @@ from app.db.models import Dataset, Job, JobStatus, Task
 from app.services import jobs, queue
 from app.services.jobs import JobKind
 from app.services.problems import ProblemError
+from app.services.serving import PRERANKED
 from app.services.storage import StoredFile
 from app.settings import Settings
 from app.task2vec.datasets import LabelledImages, load_dataset
@@ -134,8 +135,10 @@ def register(
     config: EmbedConfig,
     tenant: str,
     callback_url: str | None = None,
+    prerank: tuple[str, ...] = PRERANKED,
 ) -> Submitted:
-    """The dataset, its task and the job embedding it (unless one exists or is under way).
+    """The dataset, its task and the job embedding it (unless one exists or is under way),
+    which ranks the task with ``prerank`` (methods that need the images) before it ends.
     Commits: a new job is committed and sent (``queue.send``); otherwise the unit of work
     ends here too, so a caller that then waits on the job holds no connection.
     ``callback_url`` is called when the job ends (an existing job's: ``jobs.follow``)."""
@@ -159,6 +162,7 @@ def register(
                     task_id=task.id,
                     tenant=tenant,
                     callback_url=callback_url,
+                    prerank=list(prerank),
                 )
             elif callback_url is not None:
                 jobs.follow(session, job_id=job.id, callback_url=callback_url)

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from app.api.main import create_app
 from app.settings import Settings
 from tests.helpers import create_key, free_port, npz_upload, run_job
-from workers import ranking, tasks
+from workers import ranking
 
 
 def _bearer(settings: Settings, tenant: str, *scopes: str) -> dict[str, str]:

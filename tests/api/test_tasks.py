@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from app.api import problems
 from app.api.deps import SessionDep
@@ -137,7 +138,13 @@ def test_upload_embed_neighbours_and_recommendations(
 def test_one_call_recommendation_waits_for_the_job(
     client: TestClient, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: run_job(settings, job_id))
+    kinds: list[str] = []
+
+    def dispatch(job_id: str, kind: str, broker: str) -> None:
+        kinds.append(kind)
+        run_job(settings, job_id)
+
+    monkeypatch.setattr(queue, "dispatch", dispatch)
     response = client.post(
         "/v1/recommendations",
         params={"wait": 60, "k": 3},
@@ -149,6 +156,25 @@ def test_one_call_recommendation_waits_for_the_job(
     assert len(body["ranking"]) == 3
     _assert_a_readable_answer(body)
     assert {"upload_s", "queue_wait_s", "job_s", "job_stages", "total_s"} <= set(body["timings"])
+    # The embedding job ranked with the hybrid while it had the images: one job, no other.
+    assert kinds == ["embed"]
+    assert "ranking (hybrid)" in body["timings"]["job_stages"]
+
+    # Asked for the fast method, the embedding job ranks with nothing: the answer waits for
+    # the embedding alone.
+    fast = client.post(
+        "/v1/recommendations",
+        params={"wait": 60, "method": "learned"},
+        files={"file": ("shoes.npz", npz_upload(2))},
+    ).json()
+    assert fast["method"] == "learned"
+    assert kinds == ["embed", "embed"]
+    assert not any(stage.startswith("ranking") for stage in fast["timings"]["job_stages"])
+    with session_scope(settings.resolved_database_url()) as session:
+        methods = session.scalars(
+            select(Recommendation.method).where(Recommendation.task_id == fast["task_id"])
+        ).all()
+    assert methods == ["learned"]
 
 
 def test_errors_are_problem_details(client: TestClient, sent: list[str]) -> None:
