@@ -1,18 +1,13 @@
 """Meta-evaluation: how well each recommender ranks a zoo's experts for a task it has not seen.
 
-Two protocols, both built so that the recommender cannot see the answer:
-
-* **leave-one-task-out**: each zoo task in turn is the query;
-* **leave-one-domain-out**: all tasks of one domain are held out at once (the case of a user
-  whose data looks like nothing in the zoo), each of them queried in turn.
-
-A fold holds out its tasks *and every expert trained on one of them*: a new user's dataset
-never has an expert trained on it, so such an expert is neither a candidate, nor the oracle,
-nor in the learned scorer's fit. The recommender is handed ``Zoo.subset`` of the remaining
-tasks and experts (its own FAISS index, matrix and scorer fit) and the held-out task's
-embedding as the query, computed from the task's images as a user's upload would be. Images
-cannot leak either: the zoo's ``ImageSplit`` keeps every evaluation image out of every
-expert's training set, and domains do not share images.
+The folds (``folds.py``: leave-one-task-out, leave-one-domain-out, leave-one-source-out) hold
+out a query's tasks, every zoo task that shares an image with them, and every expert trained
+on one of those: a new user's dataset shares no image with the zoo and never has an expert
+trained on it, so such an expert is neither a candidate, nor the oracle, nor in any fit. The
+recommender is handed ``Zoo.subset`` of the remaining tasks and experts (its own FAISS index,
+matrix and fit) and the held-out task's embedding as the query, computed from the task's
+images as a user's upload would be. Images cannot leak either: the zoo's ``ImageSplit`` keeps
+every evaluation image out of every expert's training set, and domains do not share images.
 
 Per query, against the task's true errors over the experts of the fold:
 
@@ -27,6 +22,8 @@ Per query, against the task's true errors over the experts of the fold:
 
 LogME needs each expert's features of the query's images; its score of an expert on a task
 depends on nothing else, so it is computed once per (task, expert) and read by every fold.
+Per protocol the report also says how often a query is out of the fold's zoo's distribution
+(``novelty``) and how many true errors the predicted-error intervals held (``intervals``).
 """
 
 from __future__ import annotations
