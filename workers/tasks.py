@@ -34,7 +34,7 @@ from app.services.layout import DataLayout
 from app.services.problems import problem, redact
 from app.services.publishing import current_version
 from app.services.queue import DELIVERY_TASK, WARM_UP_SETTING, WARMED_UP, celery_for
-from app.services.serving import PRERANKED, ZooStates, ranking_items
+from app.services.serving import PRERANKED, WORKER_METHODS, ZooStates, ranking_items
 from app.services.versions import Version
 from app.settings import Settings, get_settings
 from app.task2vec.datasets import LabelledImages, from_arrays
@@ -45,7 +45,7 @@ from workers.ranking import dataset, prerank
 
 log = logging.getLogger(__name__)
 celery = celery_for(get_settings().resolved_broker_url())
-ZOOS = ZooStates(background=False)
+ZOOS = ZooStates(background=False, fitted=WORKER_METHODS)  # the API answers the others
 _PROBES: dict[tuple[str, str, int, int], ProbeNetwork] = {}
 _PROBES_LOCK = threading.Lock()
 

@@ -28,7 +28,7 @@ from app.observability.metrics import ApiMetrics, ZooSize
 from app.services import queue
 from app.services import tasks as tasks_service
 from app.services.jobs import JobKind
-from app.services.serving import ZooStates, limit_numeric_threads
+from app.services.serving import FAST_METHODS, ZooStates, limit_numeric_threads
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _hold_state(app: FastAPI, settings: Settings) -> None:
     """What the app's requests share for its life: the zoo versions it serves, the rate
     limits, metrics, the key check's cache and the waits."""
     app.state.settings = settings
-    app.state.zoos = ZooStates()
+    app.state.zoos = ZooStates(fitted=FAST_METHODS)  # workers run the others
     app.state.rate_limiter = RateLimiter()
     app.state.metrics = ApiMetrics(
         settings.resolved_database_url(),

@@ -63,16 +63,27 @@ class ZooState:
     rankings: LRUCache[tuple[str, str], list[Ranked]] = field(
         default_factory=lambda: LRUCache(4096)
     )
+    _fitting: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
-    def load(cls, version: Version, ranking_cache_size: int = 4096) -> ZooState:
-        """The version's zoo with its saved index and every served method fitted on it."""
+    def load(
+        cls, version: Version, ranking_cache_size: int = 4096, fitted: tuple[str, ...] = METHODS
+    ) -> ZooState:
+        """The version's zoo with its saved index and the ``fitted`` methods fitted on it (the
+        ones this process runs; any other served method is fitted on first use)."""
         zoo = Zoo.load(version.folder)
         zoo.index()
-        methods = {name: recommenders.build(name, zoo) for name in METHODS}
+        methods = {name: recommenders.build(name, zoo) for name in fitted}
         shared = overlapping(zoo)
         novelty, intervals = Novelty.fit(zoo, shared), ErrorIntervals(zoo, shared)
         return cls(zoo, version, methods, novelty, intervals, LRUCache(ranking_cache_size))
+
+    def recommender(self, method: str) -> Recommender:
+        """The served method fitted on this version (on first use when ``load`` did not)."""
+        with self._fitting:
+            if method not in self.methods:
+                self.methods[method] = recommenders.build(method, self.zoo)
+            return self.methods[method]
 
     def assess(self, embedding: Embedding) -> dict[str, Any] | None:
         """Whether the task lies outside what the zoo covers (``Novelty.check``)."""
@@ -99,7 +110,7 @@ class ZooState:
         whatever the method ranked by."""
         recommenders.method(method, among=METHODS)
         self.zoo.check_compatible(embedding)
-        ranking = self.methods[method](self.zoo, Query(embedding, data))
+        ranking = self.recommender(method)(self.zoo, Query(embedding, data))
         if self.intervals is None:
             return ranking
         shown = readable(self.zoo, self.intervals, embedding)
@@ -128,8 +139,10 @@ class ZooStates:
     requests wait for one load.
     """
 
-    def __init__(self, background: bool = True) -> None:
-        self.background = background
+    def __init__(self, background: bool = True, fitted: tuple[str, ...] = METHODS) -> None:
+        """``fitted``: the methods each loaded version fits at once, before it is served (the
+        ones this process runs)."""
+        self.background, self.fitted = background, fitted
         self._lock = threading.Lock()
         self._first_load = threading.Lock()
         self._state: ZooState | None = None
@@ -158,7 +171,7 @@ class ZooStates:
             self._wanted = version
         size = settings.ranking_cache_size
         if not self.background:
-            return self._install(ZooState.load(version, size))
+            return self._install(ZooState.load(version, size, self.fitted))
         with self._lock:
             if self._loading != version:
                 self._loading = version
@@ -169,7 +182,7 @@ class ZooStates:
         version = current_version(settings) or self._first_version(settings)
         with self._lock:
             self._wanted = version
-        return ZooState.load(version, settings.ranking_cache_size)
+        return ZooState.load(version, settings.ranking_cache_size, self.fitted)
 
     def _install(self, loaded: ZooState) -> ZooState:
         with self._lock:
@@ -179,7 +192,7 @@ class ZooStates:
 
     def _swap(self, version: Version, ranking_cache_size: int) -> None:
         try:
-            served = self._install(ZooState.load(version, ranking_cache_size))
+            served = self._install(ZooState.load(version, ranking_cache_size, self.fitted))
         except Exception:
             log.exception("zoo version %s did not load; still serving the previous one", version.id)
             served = None

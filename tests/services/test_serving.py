@@ -14,7 +14,9 @@ from sqlalchemy import func, select
 from app.api.main import create_app
 from app.db.models import Recommendation
 from app.db.session import session_scope
-from app.services.serving import ZooStates
+from app.services.layout import DataLayout
+from app.services.publishing import ensure_published
+from app.services.serving import FAST_METHODS, WORKER_METHODS, ZooState, ZooStates
 from app.settings import Settings
 from tests.helpers import npz_upload, run_job
 
@@ -69,3 +71,19 @@ def test_a_late_load_of_an_older_version_is_never_installed() -> None:
     assert states._install(older) is old  # type: ignore[arg-type]
     assert states._install(newest) is newest  # type: ignore[arg-type]
     assert states._install(older) is newest  # type: ignore[arg-type]
+
+
+def test_a_process_fits_the_methods_it_runs_and_the_others_on_first_use(
+    settings: Settings,
+) -> None:
+    """The API fits what it answers in-process, a worker what needs the images: neither pays
+    for the other's (the hybrid's rule and scorer, in an API process)."""
+    version = ensure_published(settings, DataLayout.of(settings).zoo(settings.zoo))
+    state = ZooState.load(version, fitted=FAST_METHODS)
+    assert set(state.methods) == set(FAST_METHODS)
+    assert not set(state.methods) & set(WORKER_METHODS)
+    embedding = state.zoo.embeddings[0]
+    assert state.rank("learned", embedding)[0].evidence["predicted_error"] >= 0
+    fitted = state.recommender("brute-force")  # fitted now, once
+    assert state.recommender("brute-force") is fitted
+    assert set(state.methods) == {*FAST_METHODS, "brute-force"}
