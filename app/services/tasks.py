@@ -203,8 +203,21 @@ def queue_rank(
     callback_url: str | None = None,
 ) -> Job:
     """A worker job ranking with a method that needs the images; 409 until the embedding
-    exists. The job is committed and sent; ``callback_url`` is called when it ends."""
+    exists. The job is committed and sent; ``callback_url`` is called when it ends. While a
+    job ranking the task with ``method`` is queued or running, that one is the answer (it
+    computes the whole order, whatever ``k``): reads racing the first do not each start one."""
     embedding_of(session, task_id=task_id, tenant=tenant)
+    under_way = session.scalars(
+        select(Job)
+        .where(Job.task_id == task_id, Job.tenant == tenant, Job.kind == JobKind.rank)
+        .where(Job.status.in_(jobs.ACTIVE))
+        .order_by(Job.created_at)
+    )
+    for running in under_way:
+        if running.params.get("method") == method:
+            if callback_url is not None:
+                jobs.follow(session, job_id=running.id, callback_url=callback_url)
+            return running
     job = jobs.create(
         session,
         kind=JobKind.rank,

@@ -228,6 +228,9 @@ def test_queue_rank_sends_a_job_only_for_a_task_with_an_embedding(
 
     job = queue_rank("acme")
     assert sent == [submitted.job_id, job.id]
+    # Asked again while it is queued: the same job, nothing sent.
+    assert queue_rank("acme").id == job.id
+    assert sent == [submitted.job_id, job.id]
     row = job_row(settings, job.id)  # committed
     assert (row.kind, row.status, row.tenant, row.task_id) == ("rank", "queued", "acme", task_id)
     assert (row.params, row.callback_url) == ({"method": "logme", "k": 2}, HOOK)
