@@ -34,14 +34,14 @@ from app.services.layout import DataLayout
 from app.services.problems import problem, redact
 from app.services.publishing import current_version
 from app.services.queue import DELIVERY_TASK, WARM_UP_SETTING, WARMED_UP, celery_for
-from app.services.serving import PRERANKED, WORKER_METHODS, ZooStates, ranking_items
+from app.services.serving import PRERANKED, WORKER_METHODS, ZooStates
 from app.services.versions import Version
 from app.settings import Settings, get_settings
 from app.task2vec.datasets import LabelledImages, from_arrays
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.probes import ProbeNetwork
-from workers.ranking import dataset, prerank
+from workers.ranking import dataset, prerank, rank_and_record
 
 log = logging.getLogger(__name__)
 celery = celery_for(get_settings().resolved_broker_url())
@@ -210,19 +210,8 @@ def run_rank(job_id: str, settings: Settings) -> None:
         data = dataset(settings, state, dataset_path)
         embedding = Embedding.load(DataLayout.of(settings).task_embedding(task_id))
         method = params["method"]
-        recorder.stage(f"ranking ({method})")
-        items = ranking_items(state.rank(method, embedding, data), len(state.zoo.experts))
-        with session_scope(url) as session:
-            recorder.hold(session)
-            tasks.record_ranking(
-                session,
-                tenant=tenant,
-                task_id=task_id,
-                method=method,
-                ranking=items,
-                version_id=state.version.id,
-                job_id=job_id,
-            )
+        task = (task_id, tenant)
+        items = rank_and_record(recorder, url, state, task, method, embedding, data, job_id)
         recorder.succeed(
             {
                 "task": task_id,
