@@ -339,19 +339,10 @@ class _UploadRanking:
         """The ranking of the embedded task: in-process, or by a worker job waited for until
         the deadline (202 with the job after it; ``callback`` is called when the job ends)."""
         method, k, tenant = self.method, self.k, self.tenant
-        if method in FAST_METHODS:
-            ranked: dict[str, object] = await run_in_threadpool(
-                tasks.rank_now,
-                self.session,
-                zoo=self.zoo,
-                task_id=task_id,
-                method=method,
-                k=k,
-                tenant=tenant,
-            )
-            return ranked
-        stored: dict[str, object] | None = await run_in_threadpool(
-            tasks.rank_stored,
+        # In-process, or the ranking a worker stored (None: a rank job has to compute it).
+        answer = tasks.rank_now if method in FAST_METHODS else tasks.rank_stored
+        ranked: dict[str, object] | None = await run_in_threadpool(
+            answer,
             self.session,
             zoo=self.zoo,
             task_id=task_id,
@@ -359,8 +350,8 @@ class _UploadRanking:
             k=k,
             tenant=tenant,
         )
-        if stored is not None:
-            return stored
+        if ranked is not None:
+            return ranked
         rank_job = await run_in_threadpool(
             tasks.queue_rank,
             self.session,
