@@ -21,10 +21,12 @@ NEAREST_SHOWN = 3
 def readable(
     zoo: Zoo, intervals: ErrorIntervals, embedding: Embedding, nearest: int = NEAREST_SHOWN
 ) -> dict[str, dict[str, Any]]:
-    """Per expert name: its predicted error and interval, the ``nearest`` zoo tasks with their
-    distance and the expert's measured error on each, its architecture and source task."""
-    predicted = intervals.evidence(embedding)
-    found = zoo.index().search(embedding, nearest)
+    """Per expert name: its predicted error and interval, the ``nearest`` zoo tasks (at most
+    the intervals' k: the tasks the prediction rests on, from one search) with their distance
+    and the expert's measured error on each, its architecture and source task."""
+    neighbours = intervals.nearest(embedding)
+    predicted = intervals.evidence(embedding, neighbours)
+    found = neighbours[:nearest]
     out = {}
     for e, expert in enumerate(zoo.experts):
         out[expert.name] = {

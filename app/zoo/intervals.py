@@ -118,9 +118,14 @@ class ErrorIntervals:
             return float("inf")
         return float(np.quantile(np.concatenate(scores), rank, method="inverted_cdf"))
 
-    def predict(self, embedding: Embedding) -> Predicted:
-        """Every expert's expected error on the task of ``embedding`` and its interval."""
-        found = self._neighbours(embedding, [])
+    def nearest(self, embedding: Embedding) -> list[Neighbour]:
+        """The k zoo tasks nearest to ``embedding``, nearest first: what a prediction rests on."""
+        return self._neighbours(embedding, [])
+
+    def predict(self, embedding: Embedding, found: list[Neighbour] | None = None) -> Predicted:
+        """Every expert's expected error on the task of ``embedding`` and its interval
+        (``found``: its ``nearest`` tasks, when the caller has searched already)."""
+        found = self.nearest(embedding) if found is None else found
         mean, half = self._mean(found), self.quantile * self._scale(found)
 
         def error(log: np.ndarray) -> np.ndarray:
@@ -129,9 +134,11 @@ class ErrorIntervals:
 
         return Predicted(error(mean), error(mean - half), error(mean + half), self.level)
 
-    def evidence(self, embedding: Embedding) -> dict[str, dict[str, float | list[float]]]:
+    def evidence(
+        self, embedding: Embedding, found: list[Neighbour] | None = None
+    ) -> dict[str, dict[str, float | list[float]]]:
         """Per expert name: the fields a ranking item carries (fractions of the images)."""
-        p = self.predict(embedding)
+        p = self.predict(embedding, found)
         return {
             expert.name: {
                 "predicted_error": round(float(p.error[e]), 4),
