@@ -39,10 +39,11 @@ def _parts(header: str) -> tuple[int, list[str]]:
     for item in header.split(","):
         name, _, value = item.strip().partition("=")
         if name == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                raise WebhookVerificationError(f"the timestamp {value!r} is not a number") from None
+            # At most 12 ASCII digits: ``int`` would also read other scripts' digits, and
+            # refuses thousands of them with a ValueError of its own.
+            if not (value.isascii() and value.isdigit() and len(value) <= 12):
+                raise WebhookVerificationError(f"the timestamp {value[:20]!r} is not a number")
+            timestamp = int(value)
         elif name == "v1" and value:
             signatures.append(value)
     if timestamp is None or not signatures:
@@ -61,8 +62,10 @@ def verify(
     it handled is safe from replays within it too."""
     timestamp, signatures = _parts(header)
     signed = str(timestamp).encode() + b"." + body
-    expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
-    if not any(hmac.compare_digest(expected, s) for s in signatures):
+    expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest().encode()
+    # Compared as bytes: a header may hold any character, and ``compare_digest`` refuses
+    # strings with non-ASCII ones.
+    if not any(hmac.compare_digest(expected, s.encode()) for s in signatures):
         raise WebhookVerificationError("the signature does not match the body and secret")
     moment = time.time() if now is None else now
     if abs(moment - timestamp) > tolerance:
