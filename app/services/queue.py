@@ -139,7 +139,9 @@ def send(*, session: Session, job: Job, broker_url: str) -> None:
     try:
         dispatch(job.id, JobKind(job.kind), broker_url)
     except Exception as exc:
-        detail = f"the job queue is unavailable: {exc}"
+        # The broker's error names its host and port: the log gets it, the client does not.
+        log.warning("job %s not sent: the broker refused: %s", job.id, exc)
+        detail = "the job queue is unavailable; try again later"
         error = ProblemError(503, "broker-unavailable", "The job queue is unavailable", detail)
         jobs.end(  # its delivery, if any, waits for the sweep: this broker just refused
             session,

@@ -258,7 +258,7 @@ def test_a_dead_broker_fails_the_item_and_frees_its_name(
     monkeypatch.setattr(queue, "dispatch", refuse)
     form, files = _expert_form("later"), {"weights": ("w.pt", cnn_weights())}
     down = client.post("/v1/experts", data=form, files=files)
-    assert "broker down" in _problem(down, 503, "broker-unavailable")["detail"]
+    assert "broker down" not in _problem(down, 503, "broker-unavailable")["detail"]
     assert client.get("/v1/experts/later").json()["status"] == "failed"
     monkeypatch.setattr(queue, "dispatch", lambda job_id, kind, broker: sent.append(job_id))
     assert client.post("/v1/experts", data=form, files=files).status_code == 202
