@@ -42,8 +42,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(default=16 * 1024**2, gt=0)
     max_total_pixels: int = Field(default=1024**3, gt=0)
     max_image_ratio: float = Field(default=250.0, gt=1)
-    #: Uploads validated (decoded) at once by an API process, outside its request threads.
+    #: Uploads validated (decoded) at once by an API process, outside its request threads;
+    #: of them, at most ``validation_threads_per_tenant`` of one tenant's (its other uploads
+    #: wait, and a freed thread goes to the waiting tenant holding the fewest).
     validation_threads: int = Field(default=2, ge=1)
+    validation_threads_per_tenant: int = Field(default=1, ge=1)
+    #: Seconds one upload's images may take to decode (checked image by image; one image is
+    #: bounded by ``max_image_pixels``): past it the upload is refused.
+    max_decode_seconds: float = Field(default=60.0, gt=0)
     max_classes: int = Field(default=1_000, ge=2)
     min_images_per_class: int = Field(default=2, ge=1)
     max_skipped_fraction: float = Field(default=0.1, ge=0, le=1)
@@ -136,6 +142,7 @@ class Settings(BaseSettings):
             max_image_pixels=self.max_image_pixels,
             max_total_pixels=self.max_total_pixels,
             max_image_ratio=self.max_image_ratio,
+            max_decode_seconds=self.max_decode_seconds,
             max_classes=self.max_classes,
             min_images_per_class=self.min_images_per_class,
             max_skipped_fraction=self.max_skipped_fraction,

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from anyio import CapacityLimiter
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
@@ -22,6 +21,7 @@ from app.api.headers import SecurityHeaders
 from app.api.limits import RequestLength
 from app.api.observe import RequestObserver
 from app.api.schemas import Health, Ready
+from app.api.shares import FairPool
 from app.api.waits import Waits
 from app.db.session import engine_for
 from app.observability.metrics import ApiMetrics, ZooSize
@@ -48,7 +48,10 @@ async def _following_the_zoo(app: FastAPI) -> AsyncIterator[None]:
     """A thread that keeps the served zoo version current while the app runs; the pool that
     validates uploads (``app.api.uploads.validate``) is sized."""
     tasks_service.EMBEDDINGS.size = app.state.settings.embedding_cache_size
-    app.state.validation = CapacityLimiter(app.state.settings.validation_threads)
+    settings = app.state.settings
+    app.state.validation = FairPool(
+        settings.validation_threads, settings.validation_threads_per_tenant
+    )
     stop = threading.Event()
     follower = threading.Thread(
         target=app.state.zoos.follow, args=(app.state.settings, stop), daemon=True

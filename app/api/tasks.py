@@ -115,7 +115,7 @@ async def _submit(
     embedding job is sent unless one exists (``callback`` is called when it ends), and ranks
     with ``prerank`` before it ends."""
     config = zoo.zoo.embed_config
-    data = await validate(request, settings, upload, config.image_size)
+    data = await validate(request, settings, upload, config.image_size, tenant)
     return await run_in_threadpool(
         uploads.register,
         session,

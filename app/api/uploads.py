@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio.to_thread
-from anyio import CapacityLimiter
 from fastapi import Depends, File, Request, UploadFile
 
 from app.api.deps import SettingsDep
+from app.api.shares import FairPool
 from app.services import uploads
 from app.services.layout import DataLayout
 from app.services.storage import (
@@ -112,12 +112,14 @@ WeightsUpload = Annotated[StoredFile | None, Depends(weights_upload, scope="func
 
 
 async def validate(
-    request: Request, settings: Settings, upload: Dataset, image_size: int
+    request: Request, settings: Settings, upload: Dataset, image_size: int, tenant: str
 ) -> LabelledImages:
     """``uploads.validate`` (decoding every image) on the app's validation pool: at most
     ``validation_threads`` uploads decode at once in an API process, so expensive uploads
-    queue among themselves while the request threads go on answering everything else."""
-    limiter: CapacityLimiter | None = getattr(request.app.state, "validation", None)
+    queue while the request threads go on answering everything else; the pool is shared in
+    fair shares per tenant (``app.api.shares``), so one tenant's uploads queue behind its
+    own, not another's."""
+    pool: FairPool | None = getattr(request.app.state, "validation", None)
 
     def run() -> LabelledImages:
         return uploads.validate(
@@ -127,4 +129,6 @@ async def validate(
             image_size=image_size,
         )
 
-    return await anyio.to_thread.run_sync(run, limiter=limiter)
+    if pool is None:  # the app's lifespan has not run (a bare ASGI call)
+        return await anyio.to_thread.run_sync(run)
+    return await pool.run(tenant, run)

@@ -209,7 +209,8 @@ async def add_zoo_task(
 ) -> JSONResponse:
     async def answer() -> JSONResponse:
         await run_in_threadpool(zoo_admin.check_name_free, settings, model=ZooTask, name=form.name)
-        data = await validate(request, settings, upload, zoo.zoo.embed_config.image_size)
+        image_size = zoo.zoo.embed_config.image_size
+        data = await validate(request, settings, upload, image_size, caller.tenant)
         job = await run_in_threadpool(
             partial(
                 zoo_admin.register_task,

@@ -195,9 +195,11 @@ def _decode(
             if exc.kind != "undecodable-images":
                 raise
             broken.append((member.name, str(exc)))
+            budget.check_time(member.name)
             continue
         decoded.append(_bound(image, image_size))
         labels.append(label)
+        budget.check_time(member.name)
     return decoded, labels, broken
 
 

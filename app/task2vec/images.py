@@ -1,10 +1,12 @@
 """Decoding one untrusted image: the size in its header is checked before any pixel is
 decoded, against the per-image cap, the upload's pixel budget and the decoded-to-compressed
-ratio (``ArchiveLimits``); a broken file is a ``DatasetError`` whose ``kind`` names it."""
+ratio (``ArchiveLimits``); a broken file is a ``DatasetError`` whose ``kind`` names it. The
+upload's decoding also has a budget of time, checked after each image."""
 
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 from PIL import Image
@@ -14,11 +16,22 @@ from app.task2vec.limits import RATIO_FLOOR_BYTES, ArchiveLimits
 
 
 class PixelBudget:
-    """The pixels an upload may still decode (``max_total_pixels``), spent image by image
-    from their headers, before decoding."""
+    """What an upload may still decode: pixels (``max_total_pixels``), spent image by image
+    from their headers before decoding, and seconds (``max_decode_seconds``), checked after
+    each image, so that one upload holds a validation thread for a bounded time."""
 
     def __init__(self, limits: ArchiveLimits) -> None:
         self.limit = self.left = limits.max_total_pixels
+        self.seconds = limits.max_decode_seconds
+        self.started = time.monotonic()
+
+    def check_time(self, name: str) -> None:
+        if time.monotonic() - self.started > self.seconds:
+            raise DatasetError(
+                f"decoding the images took longer than the budget of {self.seconds:g} s an "
+                f"upload has (at {name!r}); send fewer or smaller images",
+                "decode-budget-exceeded",
+            )
 
     def spend(self, name: str, pixels: int) -> None:
         self.left -= pixels

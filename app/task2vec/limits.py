@@ -26,6 +26,8 @@ class ArchiveLimits:
     #: decoded (photos decode to about 10x, one flat colour to about 1000x): an image that is
     #: cheap to send and expensive to decode is refused.
     max_image_ratio: float = 250.0
+    #: Seconds (wall clock) the images of one upload may take to decode, resizing included.
+    max_decode_seconds: float = 60.0
     max_classes: int = 1_000
     min_images_per_class: int = 2
     #: Undecodable images are skipped while they are at most this fraction of the images.

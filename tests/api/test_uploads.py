@@ -11,10 +11,10 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from anyio import CapacityLimiter
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
+from app.api.shares import FairPool
 from app.services import uploads
 from app.settings import Settings
 from tests.helpers import PATIENCE, eventually, in_background, npz_upload
@@ -42,7 +42,7 @@ def test_validations_share_a_bounded_pool(
     monkeypatch.setattr(uploads, "validate", held)
     one = settings.model_copy(update={"validation_threads": 1})
     with TestClient(create_app(one)) as client, ExitStack() as uploading:
-        pool: CapacityLimiter = client.app.state.validation  # type: ignore[attr-defined]
+        pool: FairPool = client.app.state.validation  # type: ignore[attr-defined]
 
         def send(i: int) -> int:
             response = client.post("/v1/tasks", files={"file": (f"{i}.npz", npz_upload(i))})
@@ -55,12 +55,12 @@ def test_validations_share_a_bounded_pool(
 
         def queued() -> bool:
             assert most <= 1, "two validations ran at once"
-            return running == 1 and pool.statistics().tasks_waiting == 3
+            return running == 1 and pool.waiting == 3
 
         # One upload holds the pool's only thread; the other three wait for it.
         eventually(queued, "one validation running and three uploads queued")
         assert client.get("/v1/zoo").status_code == 200  # not stuck behind the uploads
-        assert (running, pool.statistics().tasks_waiting) == (1, 3)
+        assert (running, pool.waiting) == (1, 3)
         release.set()
         assert [answer() for answer in answers] == [202] * 4
     assert most == 1
