@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from app.cli.common import fail
 from app.observability import logs, multiprocess
 from app.settings import get_settings
 
@@ -69,9 +70,18 @@ def worker_observability() -> Iterator[logs.LogFormat]:
         return
     directory = multiprocess.enable("worker")
     try:
-        server = multiprocess.serve(
-            settings.worker_metrics_port, settings.worker_metrics_host, directory
-        )
+        port, host = settings.worker_metrics_port, settings.worker_metrics_host
+        try:
+            server = multiprocess.serve(port, host, directory)
+        except OSError as exc:  # taken (another worker on this machine), or no such address
+            reason = exc.strerror or type(exc).__name__
+            raise fail(
+                ValueError(
+                    f"cannot serve the worker's metrics on {host}:{port} ({reason}): set "
+                    "T2V_WORKER_METRICS_PORT to a free port for each worker on a machine, or "
+                    "to 0 for none"
+                )
+            ) from None
         try:
             yield fmt
         finally:
