@@ -3,8 +3,10 @@ callbacks (``post``).
 
 A URL may name http or https only. Its host is resolved, and every address it resolves to must
 be public: loopback, private, link-local, shared, reserved, multicast and unspecified
-addresses are refused (IPv4-mapped IPv6 ones too), unless ``T2V_ALLOW_PRIVATE_URLS`` allows
-them for tests and closed networks. The connection then goes to the address that was checked,
+addresses are refused, and so is an IPv6 address that carries such an IPv4 one
+(IPv4-mapped, -compatible and -translated, NAT64, 6to4, Teredo: a gateway or tunnel would
+deliver to the IPv4 address), unless ``T2V_ALLOW_PRIVATE_URLS`` allows them for tests and
+closed networks. The connection then goes to the address that was checked,
 not to a second lookup of the name (a name that resolves anew to an internal address cannot
 slip through), with the name kept for the Host header and TLS. A download follows redirects by
 hand, each hop checked the same way, at most ``MAX_REDIRECTS``; it has an overall deadline and
@@ -38,6 +40,14 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: IPv6 prefixes whose last 32 bits are an IPv4 address a gateway delivers to: NAT64's
+#: well-known prefix, IPv4-compatible and IPv4-translated addresses.
+IPV4_SUFFIXED = tuple(
+    ipaddress.IPv6Network(n) for n in ("64:ff9b::/96", "::/96", "::ffff:0:0:0/96")
+)
+#: Not globally reachable, though Python's tables (before 3.12) call it global: NAT64 for
+#: local use (RFC 8215), which may embed an IPv4 address anywhere in its last 80 bits.
+LOCAL_USE = (ipaddress.IPv6Network("64:ff9b:1::/48"),)
 
 
 class Sink(Protocol):
@@ -55,10 +65,33 @@ class NotAllowedError(OutboundError):
 
 def public(address: IPAddress) -> bool:
     """Whether an address is one the public internet routes (``is_global``), and no
-    multicast; an IPv4-mapped IPv6 address is judged by its IPv4 address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    multicast; an IPv6 address that carries IPv4 ones (``embedded_ipv4``) is public only
+    when they all are too, an IPv4-mapped one is judged by its IPv4 address alone."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return public(address.ipv4_mapped)
+        if any(address in network for network in LOCAL_USE):
+            return False
+        if not all(public(inner) for inner in embedded_ipv4(address)):
+            return False
     return address.is_global and not address.is_multicast
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, which a translator or tunnel on the path
+    would deliver to: the last 32 bits of NAT64 (64:ff9b::/96), IPv4-compatible (::/96) and
+    IPv4-translated (::ffff:0:0:0/96) addresses, the IPv4 address of a 6to4 one
+    (2002::/16), the server and client of a Teredo one (2001::/32)."""
+    found = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if any(address in network for network in IPV4_SUFFIXED):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return found
 
 
 @dataclass(frozen=True)

@@ -180,3 +180,34 @@ def test_a_failed_download_or_expert_leaves_no_file(
     run_job(settings, sent[-1])
     assert client.get("/v1/experts/good").json()["status"] == "ready"
     assert len(files() - before) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[64:ff9b::7f00:1]/",  # NAT64 of 127.0.0.1
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",  # NAT64 of 169.254.169.254
+        "http://[64:ff9b::a00:1]/",  # NAT64 of 10.0.0.1
+        "http://[64:ff9b:1::a00:1]/",  # local-use NAT64
+        "http://[2002:7f00:1::1]/",  # 6to4 of 127.0.0.1
+        "http://[2002:c0a8:101::]/",  # 6to4 of 192.168.1.1
+        "http://[2001:0:a00:1::1]/",  # Teredo, server 10.0.0.1
+        "http://[::7f00:1]/",  # IPv4-compatible 127.0.0.1
+        "http://[::a00:1]/",  # IPv4-compatible 10.0.0.1
+        "http://[::ffff:0:a00:1]/",  # IPv4-translated 10.0.0.1
+        "http://[::ffff:a9fe:a9fe]/",  # IPv4-mapped 169.254.169.254
+    ],
+)
+def test_an_internal_ipv4_inside_an_ipv6_address_is_refused(url: str) -> None:
+    with pytest.raises(outbound.NotAllowedError, match="address is not allowed"):
+        outbound.check(url, Policy(max_bytes=1))
+    # And at connection time: a POST checks the address it connects to, again.
+    with pytest.raises(outbound.NotAllowedError, match="address is not allowed"):
+        outbound.post(url, b"{}", {}, Policy(max_bytes=0, deadline_seconds=1.0))
+
+
+@pytest.mark.parametrize(
+    "address", ["64:ff9b::808:808", "2002:808:808::1", "2606:4700::1111", "8.8.8.8"]
+)
+def test_a_public_ipv4_inside_an_ipv6_address_stays_allowed(address: str) -> None:
+    assert outbound.public(ipaddress.ip_address(address))
