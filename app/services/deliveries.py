@@ -14,7 +14,8 @@ many, the last status and error, when it was delivered. A try:
 - records the outcome: 2xx delivered; 408, 429, 5xx, a timeout or a connection error
   retried after ``webhook_retry_base_seconds`` doubling each time (at most ``MAX_DELAY``)
   until ``webhook_give_up_seconds`` after the job ended; anything else (another 4xx, a 3xx,
-  a refused address) given up at once, since trying again would get the same answer.
+  a refused address, a URL that is not valid) given up at once, since trying again would get
+  the same answer.
 
 A receiver dedupes by the ``X-T2V-Delivery`` id: a try whose answer was lost (the worker died
 between the POST and the record) is made again.

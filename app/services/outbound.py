@@ -1,21 +1,25 @@
 """Every URL the service reaches goes through here: expert weights (``download``) and webhook
 callbacks (``post``).
 
-A URL may name http or https only. Its host is resolved, and every address it resolves to must
-be public: loopback, private, link-local, shared, reserved, multicast and unspecified
-addresses are refused, and so is an IPv6 address that carries such an IPv4 one
+A URL may name http or https only, in printable ASCII (no space, control or other character:
+percent-encode them, and name an international domain by its ``xn--`` form); one that does not
+parse is refused the same way, before any lookup. Its host is resolved, and every address it
+resolves to must be public: loopback, private, link-local, shared, reserved, multicast and
+unspecified addresses are refused, and so is an IPv6 address that carries such an IPv4 one
 (IPv4-mapped, -compatible and -translated, NAT64, 6to4, Teredo: a gateway or tunnel would
 deliver to the IPv4 address), unless ``T2V_ALLOW_PRIVATE_URLS`` allows them for tests and
-closed networks. The connection then goes to the address that was checked,
-not to a second lookup of the name (a name that resolves anew to an internal address cannot
-slip through), with the name kept for the Host header and TLS. A download follows redirects by
-hand, each hop checked the same way, at most ``MAX_REDIRECTS``; it has an overall deadline and
-a least rate (after a grace period), and a size cap. A POST follows no redirect (its answer is
-the 3xx) and waits at most its timeout for each step (connect, send, the answer's head).
+closed networks. The connection then goes to the address that was checked, not to a second
+lookup of the name (a name that resolves anew to an internal address cannot slip through),
+with the name kept for the Host header and TLS. A download follows redirects by hand, each hop
+checked the same way, at most ``MAX_REDIRECTS``; it has an overall deadline and a least rate
+(after a grace period), and a size cap. A POST follows no redirect (its answer is the 3xx) and
+waits at most its timeout for each step (connect, send, the answer's head).
 
 What went wrong is logged; the error a caller sees says only that the URL could not be
-fetched, or that its address or scheme is not allowed: reason phrases, refused or closed
-ports and body bytes would make the service a port scanner of its own network.
+fetched, or that it is not valid, or that its address or scheme is not allowed: reason
+phrases, refused or closed ports and body bytes would make the service a port scanner of its
+own network. A refused or invalid URL (``NotAllowedError``) is refused for good: a webhook
+delivery to it is not tried again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import time
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: What no URL holds: anything but printable ASCII (RFC 3986).
+UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 #: IPv6 prefixes whose last 32 bits are an IPv4 address a gateway delivers to: NAT64's
 #: well-known prefix, IPv4-compatible and IPv4-translated addresses.
 IPV4_SUFFIXED = tuple(
@@ -138,13 +145,23 @@ class Target:
 
 
 def shown(url: str) -> str:
-    """A URL as errors and logs show it: no credentials, no query."""
-    parts = urllib.parse.urlsplit(redact(url))
+    """A URL as errors and logs show it: no credentials, no query (of one that does not
+    parse, what comes before its first ``?`` or ``#``)."""
+    text = redact(url)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:
+        return re.split(r"[?#]", text, maxsplit=1)[0]
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def check(url: str, policy: Policy) -> Target:
     """The URL resolved and judged, or ``OutboundError``."""
+    if UNPRINTABLE.search(url):
+        raise NotAllowedError(
+            f"{shown(url)!r} is not a valid URL: it holds a space, a control or a non-ASCII "
+            "character (percent-encode it; name an international domain by its xn-- form)"
+        )
     try:
         parts = urllib.parse.urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -157,7 +174,7 @@ def check(url: str, policy: Policy) -> Target:
         raise NotAllowedError(f"{shown(url)!r} names no host")
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+    except (OSError, ValueError):  # no such name; a label too long (UnicodeError)
         log.info("outbound: %s does not resolve", host)
         raise OutboundError(f"{shown(url)!r} could not be fetched") from None
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in found]
@@ -242,6 +259,9 @@ def post(url: str, body: bytes, headers: dict[str, str], policy: Policy) -> int:
     try:
         connection.request("POST", target.path, body=body, headers=sent)
         return connection.getresponse().status
+    except http.client.InvalidURL as exc:  # sending it again would fail the same way
+        log.warning("outbound: %s could not be reached: %r", shown(url), exc)
+        raise NotAllowedError(f"{shown(url)!r} is not a valid URL") from None
     except OSError as exc:  # refused, reset, timed out, TLS
         raise _failed(url, repr(exc), "reached") from None
     except http.client.HTTPException as exc:

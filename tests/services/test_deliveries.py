@@ -152,3 +152,20 @@ def test_a_lost_job_and_an_unsent_one_owe_their_delivery(
         ).one()
     assert tuple(unsent) == ("failed", "job.failed")
     assert messages == [row.id]  # the refusing broker is not asked again: the sweep sends it
+
+
+def test_a_delivery_to_an_invalid_url_is_given_up_at_once(
+    settings: Settings, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL with a space or a control character (one stored before the API refused them)
+    can never be sent: the try fails for good rather than being retried for a day."""
+    monkeypatch.setattr(queue, "send_delivery", lambda d, broker: None)
+    quick = settings.model_copy(update={"allow_private_urls": True})
+    for url in (receiver.plan("/a b"), receiver.plan("/a\x01b"), receiver.plan("/caf\u00e9")):
+        row = _delivery(quick, _ended_job(quick, url))
+        assert row is not None
+        assert deliveries.attempt(quick, row.id) is None, url  # no next try
+        ended = _delivery(quick, row.job_id)
+        assert ended is not None
+        assert (ended.status, ended.attempts, ended.last_status) == ("failed", 1, None)
+        assert "not a valid URL" in (ended.last_error or "")

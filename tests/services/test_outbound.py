@@ -211,3 +211,24 @@ def test_an_internal_ipv4_inside_an_ipv6_address_is_refused(url: str) -> None:
 )
 def test_a_public_ipv4_inside_an_ipv6_address_stays_allowed(address: str) -> None:
     assert outbound.public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[::1/",
+        "http://[::1/hook",
+        "https://[64:ff9b::/",
+        "http://example.org:99999/",
+        "http://example.org/a b",
+        "http://example.org/a\tb",
+        "http://exa\nmple.org/",
+        "http://example.org/\x00",
+        "http://example.org/\x7f",
+        "http://example.org/caf\u00e9",
+        "http://\u0435xample.org/",  # a Cyrillic e
+    ],
+)
+def test_a_malformed_url_is_refused_before_any_connection(url: str) -> None:
+    with pytest.raises(outbound.NotAllowedError, match="not a valid URL"):
+        outbound.check(url, Policy(max_bytes=1))
