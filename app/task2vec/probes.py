@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.task2vec.downloads import MAX_CHECKPOINT_BYTES, download
 from app.task2vec.errors import ConfigError, ProbeWeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -247,19 +248,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
-def fetch_checkpoint(url: str, *, allow_download: bool) -> Path:
+def fetch_checkpoint(
+    url: str, *, allow_download: bool, max_bytes: int = MAX_CHECKPOINT_BYTES
+) -> Path:
     """Return the cached checkpoint for ``url``, downloading it into the cache if allowed.
 
     The file name carries the first hex digits of its SHA-256 (torchvision's convention), which
-    the download checks, so a truncated or foreign file never lands in the cache.
+    the download checks, so a truncated or foreign file never lands in the cache. The download
+    is bounded in time and size (``app.task2vec.downloads``).
     """
     cached = checkpoint_cache_dir() / Path(url).name
     if cached.is_file():
         return cached
     if not allow_download:
         raise FileNotFoundError(cached)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(cached), hash_prefix=_hash_prefix(cached.name))
+    download(url, cached, hash_prefix=_hash_prefix(cached.name), max_bytes=max_bytes)
     return cached
 
 
