@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.task2vec.limits import ArchiveLimits
@@ -90,9 +90,14 @@ class Settings(BaseSettings):
     #: Requests per minute and key (a token bucket of that size per API process); 0: no limit.
     rate_limit_per_minute: int = Field(default=600, ge=0)
     #: Failed authentications (no key, a malformed, unknown or revoked one) a client address
-    #: may make a minute; past them its requests are answered 429 without a lookup until the
-    #: budget refills. 0: no limit.
+    #: may make a minute; past them its further failures are answered 429 until the budget
+    #: refills (a good key from it is still served). 0: no limit.
     auth_failures_per_minute: int = Field(default=30, ge=0)
+    #: Reverse proxies (addresses or networks, as JSON: ``["10.0.0.0/8"]``) whose
+    #: X-Forwarded-For and X-Forwarded-Proto the API believes: a request from one is taken to
+    #: come from the client it names. Empty (the default): no proxy is believed, not even one
+    #: on this machine, and a request's client is its peer.
+    trusted_proxies: list[str] = Field(default_factory=list)
     #: Origins allowed to call the API from a browser; empty (the default): CORS stays off.
     cors_origins: list[str] = Field(default_factory=list)
     #: A job's lease, in seconds: a worker renews it every third of this while it works; a
@@ -132,6 +137,17 @@ class Settings(BaseSettings):
     #: ``worker_metrics_host``.
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses_or_networks(cls, value: list[str]) -> list[str]:
+        """Each written as uvicorn compares it (a network by its own address: 10.0.0.0/8)."""
+        import ipaddress
+
+        return [
+            str(ipaddress.ip_network(v, strict=False) if "/" in v else ipaddress.ip_address(v))
+            for v in (item.strip() for item in value)
+        ]
 
     def dataset_limits(self) -> ArchiveLimits:
         return ArchiveLimits(

@@ -412,12 +412,12 @@ def api_ready(port: int) -> bool:
 
 
 def start_api(settings: Settings, port: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
-    """``task2vec serve`` on ``port`` (keys off, loopback), in its own process group; ready
-    once ``/readyz`` answers 200."""
+    """``task2vec serve`` on ``port`` (loopback; keys off unless ``env`` sets
+    ``T2V_API_KEYS``), in its own process group; ready once ``/readyz`` answers 200."""
     with log.open("ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-            env=worker_env(settings, T2V_API_KEYS="off", **env),
+            env=worker_env(settings, **{"T2V_API_KEYS": "off", **env}),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

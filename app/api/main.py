@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from sqlalchemy import text
 from starlette.types import ASGIApp
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.api import bundles, jobs, problems, tasks, zoo
 from app.api.auth import KeyCheck, RateLimiter
@@ -147,7 +148,8 @@ def _hold_state(app: FastAPI, settings: Settings) -> None:
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     """The length check and the door (authentication before any byte of a body is read);
-    CORS only when origins are named."""
+    CORS only when origins are named; the client named in X-Forwarded-For only when the peer
+    is one of ``trusted_proxies``."""
     app.add_middleware(RequestLength, settings=settings)
     app.add_middleware(Door, settings=settings, check=app.state.key_check)
     if settings.cors_origins:
@@ -157,6 +159,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Idempotency-Key", "Content-Type"],
         )
+    if settings.trusted_proxies:  # outermost: the door counts failures of the client behind
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,20 +1,25 @@
 """The key is checked at the door: a request with a body is authenticated before any byte of
 the body is read, and failed authentication is rate limited per client address (an unknown key
-is looked up once; an address past its budget is answered 429 without a lookup)."""
+is looked up once; an address past its budget has its further failures answered 429, while a
+good key from it is served). The client address is the peer's, or the one a trusted proxy
+names in X-Forwarded-For; the failure counters forget and are bounded."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.api.auth import RateLimiter
 from app.api.main import create_app
 from app.services import api_keys
 from app.settings import Settings
-from tests.helpers import create_key, npz_upload, revoke_key
+from tests.helpers import create_key, free_port, npz_upload, revoke_key, start_api, stop
 
 
 @pytest.fixture
@@ -106,11 +111,84 @@ def test_failed_authentication_is_rate_limited_per_address(
         assert limited.json()["type"].endswith("/rate-limited")
         posted = client.post("/v1/tasks", files={"file": ("a.npz", npz_upload())})
         assert posted.status_code == 429
-        # The address is locked out, good key or not, until its budget refills: no lookup.
-        locked = client.get("/v1/zoo", headers={"Authorization": f"Bearer {good}"})
-        assert locked.status_code == 429
-        assert lookups == ["t2v_bogus_key"]
+        again = client.get("/v1/zoo", headers={"Authorization": "Bearer t2v_bogus_key"})
+        assert again.status_code == 429
+        assert lookups == ["t2v_bogus_key"]  # no lookup for what is known to fail
+        # Only failures are locked out: a good key from the same address is served.
+        for _ in range(3):
+            served = client.get("/v1/zoo", headers={"Authorization": f"Bearer {good}"})
+            assert served.status_code == 200
+        other = client.get("/v1/zoo", headers={"Authorization": "Bearer t2v_0123456789ab_x"})
+        assert other.status_code == 429
     # Another address has its own budget.
     with TestClient(create_app(strict), client=("198.51.100.9", 4000)) as other:
         assert other.get("/v1/zoo", headers={"Authorization": f"Bearer {good}"}).status_code == 200
         assert other.get("/v1/zoo").status_code == 401
+
+
+def test_the_failure_counters_forget_and_are_bounded() -> None:
+    now = [0.0]
+    limiter = RateLimiter(max_keys=100, clock=lambda: now[0])
+    for n in range(1000):  # a thousand addresses fail once each
+        limiter.wait_needed(f"198.51.100.{n}", 5)
+    assert len(limiter) <= 100
+    for _ in range(5):
+        limiter.wait_needed("203.0.113.7", 5)
+    assert limiter.peek("203.0.113.7", 5) > 0  # spent
+    now[0] += 30.0
+    assert limiter.peek("203.0.113.7", 5) == 0  # refilled in part: one more may go
+    now[0] += 31.0  # a minute without a failure: every bucket is full again, and forgotten
+    limiter.wait_needed("192.0.2.1", 5)
+    assert len(limiter) == 1
+
+
+def test_x_forwarded_for_counts_only_from_a_trusted_proxy(keyed: Settings) -> None:
+    strict = keyed.model_copy(update={"auth_failures_per_minute": 3})
+    bogus = {"Authorization": "Bearer t2v_bogus_key"}
+
+    def statuses(app: FastAPI, peer: str) -> list[int]:
+        with TestClient(app, client=(peer, 4000)) as client:
+            return [
+                client.get(
+                    "/v1/zoo", headers={**bogus, "X-Forwarded-For": f"192.0.2.{n}"}
+                ).status_code
+                for n in range(5)
+            ]
+
+    # By default no proxy is trusted, a local one neither: the peer's address counts.
+    assert statuses(create_app(strict), "127.0.0.1") == [401, 401, 401, 429, 429]
+    trusting = strict.model_copy(update={"trusted_proxies": ["10.0.0.0/8"]})
+    assert statuses(create_app(trusting), "10.1.2.3") == [401] * 5  # five clients behind it
+    assert statuses(create_app(trusting), "127.0.0.1") == [401, 401, 401, 429, 429]
+
+
+@pytest.mark.slow
+def test_a_local_client_cannot_move_the_counter_of_a_served_api(
+    keyed: Settings, tmp_path: Path
+) -> None:
+    """The served API (uvicorn under ``task2vec serve``) takes X-Forwarded-For from nobody
+    unless told: a client on the same machine cannot spread its failures over made-up
+    addresses, nor spend another address's budget."""
+    port = free_port()
+    api = start_api(
+        keyed,
+        port,
+        tmp_path / "api.log",
+        T2V_API_KEYS="required",
+        T2V_AUTH_FAILURES_PER_MINUTE="3",
+    )
+    try:
+        answers = [
+            httpx.get(
+                f"http://127.0.0.1:{port}/v1/zoo",
+                headers={
+                    "Authorization": "Bearer t2v_bogus_key",
+                    "X-Forwarded-For": f"192.0.2.{n}",
+                },
+                timeout=30,
+            ).status_code
+            for n in range(5)
+        ]
+    finally:
+        stop(api)
+    assert answers == [401, 401, 401, 429, 429]
