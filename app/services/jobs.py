@@ -30,6 +30,7 @@ from app.db.models import Job, JobStatus, WebhookDelivery, utcnow
 from app.db.session import session_scope, updated
 from app.observability import context
 from app.services.problems import not_found
+from app.task2vec.checkpoints import checking
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,11 @@ def lease_end(seconds: float) -> datetime:
     return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
+def heartbeat_seconds(lease_seconds: float) -> float:
+    """How often a working attempt renews its lease: every third of the lease."""
+    return lease_seconds / 3
+
+
 class JobRecorder:
     """What a worker's attempt at a job writes to the job row: progress, timings, the result
     or the error, each write in its own short transaction (progress must be visible while the
@@ -287,14 +293,22 @@ class JobRecorder:
         with session_scope(self.url) as session:
             self.hold(session, **values)
 
+    def check(self) -> None:
+        """Raise ``LeaseLostError`` once the heartbeat found the lease lost (no database
+        call: cheap enough for every batch of a computation)."""
+        if self.lost.is_set():
+            raise self._lost()
+
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
         """Renew the lease every third of its length while the block runs (also through
-        stretches that report no progress)."""
+        stretches that report no progress). Once a renewal finds the lease lost, the block's
+        computations stop at their next step (``checkpoints``): an attempt that was taken
+        over does not hold its slot to compute a result it may not write."""
         stop = threading.Event()
 
         def renew() -> None:
-            while not stop.wait(self.lease_seconds / 3):
+            while not stop.wait(heartbeat_seconds(self.lease_seconds)):
                 try:
                     self._update()
                 except LeaseLostError:
@@ -310,7 +324,8 @@ class JobRecorder:
         )
         beat.start()
         try:
-            yield
+            with checking(self.check):
+                yield
         finally:
             stop.set()
             beat.join(timeout=self.lease_seconds)

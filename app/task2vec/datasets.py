@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from app.task2vec.archives import Archive, load_npz, zip_at_start
+from app.task2vec.checkpoints import checkpoint
 from app.task2vec.errors import DatasetError
 from app.task2vec.images import PixelBudget, decode_image
 from app.task2vec.layouts import Pairs, Skipped, labelled_members, looks_like_formula
@@ -284,5 +285,8 @@ def to_probe_input(batch: np.ndarray | torch.Tensor, image_size: int) -> torch.T
 
 
 def iter_batches(indices: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """``indices`` a batch at a time; before each batch, a ``checkpoint`` (a job whose lease
+    was lost stops here)."""
     for start in range(0, len(indices), batch_size):
+        checkpoint()
         yield indices[start : start + batch_size]

@@ -14,7 +14,10 @@ from fastapi.testclient import TestClient
 from app.db.models import JobStatus
 from app.services import leases
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
+from app.services.serving import ZooStates
 from app.settings import Settings
+from app.zoo.presets import recipe, tiny
+from app.zoo.tasks import materialize
 from tests.helpers import (
     FAST_LEASES,
     eventually,
@@ -89,3 +92,26 @@ def test_every_worker_sweeper_prunes_orphans_now_and_then(settings: Settings) ->
     finally:
         sweeper.stop()
     assert young.exists()
+
+
+def test_a_computation_whose_lease_was_taken_over_stops_at_its_next_batch(
+    settings: Settings, client: TestClient, sent: list[str]
+) -> None:
+    """A ranking reports no progress while it reads every expert's features of the images:
+    once the heartbeat finds the lease taken over, it stops at its next batch instead of
+    computing on to a result its attempt may not write."""
+    quick = settings.model_copy(update={"job_lease_seconds": 0.6})  # a heartbeat every 0.2 s
+    state = ZooStates(background=False, fitted=("logme",)).current(quick)
+    images = materialize(tiny()[1], split=recipe("tiny").protocol.split)
+    embedding = state.zoo.embeddings[1]
+    assert len(state.rank("logme", embedding, images)) == len(state.zoo.experts)  # unhindered
+    job_id = client.post("/v1/tasks", files={"file": ("c.npz", npz_upload())}).json()["job_id"]
+    assert leases.claim(quick, job_id) == 1
+    first = JobRecorder(quick.resolved_database_url(), job_id, 1, quick.job_lease_seconds)
+    with first.heartbeat():
+        assert leases.sweep(quick, now=later(60)).expired == [job_id]  # as if it was cut off
+        assert leases.claim(quick, job_id) == 2  # another worker took the job over
+        eventually(first.lost.is_set, "the heartbeat to find the lease lost")
+        with pytest.raises(LeaseLostError):
+            state.rank("logme", embedding, images)
+    assert job_row(quick, job_id).attempt == 2
