@@ -19,6 +19,10 @@ class JobOut(BaseModel):
     id: str
     kind: str = Field(description="embed, rank, expert or zoo-task")
     status: str = Field(description="queued, running, succeeded or failed")
+    attempts: int = Field(
+        description="attempts a worker has started; more than one when a worker was killed "
+        "or cut off mid-job and another took the job over"
+    )
     progress: Progress
     task_id: str | None
     params: dict[str, Any]

@@ -159,6 +159,7 @@ def view(job: Job) -> dict[str, Any]:
         "id": job.id,
         "kind": job.kind,
         "status": job.status,
+        "attempts": job.attempt,
         "progress": {"stage": job.stage, "fraction": job.progress},
         "task_id": job.task_id,
         "params": job.params,

@@ -28,6 +28,7 @@ class JobOut(_Model):
     id: str
     kind: str
     status: str
+    attempts: int
     progress: Progress
     task_id: str | None
     params: dict[str, Any]
