@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from app.task2vec.errors import ConfigError, ProbeWeightsError
 from app.task2vec.probes import IMAGENET_MEAN, IMAGENET_STD, read_state_dict
@@ -93,18 +94,40 @@ def build(name: str, architecture: str, weights: Path) -> nn.Module:
 # torchvision and timm
 
 
+#: The factories a layer makes its parameters and buffers with.
+_FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+
+class _TensorsOnMeta(TorchFunctionMode):
+    """New tensors made by the layers' factories go to the meta device; the tensors a builder
+    computes with (``torch.arange``, ``torch.tensor``: RegNet's widths) stay real."""
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
 def _on_meta(make: Any) -> Any:
     """Build on the meta device (no memory: a large architecture named with small weights
-    costs nothing before the shapes are compared), or on the CPU for the few builders that
-    compute with tensors while building (RegNet)."""
+    costs nothing before the shapes are compared). A builder that computes with tensors while
+    building (RegNet) gets its parameters on the meta device and its arithmetic on the CPU;
+    one that fails even so is built on the CPU."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # GoogLeNet/Inception init notices
         try:
             with torch.device("meta"):
-                module = make()
+                return make()
         except NotImplementedError:
-            module = make()
-    return module
+            pass
+        try:
+            with _TensorsOnMeta():
+                return make()
+        except NotImplementedError:
+            return make()
 
 
 def _torchvision_builder(architecture: str) -> tuple[Any, str]:

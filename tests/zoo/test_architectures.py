@@ -4,6 +4,8 @@ model that does not load, raises, gives NaNs or the wrong shape is refused with 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -85,6 +87,50 @@ def test_a_large_torchvision_architecture_named_with_small_weights_costs_nothing
     torch.save(_small().state_dict(), path)
     with pytest.raises(ProbeWeightsError, match="do not fit torchvision/vgg19"):
         load_expert(_spec("torchvision/vgg19", path))  # 143M parameters, built on meta
+
+
+_PEAK = """
+import resource, sys, warnings
+from pathlib import Path
+
+warnings.simplefilter("ignore")
+from app.task2vec.errors import ProbeWeightsError
+from app.zoo import architectures
+
+small, builder = Path(sys.argv[1]), sys.argv[2]
+try:  # the same refusal on a small RegNet first: every import and cache is warm
+    architectures.build("warm", "torchvision/regnet_x_400mf", small)
+except ProbeWeightsError:
+    pass
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    architectures.build("big", f"torchvision/{builder}", small)
+except ProbeWeightsError as exc:
+    print("refused:", exc)
+print("growth_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def test_a_regnet_named_with_small_weights_is_refused_without_being_built(
+    tmp_path: Path,
+) -> None:
+    """RegNet's builders compute with tensors (no meta build): its 145M parameters (580 MB)
+    must still not be allocated to find that 8 KB of weights do not fit. Measured as the
+    peak resident memory of a process of its own, with a bound far below the model's size."""
+    path = tmp_path / "w.pt"
+    torch.save({"fc.weight": torch.zeros(1000, 2)}, path)
+    assert path.stat().st_size < 16_000
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(path), "regnet_y_32gf"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    assert "do not fit torchvision/regnet_y_32gf" in lines.get("refused:", ""), done.stdout
+    assert int(lines["growth_kib"]) < 150_000, done.stdout  # the model: 580 MB
 
 
 def test_unknown_builders_and_models_are_named(tmp_path: Path) -> None:
