@@ -4,9 +4,12 @@ bundle is refused (each rewrites its members as an attacker would)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sqlalchemy import select
@@ -32,6 +35,38 @@ REFUSALS: dict[str, Callable[[Members], Members]] = {
     "outside the manifest": (lambda ms: [*ms, ("datasets/" + "1" * 64 + ".upload", b"x")]),
     "traversal": (lambda ms: [*ms, ("experts/../../../evil.pt", b"x")]),
 }
+
+
+def _listed(ms: Members, name: str, data: bytes) -> Members:
+    """The members with ``name`` set to ``data`` and listed in the manifest with its size and
+    hash: a bundle consistent in itself, as an attacker who read the format would write it."""
+    manifest = json.loads(ms[0][1])
+    manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    rest = [(n, data if n == name else d) for n, d in ms[1:]]
+    if name not in dict(rest):
+        rest.append((name, data))
+    return [(ms[0][0], json.dumps(manifest).encode()), *rest]
+
+
+def with_record(change: Callable[[dict[str, Any]], None]) -> Callable[[Members], Members]:
+    """``zoo.json`` changed by ``change`` (the tasks' recipes, the experts' specs)."""
+
+    def edit(ms: Members) -> Members:
+        record = json.loads(dict(ms)["zoo.json"])
+        change(record)
+        return _listed(ms, "zoo.json", json.dumps(record).encode())
+
+    return edit
+
+
+def naming(dataset: str) -> Callable[[Members], Members]:
+    """The bundle's first task (cut from an offline source) naming ``dataset`` as its file."""
+
+    def change(record: dict[str, Any]) -> None:
+        assert record["tasks"][0]["source"] != "upload"
+        record["tasks"][0]["dataset"] = dataset
+
+    return with_record(change)
 
 
 def empty_deployment(tmp_path: Path, **extra: object) -> Settings:

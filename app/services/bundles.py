@@ -49,6 +49,7 @@ from app.task2vec.embedding import EmbedConfig
 from app.task2vec.errors import Task2VecError
 from app.task2vec.probes import PROBES, imagenet_weights_present
 from app.zoo.bundle import SUFFIX, Bundle, BundleError, read_bundle, with_files
+from app.zoo.bundle_references import EXTERNAL, KEYWORDS, is_keyword
 from app.zoo.experts import load_expert
 from app.zoo.matrix import EvaluationProtocol
 from app.zoo.zoo import Zoo
@@ -122,7 +123,9 @@ def check_compatible(
 ) -> None:
     """Refuse a bundle this deployment cannot serve or grow: another embedding configuration
     or protocol than the deployed zoo's, a probe whose weights are not on this machine (new
-    tasks could not be embedded), or an expert that does not load here."""
+    tasks could not be embedded), or an expert that does not load here. The probe's weights
+    are a keyword of the loader, or the file the deployed zoo's probe uses already: a bundle
+    names no other file of this machine."""
     config = bundle.zoo.embed_config
     if deployed is not None:
         found = differences((config, bundle.zoo.protocol), deployed)
@@ -139,10 +142,11 @@ def check_compatible(
             f"the ImageNet weights of probe {config.probe!r} are not on this machine",
             "bundle-incompatible",
         )
-    keyword = weights in ("imagenet", "random") or weights.startswith("random:")
-    if not keyword and not Path(weights).is_file():
+    if not is_keyword(weights) and deployed is None:
         raise BundleError(
-            f"probe weights {weights!r} are not on this machine", "bundle-incompatible"
+            "the embedding configuration's field 'probe_weights' must be a keyword of the "
+            f"loader ({KEYWORDS}) or the probe weights of the zoo served here",
+            EXTERNAL,
         )
     for spec in bundle.zoo.experts:
         try:
@@ -204,12 +208,32 @@ def check_file(settings: Settings, path: Path) -> dict[str, Any]:
         return summary(bundle)
 
 
+def _staged_file(bundle: Bundle, path: str, what: str) -> str:
+    """``path`` when it is a file of the bundle's staging folder; a bundle is refused for
+    anything else before any of its files is stored, whatever the path names."""
+    folder = bundle.folder.resolve()
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(folder) and resolved != folder:
+        return path
+    raise BundleError(f"{what} names a file outside the bundle", EXTERNAL)
+
+
 def _store_files(settings: Settings, bundle: Bundle) -> Zoo:
-    """The bundle's files under their content-addressed names; its zoo pointing at them. A
-    file whose rows then fail to commit is one no row holds: the workers' sweep removes it."""
+    """The bundle's files under their content-addressed names; its zoo pointing at them. Only
+    files of its staging folder are stored: a dataset or weights named otherwise refuse it (as
+    reading it does; checked again where the files are copied). A file whose rows then fail
+    to commit is one no row holds: the workers' sweep removes it."""
     layout = DataLayout.of(settings)
-    staged_weights = [e.weights for e in bundle.zoo.experts if Path(e.weights).is_file()]
-    staged_data = [t.dataset for t in bundle.zoo.tasks if t.dataset is not None]
+    staged_weights = [
+        _staged_file(bundle, e.weights, f"expert {e.name!r}: field 'weights'")
+        for e in bundle.zoo.experts
+        if not is_keyword(e.weights)
+    ]
+    staged_data = [
+        _staged_file(bundle, t.dataset, f"zoo task {t.name!r}: field 'dataset'")
+        for t in bundle.zoo.tasks
+        if t.dataset is not None
+    ]
     weights = {w: str(store_file(Path(w), layout.weights, WEIGHTS_SUFFIX)) for w in staged_weights}
     datasets = {d: str(store_file(Path(d), layout.uploads, UPLOAD_SUFFIX)) for d in staged_data}
     return with_files(bundle, weights, datasets)

@@ -16,8 +16,9 @@ The archive is reproducible: members in a fixed order, no timestamps, owners or 
 machine that wrote it, and arrays in ``.npy`` (no zip dates), so the same zoo gives the same
 bytes. Reading trusts nothing: a member must be a regular file with a name of the layout
 above, listed in the manifest with its size and hash, and every listed member must be there;
-sizes are capped before anything is written. What is read goes into a staging folder of the
-caller's, which it discards when the bundle is refused.
+sizes are capped before anything is written. The records may name only members of the bundle
+and what this service knows by name (``bundle_references``). What is read goes into a staging
+folder of the caller's, which it discards when the bundle is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.files import file_digest
+from app.zoo.bundle_references import EXTERNAL, expert_problem, task_problem
 from app.zoo.matrix import EvaluationProtocol
 from app.zoo.tasks import UPLOAD
 from app.zoo.zoo import Zoo, expert_from_json, task_from_json
@@ -82,10 +84,11 @@ class BundleLimits:
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle: its manifest and its zoo, whose expert weights and uploaded task
-    datasets are files in the staging folder it was read into."""
+    datasets are files in the staging folder it was read into (``folder``)."""
 
     manifest: dict[str, Any]
     zoo: Zoo
+    folder: Path
 
     @property
     def files(self) -> dict[str, dict[str, Any]]:
@@ -363,20 +366,20 @@ def read_bundle(path: Path, staging: Path, limits: BundleLimits | None = None) -
         protocol = EvaluationProtocol(**manifest["protocol"])
         tasks = []
         for raw in record["tasks"]:
-            if raw.get("source") == UPLOAD:
-                if raw.get("dataset") not in files:
-                    raise BundleError(f"zoo task {raw['name']!r}: its dataset is not in the bundle")
+            if (problem := task_problem(raw, files)) is not None:
+                raise BundleError(problem, EXTERNAL)
+            if raw["source"] == UPLOAD:
                 raw = {**raw, "dataset": str(staging / raw["dataset"])}
             tasks.append(task_from_json(raw))
         experts = []
         for raw in record["experts"]:
+            if (problem := expert_problem(raw, files)) is not None:
+                raise BundleError(problem, EXTERNAL)
             if raw["weights"] in files:
                 raw = {**raw, "weights": str(staging / raw["weights"])}
-            elif "/" in raw["weights"] or "\\" in raw["weights"]:
-                raise BundleError(f"expert {raw['name']!r}: its weights are not in the bundle")
             experts.append(expert_from_json(raw))
         metas = record["embedding_meta"]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleError(f"{ZOO_JSON} is malformed ({exc!r})") from None
     hessian, scale = _load_array(staging / HESSIAN), _load_array(staging / SCALE)
     errors = _load_array(staging / MATRIX)
@@ -397,7 +400,7 @@ def read_bundle(path: Path, staging: Path, limits: BundleLimits | None = None) -
         zoo = Zoo(config, tasks, embeddings, experts, errors.astype(np.float64), protocol)
     except Task2VecError as exc:
         raise BundleError(str(exc)) from None
-    return Bundle(manifest, zoo)
+    return Bundle(manifest, zoo, staging)
 
 
 def verify(path: Path, limits: BundleLimits | None = None) -> dict[str, Any]:

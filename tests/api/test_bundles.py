@@ -9,10 +9,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
+from app.db.models import Job
+from app.db.session import session_scope
 from app.services.layout import DataLayout
+from app.settings import Settings
 from app.zoo.zoo import Zoo
-from tests.bundles import REFUSALS, empty_deployment
+from tests.bundles import REFUSALS, empty_deployment, naming
 from tests.helpers import create_key, run_job
+from tests.services.test_bundles import OUTSIDE
 from tests.zoo.test_bundle import rewrite
 from workers import tasks
 
@@ -58,3 +62,39 @@ def test_the_api_imports_for_admins_only(
         conflict = client.post(url, files=files, headers=auth)
         assert conflict.status_code == 409
         assert conflict.json()["type"].endswith("/bundle-conflict")
+
+
+def _files(settings: Settings) -> list[str]:
+    root = settings.data_dir
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _jobs(settings: Settings) -> int:
+    with session_scope(settings.resolved_database_url()) as session:
+        return len(list(session.query(Job)))
+
+
+def test_the_api_refuses_a_bundle_naming_a_file_here_before_any_job(
+    exported: tuple[Path, Zoo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent: list[str]
+) -> None:
+    """A task that names a path as its dataset: 422 naming the task and the field, the same
+    answer whether the file exists, no job and no file kept."""
+    settings = empty_deployment(tmp_path, api_keys="required")
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    _, admin = create_key(settings, "platform", ["zoo:admin", "tasks:read"])
+    auth = {"Authorization": f"Bearer {admin}"}
+    answers = []
+    with TestClient(create_app(settings)) as client:
+        before = _files(settings)
+        for target in OUTSIDE:
+            body = rewrite(exported[0], naming(target)).read_bytes()
+            answer = client.post("/v1/zoo/import", files={"file": ("z.t2vzoo", body)}, headers=auth)
+            assert answer.status_code == 422, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            answers.append({k: answer.json()[k] for k in ("type", "title", "status", "detail")})
+        assert _files(settings) == before
+    assert answers[0] == answers[1]
+    assert answers[0]["type"].endswith("/bundle-external-reference")
+    assert "field 'dataset'" in answers[0]["detail"]
+    assert sent == []
+    assert _jobs(settings) == 0

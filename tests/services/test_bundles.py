@@ -23,7 +23,7 @@ from app.settings import Settings
 from app.zoo.bundle import BundleError, verify, write_bundle
 from app.zoo.tasks import materialize
 from app.zoo.zoo import Zoo
-from tests.bundles import REFUSALS, empty_deployment
+from tests.bundles import REFUSALS, empty_deployment, naming
 from tests.zoo.test_bundle import rewrite, synthetic_zoo
 
 
@@ -125,3 +125,76 @@ def test_the_shipped_starter_bundle_verifies() -> None:
     manifest = verify(bundles.STARTER_BUNDLE)
     assert (manifest["tasks"], manifest["experts"]) == (51, 25)
     assert manifest["embed_config"]["probe"] == "efficientnet_lite0"
+
+
+#: A file that exists on every machine that runs the tests, and one that exists on none.
+OUTSIDE = ("/etc/passwd", "/nonexistent/t2v/secret.npz")
+
+
+def test_a_task_that_names_a_file_here_is_refused_alike_whether_it_exists(
+    exported: tuple[Path, Zoo], tmp_path: Path
+) -> None:
+    """A bundle's task cut from an offline source names a path as its dataset: the import
+    refuses it before anything is stored (no copy of the file, no row), and the answer is the
+    same for a file that exists and one that does not (no oracle), from the CLI too."""
+    settings = empty_deployment(tmp_path)
+    env = {"T2V_DATA_DIR": str(settings.data_dir), "T2V_DATABASE_URL": settings.database_url}
+    before = _state(settings)
+    task = exported[1].tasks[0].name
+    answers = []
+    for i, target in enumerate(OUTSIDE):
+        crafted = tmp_path / f"crafted-{i}.t2vzoo"
+        shutil.copyfile(rewrite(exported[0], naming(target)), crafted)
+        with pytest.raises(BundleError) as refused:
+            bundles.import_bundle(settings, crafted)
+        assert _state(settings) == before
+        result = CliRunner().invoke(cli, ["zoo", "import", str(crafted), "--quiet"], env=env)
+        assert result.exit_code == 2, result.output
+        assert _state(settings) == before
+        answers.append((refused.value.kind, str(refused.value), result.output))
+    assert answers[0] == answers[1]
+    kind, message, _ = answers[0]
+    assert kind == "bundle-external-reference"
+    assert bundles.problem_of(refused.value).status == 422
+    assert f"zoo task {task!r}" in message
+    assert "field 'dataset'" in message
+    assert not any(target in message for target in OUTSIDE)
+
+
+def test_the_import_stores_no_file_from_outside_its_staging_folder(
+    exported: tuple[Path, Zoo], tmp_path: Path
+) -> None:
+    """Defence in depth: whatever a verified bundle's zoo names, the step that stores its
+    files (run by the worker) copies only files of the bundle's own staging folder."""
+    settings = empty_deployment(tmp_path)
+    before = _state(settings)
+    with bundles.staged(settings, exported[0]) as bundle:
+        staging = str(bundle.folder.relative_to(settings.data_dir))
+
+        def state() -> tuple[int, int, int, int, list[str]]:
+            """Rows and files, the staging folder's aside."""
+            experts, zoo_tasks, entries, versions, files = _state(settings)
+            return (
+                experts,
+                zoo_tasks,
+                entries,
+                versions,
+                [f for f in files if not f.startswith(staging)],
+            )
+
+        zoo = bundle.zoo
+        uploaded = len(zoo.tasks) - 1
+        assert zoo.tasks[uploaded].source == "upload"
+        for index in (0, uploaded):
+            for target in OUTSIDE:
+                tasks = list(zoo.tasks)
+                tasks[index] = replace(tasks[index], dataset=target)
+                hostile = Zoo(
+                    zoo.embed_config, tasks, zoo.embeddings, zoo.experts, zoo.errors, zoo.protocol
+                )
+                with pytest.raises(BundleError) as refused:
+                    bundles.install(settings, replace(bundle, zoo=hostile))
+                assert refused.value.kind == "bundle-external-reference"
+                assert target not in str(refused.value)
+                assert state() == before
+    assert _state(settings) == before
