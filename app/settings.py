@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     zoo: str = "starter"
     #: Largest accepted upload, in bytes.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    #: A zoo bundle's bytes once decompressed (``task2vec zoo import``, ``POST
+    #: /v1/zoo/import``): extraction stops at the first chunk past it and removes what it
+    #: wrote. Unset: twice ``max_upload_bytes`` (weights, arrays and datasets barely
+    #: compress: the starter bundle's 18 MB hold 31 MB).
+    max_bundle_bytes: int | None = Field(default=None, gt=0)
     #: Upload limits (``app.task2vec.limits.ArchiveLimits``): archive members, bytes per
     #: member and in all once uncompressed, compression ratio per member, pixels per image and
     #: in all, decoded-to-compressed ratio per image, classes, the fewest images per class,
@@ -137,6 +142,10 @@ class Settings(BaseSettings):
     #: ``worker_metrics_host``.
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
     worker_metrics_host: str = "127.0.0.1"
+
+    def bundle_bytes(self) -> int:
+        """The most bytes a zoo bundle may expand to (``max_bundle_bytes``)."""
+        return self.max_bundle_bytes or 2 * self.max_upload_bytes
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -59,6 +59,11 @@ def with_record(change: Callable[[dict[str, Any]], None]) -> Callable[[Members],
     return edit
 
 
+def with_member(name: str, data: bytes) -> Callable[[Members], Members]:
+    """One more member, listed in the manifest."""
+    return lambda ms: _listed(ms, name, data)
+
+
 def naming(dataset: str) -> Callable[[Members], Members]:
     """The bundle's first task (cut from an offline source) naming ``dataset`` as its file."""
 

@@ -48,7 +48,7 @@ from app.settings import Settings
 from app.task2vec.embedding import EmbedConfig
 from app.task2vec.errors import Task2VecError
 from app.task2vec.probes import PROBES, imagenet_weights_present
-from app.zoo.bundle import SUFFIX, Bundle, BundleError, read_bundle, with_files
+from app.zoo.bundle import SUFFIX, Bundle, BundleError, BundleLimits, read_bundle, with_files
 from app.zoo.bundle_references import EXTERNAL, KEYWORDS, is_keyword
 from app.zoo.experts import load_expert
 from app.zoo.matrix import EvaluationProtocol
@@ -80,15 +80,26 @@ def export(settings: Settings, out: Path, zoo: Zoo | None = None) -> tuple[str, 
     return write_bundle(zoo, out), zoo
 
 
+def limits(settings: Settings) -> BundleLimits:
+    """What a bundle may expand to here: ``T2V_MAX_BUNDLE_BYTES`` in all."""
+    total = settings.bundle_bytes()
+    return BundleLimits(
+        max_member_bytes=min(BundleLimits.max_member_bytes, total),
+        max_total_bytes=total,
+        setting="T2V_MAX_BUNDLE_BYTES",
+    )
+
+
 @contextmanager
 def staged(settings: Settings, path: Path) -> Iterator[Bundle]:
     """The verified bundle at ``path``, read into a staging folder removed afterwards (on the
-    data directory's file system, so storing its files is a copy on one disk)."""
+    data directory's file system, so storing its files is a copy on one disk), within the
+    limits of ``settings``."""
     root = DataLayout.of(settings).root / "zoo"
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".import-", dir=root))
     try:
-        yield read_bundle(path, staging)
+        yield read_bundle(path, staging, limits(settings))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

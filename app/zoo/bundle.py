@@ -16,9 +16,10 @@ The archive is reproducible: members in a fixed order, no timestamps, owners or 
 machine that wrote it, and arrays in ``.npy`` (no zip dates), so the same zoo gives the same
 bytes. Reading trusts nothing: a member must be a regular file with a name of the layout
 above, listed in the manifest with its size and hash, and every listed member must be there;
-sizes are capped before anything is written. The records may name only members of the bundle
-and what this service knows by name (``bundle_references``). What is read goes into a staging
-folder of the caller's, which it discards when the bundle is refused.
+sizes are capped from the headers before a member is written and counted again as its bytes
+are written (``BundleLimits``). The records may name only members of the bundle and what this
+service knows by name (``bundle_references``). What is read goes into a staging folder of the
+caller's, which it discards when the bundle is refused.
 """
 
 from __future__ import annotations
@@ -71,14 +72,28 @@ class BundleError(DatasetError):
         super().__init__(message, kind)
 
 
+#: Bytes read and written at a time while a member is extracted.
+CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class BundleLimits:
-    """Caps checked from the tar headers, before a member's bytes are written."""
+    """Caps checked from the tar headers before a member's bytes are written; the bytes in
+    all are counted again as they are written, so extraction stops at the first chunk over
+    ``max_total_bytes`` whatever the headers say. ``setting`` names what sets that total, for
+    the refusal to say."""
 
     max_members: int = 100_000
     max_member_bytes: int = 4 * 1024**3
     max_total_bytes: int = 16 * 1024**3
     max_manifest_bytes: int = 64 * 1024**2
+    setting: str = "the bundle limit"
+
+    def too_large(self) -> BundleError:
+        return BundleError(
+            f"the bundle expands past {self.max_total_bytes} bytes ({self.setting})",
+            "bundle-too-large",
+        )
 
 
 @dataclass(frozen=True)
@@ -260,14 +275,23 @@ def _opened(path: Path) -> Iterator[tarfile.TarFile]:
         raise BundleError(f"not a readable bundle archive ({exc})", "bundle-corrupt") from None
 
 
-def _copy_member(source: IO[bytes], target: Path) -> str:
-    digest = hashlib.sha256()
+def _copy_member(
+    source: IO[bytes], target: Path, budget: int, limits: BundleLimits
+) -> tuple[str, int]:
+    """Copy a member, counting its bytes: at the first chunk past ``budget`` the partial file
+    is removed and the bundle refused. Its sha256 and the bytes written."""
+    digest, written = hashlib.sha256(), 0
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("wb") as out:
-        while chunk := source.read(1 << 20):
+        while chunk := source.read(CHUNK):
+            written += len(chunk)
+            if written > budget:
+                out.close()
+                target.unlink(missing_ok=True)
+                raise limits.too_large()
             digest.update(chunk)
             out.write(chunk)
-    return digest.hexdigest()
+    return digest.hexdigest(), written
 
 
 def extract(path: Path, staging: Path, limits: BundleLimits | None = None) -> dict[str, Any]:
@@ -286,24 +310,24 @@ def extract(path: Path, staging: Path, limits: BundleLimits | None = None) -> di
             assert source is not None  # a regular file
             if manifest is None:
                 manifest = _read_manifest(member, source, limits)
+                total = member.size
                 continue
             listed = manifest["files"].get(name)
             if listed is None:
                 raise BundleError(
                     f"member {name!r} is not listed in the manifest", "bundle-unlisted-member"
                 )
+            if total + member.size > limits.max_total_bytes:
+                raise limits.too_large()
             if member.size != listed["bytes"] or member.size > limits.max_member_bytes:
                 raise BundleError(
                     f"member {name!r} holds {member.size} bytes; the manifest lists "
                     f"{listed['bytes']} (at most {limits.max_member_bytes})",
                     "bundle-hash-mismatch",
                 )
-            total += member.size
-            if total > limits.max_total_bytes:
-                raise BundleError(
-                    f"members over {limits.max_total_bytes} bytes in all", "bundle-too-large"
-                )
-            digest = _copy_member(source, staging / name)
+            budget = limits.max_total_bytes - total
+            digest, written = _copy_member(source, staging / name, budget, limits)
+            total += written
             if digest != listed["sha256"]:
                 raise BundleError(
                     f"member {name!r} has sha256 {digest}; the manifest lists {listed['sha256']}",

@@ -16,7 +16,7 @@ from app.settings import Settings
 from app.zoo.zoo import Zoo
 from tests.bundles import REFUSALS, empty_deployment, naming
 from tests.helpers import create_key, run_job
-from tests.services.test_bundles import OUTSIDE
+from tests.services.test_bundles import OUTSIDE, expanding
 from tests.zoo.test_bundle import rewrite
 from workers import tasks
 
@@ -96,5 +96,26 @@ def test_the_api_refuses_a_bundle_naming_a_file_here_before_any_job(
     assert answers[0] == answers[1]
     assert answers[0]["type"].endswith("/bundle-external-reference")
     assert "field 'dataset'" in answers[0]["detail"]
+    assert sent == []
+    assert _jobs(settings) == 0
+
+
+def test_the_api_refuses_a_bundle_past_the_decompressed_limit(
+    exported: tuple[Path, Zoo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sent: list[str]
+) -> None:
+    crafted, limit = expanding(exported[0], tmp_path)
+    settings = empty_deployment(tmp_path, api_keys="required", max_bundle_bytes=limit)
+    monkeypatch.setattr(tasks, "get_settings", lambda: settings)
+    _, admin = create_key(settings, "platform", ["zoo:admin", "tasks:read"])
+    auth = {"Authorization": f"Bearer {admin}"}
+    with TestClient(create_app(settings)) as client:
+        before = _files(settings)
+        body = crafted.read_bytes()
+        answer = client.post("/v1/zoo/import", files={"file": ("z.t2vzoo", body)}, headers=auth)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["type"].endswith("/bundle-too-large")
+        assert f"{limit} bytes" in answer.json()["detail"]
+        assert "T2V_MAX_BUNDLE_BYTES" in answer.json()["detail"]
+        assert _files(settings) == before
     assert sent == []
     assert _jobs(settings) == 0

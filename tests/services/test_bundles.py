@@ -5,7 +5,11 @@ first start imports the shipped bundle; and the shipped starter bundle verifies.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import shutil
+import tarfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from app.settings import Settings
 from app.zoo.bundle import BundleError, verify, write_bundle
 from app.zoo.tasks import materialize
 from app.zoo.zoo import Zoo
-from tests.bundles import REFUSALS, empty_deployment, naming
+from tests.bundles import REFUSALS, empty_deployment, naming, with_member
 from tests.zoo.test_bundle import rewrite, synthetic_zoo
 
 
@@ -198,3 +202,74 @@ def test_the_import_stores_no_file_from_outside_its_staging_folder(
                 assert target not in str(refused.value)
                 assert state() == before
     assert _state(settings) == before
+
+
+#: What extraction reads and writes at a time: the most a limit may be overrun by.
+READ_BUFFER = 1 << 20
+
+
+def expanding(exported: Path, tmp_path: Path) -> tuple[Path, int]:
+    """The bundle with a member of 64 MiB of zeros (a few KiB compressed), consistent in
+    itself; and a limit that the bundle without it fits in."""
+    with tarfile.open(exported) as tar:
+        fits = sum(m.size for m in tar) + READ_BUFFER
+    zeros = bytes(64 * 1024**2)
+    name = f"datasets/{hashlib.sha256(zeros).hexdigest()}.upload"
+    crafted = tmp_path / "expanding.t2vzoo"
+    shutil.copyfile(rewrite(exported, with_member(name, zeros)), crafted)
+    assert crafted.stat().st_size < exported.stat().st_size + len(zeros) // 100
+    return crafted, fits
+
+
+class DiskWatch:
+    """The most bytes seen under a folder while it runs (sampled: it can only miss a peak,
+    never invent one)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.peak, self._done = root, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            total = 0
+            for path in self.root.rglob("*"):
+                with contextlib.suppress(OSError):  # removed meanwhile
+                    total += path.stat().st_size if path.is_file() else 0
+            self.peak = max(self.peak, total)
+
+    def __enter__(self) -> DiskWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=60)
+
+
+def test_a_bundle_that_expands_past_the_limit_is_refused_at_the_first_byte_over(
+    exported: tuple[Path, Zoo], tmp_path: Path
+) -> None:
+    """A small bundle of highly compressible bytes: the import (CLI, and the check the API
+    runs) stops at the configured limit of decompressed bytes, names it, and leaves nothing."""
+    crafted, limit = expanding(exported[0], tmp_path)
+    settings = empty_deployment(tmp_path, max_bundle_bytes=limit)
+    env = {
+        "T2V_DATA_DIR": str(settings.data_dir),
+        "T2V_DATABASE_URL": settings.database_url,
+        "T2V_MAX_BUNDLE_BYTES": str(limit),
+    }
+    before = _state(settings)
+    with DiskWatch(settings.data_dir) as watch:
+        result = CliRunner().invoke(cli, ["zoo", "import", str(crafted), "--quiet"], env=env)
+    assert result.exit_code == 2, result.output
+    assert f"{limit} bytes" in result.output
+    assert "T2V_MAX_BUNDLE_BYTES" in result.output
+    assert watch.peak <= limit + READ_BUFFER
+    assert _state(settings) == before
+    with DiskWatch(settings.data_dir) as watch, pytest.raises(BundleError) as refused:
+        bundles.check_file(settings, crafted)
+    assert refused.value.kind == "bundle-too-large"
+    assert watch.peak <= limit + READ_BUFFER
+    assert _state(settings) == before
+    # The same bundle without the zeros fits the same limit.
+    assert bundles.check_file(settings, exported[0])["tasks"] == 9
