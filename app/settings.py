@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     zoo: str = "starter"
     #: Largest accepted upload, in bytes.
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    #: Slow clients (``task2vec serve``): a connection's request headers must all arrive
+    #: within ``request_header_seconds`` of its first byte (of its opening, for a new
+    #: connection), or it is closed; a request's body must not pause longer than
+    #: ``request_body_idle_seconds``, and after that long it must keep arriving at
+    #: ``request_body_min_bytes_per_second`` on average, or it is answered 408.
+    request_header_seconds: float = Field(default=20.0, gt=0)
+    request_body_idle_seconds: float = Field(default=30.0, gt=0)
+    request_body_min_bytes_per_second: float = Field(default=16 * 1024, ge=0)
     #: A zoo bundle's bytes once decompressed (``task2vec zoo import``, ``POST
     #: /v1/zoo/import``): extraction stops at the first chunk past it and removes what it
     #: wrote. Unset: twice ``max_upload_bytes`` (weights, arrays and datasets barely

@@ -196,19 +196,28 @@ def limited_caller(request: Request, caller: Annotated[Caller, Depends(caller_of
 CallerDep = Annotated[Caller, Depends(limited_caller)]
 
 
+def lacking(scope: str, caller: Caller) -> ProblemError:
+    return ProblemError(
+        403,
+        "insufficient-scope",
+        "The API key lacks a scope",
+        f"this needs the scope {scope!r}; the key has {', '.join(sorted(caller.scopes))}",
+    )
+
+
+#: Each scope check ``require`` made, with its scope: the door reads a route's from here.
+SCOPE_CHECKS: dict[Callable[..., Caller], str] = {}
+
+
 def require(scope: str) -> Any:
     """A dependency: the caller, who must hold ``scope``."""
 
     def check(caller: CallerDep) -> Caller:
         if scope not in caller.scopes:
-            raise ProblemError(
-                403,
-                "insufficient-scope",
-                "The API key lacks a scope",
-                f"this needs the scope {scope!r}; the key has {', '.join(sorted(caller.scopes))}",
-            )
+            raise lacking(scope, caller)
         return caller
 
+    SCOPE_CHECKS[check] = scope
     return Depends(check)
 
 

@@ -146,12 +146,17 @@ def _hold_state(app: FastAPI, settings: Settings) -> None:
     app.state.waits = Waits(app.state.metrics.waiting)
 
 
+#: The API's routers, in the order they are matched.
+_ROUTERS = (tasks.router, jobs.router, zoo.router, bundles.router, _health)
+
+
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
     """The length check and the door (authentication before any byte of a body is read);
     CORS only when origins are named; the client named in X-Forwarded-For only when the peer
     is one of ``trusted_proxies``."""
     app.add_middleware(RequestLength, settings=settings)
-    app.add_middleware(Door, settings=settings, check=app.state.key_check)
+    routes = [route for router in _ROUTERS for route in router.routes]
+    app.add_middleware(Door, settings=settings, check=app.state.key_check, routes=routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -178,7 +183,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _hold_state(app, settings)
     _add_middleware(app, settings)
     problems.install(app)
-    for router in (tasks.router, jobs.router, zoo.router, bundles.router, _health):
+    for router in _ROUTERS:
         app.include_router(router)
     return app
 

@@ -139,9 +139,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not-found", 405: "method-not-allowed", 413: "upload-too-large"}.get(
-            exc.status_code, "http-error"
-        )
+        kind = {
+            404: "not-found",
+            405: "method-not-allowed",
+            408: "request-timeout",
+            413: "upload-too-large",
+        }.get(exc.status_code, "http-error")
         return problem_response(
             exc.status_code,
             kind,

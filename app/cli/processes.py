@@ -41,6 +41,7 @@ def serve_api(
             log_level="info",
             log_config=config,
             server_header=False,  # no software banner in the answers
+            http="app.api.connections:HeaderDeadlineProtocol",  # late request headers close
             proxy_headers=False,  # the app believes T2V_TRUSTED_PROXIES only (app.api.main)
         )
     finally:
