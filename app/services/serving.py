@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from app.observability.outages import Outage
 from app.services.bundles import import_shipped
 from app.services.cache import LRUCache
 from app.services.layout import DataLayout
@@ -149,6 +150,8 @@ class ZooStates:
         self._wanted: Version | None = None
         self._checked = -float("inf")
         self._loading: Version | None = None
+        #: A database outage is logged when it starts and ends, not at every poll.
+        self._database = Outage(log, "the database (asked for the current zoo version)")
 
     def current(self, settings: Settings) -> ZooState:
         now = time.monotonic()
@@ -162,9 +165,10 @@ class ZooStates:
                 return self._state or self._install(self._load_current(settings))
         try:
             version = current_version(settings)
-        except SQLAlchemyError:
-            log.exception("cannot look for a new zoo version; serving %s", state.version.content)
+        except SQLAlchemyError as exc:
+            self._database.failed(exc)  # the version served goes on answering
             return state
+        self._database.ok()
         if version is None or version == state.version:
             return state
         with self._lock:
