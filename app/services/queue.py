@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -59,6 +61,62 @@ class PollEmbeddedBrokerOften(bootsteps.StartStopStep):  # type: ignore[misc]
         parent.connection.transport.polling_interval = EMBEDDED_POLL_SECONDS
 
 
+#: How often (seconds) a worker on the embedded broker deletes its delivered messages and
+#: gives their space back to the file system.
+EMBEDDED_COMPACT_SECONDS = 60.0
+
+
+class CompactEmbeddedBroker(bootsteps.StartStopStep):  # type: ignore[misc]
+    """kombu's SQLAlchemy transport keeps every message it delivered, as a row marked
+    invisible, for good: the broker's file grew with every job and delivery. A delivered
+    message is never read again (the transport redelivers an unacknowledged one by writing
+    it anew), so the worker deletes those rows now and then and the file shrinks."""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def start(self, parent: Any) -> None:
+        url = parent.app.conf.broker_url
+        database = Path(url.removeprefix(EMBEDDED))
+        parent.timer.call_repeatedly(EMBEDDED_COMPACT_SECONDS, _compact_quietly, (database,))
+
+
+def _compact_quietly(database: Path) -> None:
+    try:
+        compact_embedded(database)
+    except sqlite3.Error as exc:  # busy past the timeout: the next round does it
+        log.warning("the embedded broker was not compacted: %s", exc)
+
+
+def compact_embedded(database: Path) -> int:
+    """Delete the embedded broker's delivered messages and return the freed pages to the
+    file system (the file is in incremental auto-vacuum mode from its creation); the number
+    of messages deleted."""
+    with closing(sqlite3.connect(database, timeout=5, isolation_level=None)) as connection:
+        deleted = connection.execute("DELETE FROM kombu_message WHERE visible = 0").rowcount
+        # As a script: executed as a statement, the pragma frees one page a step, and the
+        # module steps it once.
+        connection.executescript("PRAGMA incremental_vacuum;")
+    return int(deleted)
+
+
+def _incremental_vacuum(database: Path) -> None:
+    """Put the broker's file in incremental auto-vacuum mode: set before its tables exist,
+    or by one VACUUM for a file made before (another process holding it past the timeout
+    leaves that to the next start)."""
+    with closing(sqlite3.connect(database, timeout=5, isolation_level=None)) as connection:
+        (mode,) = connection.execute("PRAGMA auto_vacuum").fetchone()
+        if mode == INCREMENTAL:
+            return
+        connection.execute(f"PRAGMA auto_vacuum = {INCREMENTAL}")
+        try:
+            connection.execute("VACUUM")
+        except sqlite3.OperationalError as exc:
+            log.warning("the embedded broker's file stays as it is for now: %s", exc)
+
+
+#: SQLite's ``auto_vacuum`` mode in which ``PRAGMA incremental_vacuum`` truncates the file.
+INCREMENTAL = 2
+
 #: The module that registers the task bodies, imported by every worker process.
 TASK_MODULE = "workers.tasks"
 #: The Celery task that makes one try at a webhook delivery, and its queue.
@@ -82,6 +140,7 @@ def _declare_embedded_queues(celery: Celery, database: Path) -> None:
     queues = sorted({kind.queue for kind in JobKind} | {WEBHOOK_QUEUE})
     with database.with_name(database.name + ".lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        _incremental_vacuum(database)
         with celery.connection_for_write() as connection:
             channel = connection.default_channel
             for name in queues:
@@ -118,6 +177,7 @@ def celery_for(broker: str) -> Celery:
     if broker.startswith("sqla+"):
         celery.steps["consumer"].add(PollEmbeddedBrokerOften)
     if broker.startswith(EMBEDDED):
+        celery.steps["consumer"].add(CompactEmbeddedBroker)
         _declare_embedded_queues(celery, Path(broker.removeprefix(EMBEDDED)))
     return celery
 
