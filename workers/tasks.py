@@ -41,6 +41,7 @@ from app.task2vec.datasets import LabelledImages, from_arrays
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.probes import ProbeNetwork
+from workers.pool_signals import leave_signals_to_the_main_process
 from workers.ranking import dataset, prerank, rank_and_record
 
 log = logging.getLogger(__name__)
@@ -348,7 +349,9 @@ def _count_sweep(report: leases.SweepReport) -> None:
 def _prepare_pool_process(**_: Any) -> None:
     """A forked pool process must not share its parent's database connections. It takes its
     share of the cores for torch, and loads the published zoo and the probe in the
-    background, so that the first job does not wait for them."""
+    background, so that the first job does not wait for them. Signals that reach it with
+    its whole process group are left to the main process (``pool_signals``)."""
+    leave_signals_to_the_main_process()  # first: before any thread starts
     dispose_engines()
     settings = get_settings()
     torch.set_num_threads(worker_torch_threads(settings, celery.conf.worker_concurrency))

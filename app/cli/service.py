@@ -3,6 +3,8 @@ machine, API keys."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 from contextlib import AbstractContextManager
 from typing import Annotated
@@ -192,10 +194,6 @@ def run_command(
     as a bundle) or build the zoo and publish it on first use, start a Celery worker process
     and the API. Ctrl-C stops both. Logs text for a person at the terminal unless
     T2V_LOG_FORMAT=json."""
-    import os
-    import signal
-    import subprocess
-
     from app.db.migrate import upgrade
     from app.services.bundles import import_shipped
     from app.services.layout import DataLayout
@@ -218,6 +216,9 @@ def run_command(
     )
     _key_policy(host)
     log_format("text")  # the worker started here logs alike
+    # uvicorn raises the signal that stopped it again once it is done; SIGTERM then ends
+    # this process at once unless a handler turns it into an exit that runs `finally`.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
     base = f"http://{host}:{port}"
     err.print(
@@ -227,9 +228,37 @@ def run_command(
     try:
         serve_api(host, port, default_format="text")
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(worker.pid, signal.SIGKILL)
+        stop_worker(worker)
+
+
+#: How `run` stops its worker: SIGTERM (a warm stop: the job under way finishes), then after
+#: this many seconds SIGQUIT (a cold stop: the job is cut off, and its lease brings it back
+#: on the next start), then SIGKILL (the pool processes die with their main process).
+WARM_STOP_SECONDS = 10.0
+COLD_STOP_SECONDS = 5.0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """Stop the worker `run` started within seconds, whatever it is doing. Its processes
+    got the signal that stopped `run` too when it came to the whole group; a repeated one
+    would cut this short, so they are ignored meanwhile."""
+    for repeated in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(repeated, signal.SIG_IGN)
+    for sig, patience in (
+        (signal.SIGTERM, WARM_STOP_SECONDS),
+        (signal.SIGQUIT, COLD_STOP_SECONDS),
+        (signal.SIGKILL, COLD_STOP_SECONDS),
+    ):
+        if worker.poll() is not None:
+            return
+        if sig != signal.SIGTERM:
+            err.print(f"the worker is still running: {signal.Signals(sig).name}")
+        worker.send_signal(sig)
+        try:
+            worker.wait(timeout=patience)
+        except subprocess.TimeoutExpired:
+            continue
