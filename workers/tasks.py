@@ -342,7 +342,9 @@ def _start_sweeping(**_: Any) -> None:
 
 
 def _count_sweep(report: leases.SweepReport) -> None:
-    metrics.swept(len(report.expired), len(report.resent), len(report.failed))
+    metrics.swept(
+        len(report.expired), len(report.resent), len(report.failed), len(report.waiting)
+    )
 
 
 @worker_process_init.connect

@@ -10,8 +10,10 @@ this module is imported) and the worker's main process merges them when scraped.
   names come from the code: ``loading dataset``, ``fisher``, ``ranking (logme)``, ...);
 - ``t2v_worker_jobs_running{kind}``: attempts running now (live processes only);
 - ``t2v_worker_sweep_jobs_total{action}``: what the sweeps did: ``expired`` (a lease expired:
-  back to the queue, re-sent), ``resent`` (queued too long: re-sent), ``failed`` (out of
-  attempts: failed as lost).
+  back to the queue, re-sent), ``resent`` (queued too long and its message no longer in the
+  broker: lost, re-sent), ``failed`` (out of attempts: failed as lost);
+- ``t2v_worker_sweep_jobs_waiting``: jobs queued longer than the re-send delay whose message
+  still waits in the broker (a backlog, not a loss: left alone), at this worker's last sweep.
 """
 
 from __future__ import annotations
@@ -46,9 +48,15 @@ JOBS_RUNNING = Gauge(
 )
 SWEEP_JOBS = Counter(
     "t2v_worker_sweep_jobs",
-    "Jobs the sweeps acted on: expired (lease expired, re-sent), resent (queued too long, "
-    "re-sent), failed (out of attempts, failed as lost)",
+    "Jobs the sweeps acted on: expired (lease expired, re-sent), resent (queued too long and "
+    "the message lost, re-sent), failed (out of attempts, failed as lost)",
     ("action",),
+)
+SWEEP_WAITING = Gauge(
+    "t2v_worker_sweep_jobs_waiting",
+    "Jobs queued longer than the re-send delay whose message still waits in the broker "
+    "(behind a backlog, not lost: not re-sent), at the last sweep",
+    multiprocess_mode="mostrecent",
 )
 
 
@@ -58,7 +66,8 @@ def job_finished(kind: str, outcome: str, seconds: float, stages: Mapping[str, f
         STAGE_DURATION.labels(kind, stage).observe(stage_seconds)
 
 
-def swept(expired: int, resent: int, failed: int) -> None:
+def swept(expired: int, resent: int, failed: int, waiting: int = 0) -> None:
     for action, n in (("expired", expired), ("resent", resent), ("failed", failed)):
         if n:
             SWEEP_JOBS.labels(action).inc(n)
+    SWEEP_WAITING.set(waiting)

@@ -10,9 +10,15 @@ of the one that took over.
 A *sweep*, run periodically inside every worker, keeps every accepted job moving: a running
 job whose lease expired (its worker was killed or cut off) goes back to the queue and is
 re-sent, until ``job_max_attempts``, after which it fails with a problem; a queued job whose
-message is older than ``job_resend_seconds`` (doubling after each re-send) is re-sent, since
-a broker may have lost it (Redis restarted without persistence; the embedded broker never
-redelivers a killed worker's message). Re-sent duplicates are harmless: a claim lets one run.
+message is older than ``job_resend_seconds`` (doubling after each re-send) is re-sent if its
+message is no longer in the broker's queue (``backlog``), since the broker lost it (Redis
+restarted without persistence; the embedded broker never redelivers a killed worker's
+message); one whose message is still there waits behind a backlog and is left alone.
+Re-sent duplicates are harmless: a claim lets one run.
+
+A sweep that could not reach the database tells the next one to grant a heartbeat of grace:
+the workers could not renew their leases either, so a lease that ran out meanwhile is
+extended by one heartbeat interval before any is declared expired.
 Sweeps in several workers at once are safe too: each action is a conditional UPDATE, and only
 its winner sends.
 
@@ -35,8 +41,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.db.models import Expert, Job, JobStatus, ZooTask, as_utc, utcnow
 from app.db.session import session_scope, updated
-from app.services import deliveries, jobs, orphans, queue
-from app.services.jobs import JobKind
+from app.observability.outages import Outage
+from app.services import backlog, deliveries, jobs, orphans, queue
+from app.services.jobs import JobKind, heartbeat_seconds
 from app.services.problems import problem
 from app.settings import Settings
 
@@ -44,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: Re-sends of a queued job back off by doubling, up to this many doublings (64 × the base).
 MAX_RESEND_DOUBLINGS = 6
+#: The broker, as the sweeps of this process read its queues: an outage is logged once.
+_BROKER = Outage(log, "the broker's queues (read by the job sweep)")
 
 
 def claim(settings: Settings, job_id: str) -> int | None:
@@ -83,23 +92,30 @@ def claim(settings: Settings, job_id: str) -> int | None:
 
 @dataclass
 class SweepReport:
-    """What one sweep did: job ids re-sent (lease expired, or queued too long), and failed;
-    webhook deliveries whose message was sent again."""
+    """What one sweep did: job ids re-sent (lease expired, or queued too long with their
+    message lost), and failed; jobs queued too long whose message still waits in the broker
+    (left alone); running jobs granted a heartbeat of grace; webhook deliveries whose
+    message was sent again."""
 
     expired: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    graced: list[str] = field(default_factory=list)
     deliveries: list[str] = field(default_factory=list)
 
 
-def sweep(settings: Settings, now: datetime | None = None) -> SweepReport:
+def sweep(settings: Settings, now: datetime | None = None, *, grace: bool = False) -> SweepReport:
     """Re-send the jobs that would otherwise wait forever; fail those out of attempts.
 
     ``now`` is the clock's time unless given: a sweep as of a later moment is how a test
-    sees a lease expire without waiting for it."""
+    sees a lease expire without waiting for it. ``grace``: the database was unreachable
+    until now, so leases get a heartbeat's time to be renewed first (``_grace``)."""
     report = SweepReport()
     url = settings.resolved_database_url()
     now = now or utcnow()
+    if grace:
+        report.graced = _grace(url, now, heartbeat_seconds(settings.job_lease_seconds))
     with session_scope(url) as session:
         expired = list(
             session.execute(
@@ -124,13 +140,49 @@ def sweep(settings: Settings, now: datetime | None = None) -> SweepReport:
         elif _requeue(url, job_id, attempt, now):
             report.expired.append(job_id)
             _send(settings, job_id, kind)
-    for job_id, kind, resends, sent in queued:
-        wait = settings.job_resend_seconds * 2 ** min(resends, MAX_RESEND_DOUBLINGS)
-        if as_utc(sent) + timedelta(seconds=wait) < now and _mark_resent(url, job_id, resends, now):
+    overdue = [(j, kind, n) for j, kind, n, sent in queued if _overdue(settings, n, sent, now)]
+    waiting = _backlog(settings, {JobKind(kind).queue for _, kind, _ in overdue})
+    for job_id, kind, resends in overdue:
+        if waiting is not None and waiting.holds(job_id, JobKind(kind).queue):
+            report.waiting.append(job_id)
+        elif _mark_resent(url, job_id, resends, now):
             report.resent.append(job_id)
             _send(settings, job_id, kind)
     report.deliveries = deliveries.resend_lost(settings, now)
     return report
+
+
+def _overdue(settings: Settings, resends: int, sent: datetime, now: datetime) -> bool:
+    """Whether a queued job's message is old enough to be looked for (the wait doubles after
+    each re-send)."""
+    wait = settings.job_resend_seconds * 2 ** min(resends, MAX_RESEND_DOUBLINGS)
+    return as_utc(sent) + timedelta(seconds=wait) < now
+
+
+def _grace(url: str, now: datetime, seconds: float) -> list[str]:
+    """Extend to a heartbeat from ``now`` the leases that end before then: their workers
+    could not reach the database to renew them, and a live one renews at its next beat."""
+    until = now + timedelta(seconds=seconds)
+    ending = and_(Job.status == JobStatus.running, Job.lease_until < until)
+    with session_scope(url) as session:
+        ids = list(session.scalars(select(Job.id).where(ending)))
+        if ids:
+            session.execute(update(Job).where(Job.id.in_(ids), ending).values(lease_until=until))
+    return ids
+
+
+def _backlog(settings: Settings, queues: set[str]) -> backlog.Backlog | None:
+    """The jobs whose message waits in ``queues``; None when none is asked for, or the
+    broker cannot be looked into (the overdue jobs are then taken to be lost)."""
+    if not queues:
+        return None
+    try:
+        found = backlog.read(settings.resolved_broker_url(), queues)
+    except Exception as exc:  # the overdue jobs are re-sent, if the broker takes them
+        _BROKER.failed(exc)
+        return None
+    _BROKER.ok()
+    return found
 
 
 def _settle_expired(url: str, job_id: str, attempt: int, now: datetime, **values: Any) -> bool:
@@ -225,6 +277,8 @@ class Sweeper:
         self.settings, self.on_report = settings, on_report
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
+        #: Whether the last sweep failed on the database, and its outage for the log.
+        self._database = Outage(log, "the database (job sweep skipped)")
 
     def start(self) -> None:
         self._thread.start()
@@ -246,17 +300,22 @@ class Sweeper:
                 pruned = time.monotonic()
                 self._prune()
             try:
-                report = sweep(self.settings)
-            except SQLAlchemyError:
-                log.warning("job sweep skipped: the database is unavailable")
+                report = sweep(self.settings, grace=self._database.down)
+            except SQLAlchemyError as exc:
+                self._database.failed(exc)
                 continue
+            self._database.ok()
             if self.on_report is not None:
                 self.on_report(report)
             if report.expired or report.resent or report.failed or report.deliveries:
                 log.info(
-                    "job sweep: lease expired %s, re-sent %s, failed %s; webhooks re-sent %s",
+                    "job sweep: lease expired %s, message lost (re-sent) %s, failed %s; "
+                    "%d waiting in the broker; webhooks re-sent %s",
                     report.expired,
                     report.resent,
                     report.failed,
+                    len(report.waiting),
                     report.deliveries,
                 )
+            if report.graced:
+                log.info("job sweep: leases extended by a heartbeat after the database returned")

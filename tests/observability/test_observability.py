@@ -271,12 +271,14 @@ def test_sweeps_are_counted() -> None:
         return REGISTRY.get_sample_value("t2v_worker_sweep_jobs_total", {"action": action}) or 0.0
 
     before = {action: value(action) for action in ("expired", "resent", "failed")}
-    tasks._count_sweep(SweepReport(expired=["a"], resent=["b", "c"], failed=[]))
+    tasks._count_sweep(SweepReport(expired=["a"], resent=["b", "c"], failed=[], waiting=["d"]))
     assert {action: value(action) - before[action] for action in before} == {
         "expired": 1,
         "resent": 2,
         "failed": 0,
     }
+    # Jobs behind a backlog are not lost messages: a gauge of their own, not a re-send.
+    assert REGISTRY.get_sample_value("t2v_worker_sweep_jobs_waiting") == 1
 
 
 @pytest.mark.slow
