@@ -22,6 +22,9 @@ class Settings(BaseSettings):
 
     #: Built zoos, caches, uploads and embeddings. Every worker must be able to read it.
     data_dir: Path = Path("data")
+    #: ``/readyz`` answers not ready while the data directory's disk has fewer free bytes
+    #: than this (0: only a read-only or unreadable disk is not ready).
+    min_free_bytes: int = Field(default=1024**3, ge=0)
     #: SQLAlchemy URL of the state database; empty: SQLite under ``data_dir``.
     database_url: str = ""
     #: Celery broker URL; empty: kombu's SQLAlchemy transport on SQLite under ``data_dir``.

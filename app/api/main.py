@@ -26,7 +26,7 @@ from app.api.shares import FairPool
 from app.api.waits import Waits
 from app.db.session import engine_for
 from app.observability.metrics import ApiMetrics, ZooSize
-from app.services import queue
+from app.services import environment, queue
 from app.services import tasks as tasks_service
 from app.services.jobs import JobKind
 from app.services.serving import FAST_METHODS, ZooStates, limit_numeric_threads
@@ -102,7 +102,7 @@ def metrics(request: Request) -> Response:
     "/readyz",
     response_model=Ready,
     responses=problems.documented(503),
-    summary="Database, broker and zoo index are usable",
+    summary="Database, broker, zoo index and the data directory's disk are usable",
 )
 async def readyz(request: Request) -> Any:
     current: Settings = request.app.state.settings
@@ -118,8 +118,17 @@ async def readyz(request: Request) -> Any:
         except Exception as exc:  # logged, not answered: driver text names hosts
             log.warning("not ready: %s unavailable: %s", name, exc)
             checks[name] = "unavailable"
+    disk = await run_in_threadpool(environment.space, current.data_dir)
+    checks["storage"] = "ok" if disk.usable(current.min_free_bytes) else "unavailable"
+    if checks["storage"] != "ok":
+        log.warning(
+            "not ready: the data directory's disk has %s bytes free (%d wanted)%s",
+            disk.free_bytes,
+            current.min_free_bytes,
+            " and is read-only" if disk.read_only else "",
+        )
     if all(v == "ok" for v in checks.values()):
-        return Ready(status="ready", checks=checks)
+        return Ready(status="ready", checks=checks, data_free_bytes=disk.free_bytes)
     failing = ", ".join(k for k, v in checks.items() if v != "ok")
     return problems.problem_response(
         503,
@@ -128,6 +137,7 @@ async def readyz(request: Request) -> Any:
         f"unavailable: {failing}",
         headers={"Retry-After": str(problems.RETRY_AFTER_SECONDS)},
         checks=checks,
+        data_free_bytes=disk.free_bytes,
     )
 
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.db.session import UNAVAILABLE
+from app.services import environment
 from app.services.problems import PROBLEM_BASE, ProblemError
 
 MEDIA_TYPE = "application/problem+json"
@@ -100,10 +101,43 @@ def database_unavailable(instance: str) -> JSONResponse:
     )
 
 
+def storage_unavailable(instance: str, error: OSError) -> JSONResponse:
+    """The data directory's disk is full or failing (``app.services.environment``): a state
+    that passes, like a database outage; the answer names no path."""
+    return problem_response(
+        503,
+        "storage-unavailable",
+        "Storage is unavailable",
+        environment.describe(error),
+        instance=instance,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+def _disk_failed(request: Request, disk: OSError) -> JSONResponse:
+    log.warning(
+        "storage unavailable on %s %s: %s",
+        request.method,
+        request.url.path,
+        environment.errno_name(disk),
+    )
+    return storage_unavailable(request.url.path, disk)
+
+
+async def _storage(request: Request, exc: Exception) -> JSONResponse:
+    """A full or failing disk answers 503; any other OS error is the internal one."""
+    disk = environment.storage_error(exc)
+    if disk is None:
+        raise exc
+    return _disk_failed(request, disk)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         """Anything unforeseen still answers problem+json (and is logged with its trace)."""
+        if (disk := environment.storage_error(exc)) is not None:  # wrapped in another error
+            return _disk_failed(request, disk)
         log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
         return problem_response(
             500,
@@ -119,9 +153,12 @@ def install(app: FastAPI) -> None:
 
     for unavailable in UNAVAILABLE:
         app.add_exception_handler(unavailable, _database)
+    app.add_exception_handler(OSError, _storage)
 
     @app.exception_handler(ProblemError)
     async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
+        if (disk := environment.storage_error(exc)) is not None:  # e.g. a staging copy
+            return _disk_failed(request, disk)
         return as_response(exc, instance=request.url.path)
 
     @app.exception_handler(RequestValidationError)

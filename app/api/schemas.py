@@ -224,3 +224,5 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: str
     checks: dict[str, str]
+    #: Free bytes on the data directory's disk: not ready below ``T2V_MIN_FREE_BYTES``.
+    data_free_bytes: int | None = None
