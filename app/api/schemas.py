@@ -64,6 +64,9 @@ class TaskAccepted(BaseModel):
     job_id: str
     status: str
     skipped: list[dict[str, str]]
+    warnings: list[str] = Field(
+        default_factory=list, description="what to check in an accepted dataset"
+    )
     links: Links
 
 
@@ -157,6 +160,9 @@ class UploadRanking(BaseModel):
     seconds: float | None = None
     zoo_version: str | None = None
     timings: Timings
+    warnings: list[str] = Field(
+        default_factory=list, description="what to check in the uploaded dataset"
+    )
 
 
 class ZooOut(BaseModel):

@@ -153,6 +153,7 @@ async def create_task(
             job_id=submitted.job_id,
             status=submitted.job_status,
             skipped=submitted.skipped,
+            warnings=submitted.warnings,
             links={
                 "job": f"/v1/jobs/{submitted.job_id}",
                 "task": f"/v1/tasks/{submitted.task_id}",
@@ -310,7 +311,12 @@ class _UploadRanking:
             return ranked
         timings = self.timings(job, uploaded)
         body = UploadRanking.model_validate(
-            {**ranked, "job_id": submitted.job_id, "timings": timings}
+            {
+                **ranked,
+                "job_id": submitted.job_id,
+                "timings": timings,
+                "warnings": submitted.warnings,
+            }
         )
         # The ranking's row is stored before the answer is recorded for its Idempotency-Key.
         await run_in_threadpool(self.session.commit)

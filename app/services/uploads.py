@@ -40,6 +40,7 @@ class Submitted:
     job_status: str
     new_job: bool
     skipped: list[dict[str, str]]
+    warnings: list[str]
 
 
 #: Characters never kept in a stored file name: markup and quoting (the name is shown back
@@ -176,4 +177,4 @@ def register(
         queue.send(session=session, job=job, broker_url=settings.resolved_broker_url())
     else:
         session.commit()
-    return Submitted(task.id, job.id, job.status, new, skipped_view(data))
+    return Submitted(task.id, job.id, job.status, new, skipped_view(data), list(data.warnings))

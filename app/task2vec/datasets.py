@@ -32,6 +32,7 @@ import torch
 
 from app.task2vec.archives import Archive, load_npz, zip_at_start
 from app.task2vec.checkpoints import checkpoint
+from app.task2vec.confusables import lookalike_warnings
 from app.task2vec.errors import DatasetError
 from app.task2vec.images import PixelBudget, decode_image
 from app.task2vec.layouts import Pairs, Skipped, labelled_members, looks_like_formula
@@ -52,6 +53,9 @@ class LabelledImages:
     classes: tuple[str, ...]
     #: Members left out, each with why ("not an image", "cannot be decoded: ...").
     skipped: tuple[tuple[str, str], ...] = ()
+    #: What the uploader should know about a dataset that was accepted (class names that
+    #: look alike: ``app.task2vec.confusables``).
+    warnings: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -77,7 +81,11 @@ def from_arrays(
     images, labels = _checked_arrays(images, np.asarray(labels), limits)
     classes, index = _classes(labels, limits)
     return LabelledImages(
-        np.ascontiguousarray(images), index.astype(np.int64), classes, tuple(skipped)
+        np.ascontiguousarray(images),
+        index.astype(np.int64),
+        classes,
+        tuple(skipped),
+        lookalike_warnings(classes),
     )
 
 

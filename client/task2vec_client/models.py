@@ -50,6 +50,8 @@ class TaskAccepted(_Model):
     job_id: str
     status: str
     skipped: list[dict[str, str]]
+    #: What to check in an accepted dataset (class names that look alike).
+    warnings: list[str] = []
     links: dict[str, str]
 
 
@@ -149,6 +151,7 @@ class UploadRanking(_Model):
     seconds: float | None = None
     zoo_version: str | None = None
     timings: Timings
+    warnings: list[str] = []
 
 
 class ZooOut(_Model):
