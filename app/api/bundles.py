@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-from anyio import CapacityLimiter
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -26,6 +25,7 @@ from app.api.deps import SessionDep, SettingsDep
 from app.api.idempotency import IdempotencyKey, idempotent
 from app.api.problems import documented
 from app.api.schemas import Links
+from app.api.shares import FairPool
 from app.api.tasks import accepted
 from app.api.uploads import BundleUpload
 from app.services import bundles
@@ -72,10 +72,12 @@ async def import_bundle(
     upload: BundleUpload,
 ) -> JSONResponse:
     async def answer() -> JSONResponse:
-        limiter: CapacityLimiter | None = getattr(request.app.state, "validation", None)
-        found = await anyio.to_thread.run_sync(
-            partial(_verify, settings, upload.path), limiter=limiter
-        )
+        pool: FairPool | None = getattr(request.app.state, "validation", None)
+        verify = partial(_verify, settings, upload.path)
+        if pool is None:  # the app's lifespan has not run (a bare ASGI call)
+            found = await anyio.to_thread.run_sync(verify)
+        else:
+            found = await pool.run(caller.tenant, verify)
         upload.keep()  # in place before the job naming it commits
         job = await run_in_threadpool(
             partial(
