@@ -241,6 +241,7 @@ def test_a_view_shows_the_row(settings: Settings) -> None:
         "id": job_id,
         "kind": "expert",
         "status": "running",
+        "attempts": 1,
         "progress": {"stage": "evaluating", "fraction": 0.25},
         "task_id": None,
         "params": {"expert": "cnn-a"},
