@@ -6,8 +6,9 @@ after the delay the try asks for.
 
 Each process loads the probe and the zoo once and keeps them. Each step that writes rows opens
 its own short session; progress goes through the job's recorder. A problem with the user's
-data or request fails the job with a problem document and is not retried; anything else is an
-internal error, recorded the same way.
+data or request fails the job with a problem document and is not retried; a database outage
+or a full or failing disk (``app.services.environment``) is retried with backoff; anything
+else is an internal error, recorded the same way.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from app.db.models import Expert, Job, Task, ZooTask
 from app.db.session import UNAVAILABLE, dispose_engines, session_scope
 from app.observability import context, multiprocess
 from app.observability import worker as metrics
-from app.services import bundles, deliveries, leases, tasks, zoo_admin
+from app.services import bundles, deliveries, environment, leases, tasks, zoo_admin
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
 from app.services.problems import problem, redact
@@ -82,6 +83,8 @@ def _task_context(url: str, job_id: str) -> tuple[str, str, str]:
 
 #: Errors of the database, not of the job: retried with backoff.
 TRANSIENT = UNAVAILABLE
+#: ... and of the data directory's disk, once the attempt has put its job back in the queue.
+RETRIED = (*TRANSIENT, environment.StorageUnavailableError)
 Body = Callable[[JobRecorder, dict[str, Any]], None]
 
 
@@ -96,7 +99,8 @@ def _execute(
     """Claim the job and run ``body`` under its lease. A user-fixable error fails the job with
     422 (no retry), anything unforeseen with 500 (and a log); ``on_fail`` also gets the error,
     with the job's parameters (an expert or zoo task records it on its own row). A database
-    error propagates, for Celery to retry; a lost lease ends the attempt without a write.
+    error propagates, for Celery to retry, and so does a full or failing disk once the job is
+    back in the queue; a lost lease ends the attempt without a write.
 
     Every log line of the job carries its id and the id of the request that created it; the
     attempt is counted and timed (``app.observability.worker``)."""
@@ -141,7 +145,7 @@ def _attempt(
     """Run ``body`` for the claimed attempt; its outcome."""
     job_id, attempt = recorder.job_id, recorder.attempt
     try:
-        with recorder.heartbeat():
+        with recorder.heartbeat(), environment.raised_as_unavailable():
             body(recorder, params)
         return metrics.SUCCEEDED
     except LeaseLostError:
@@ -149,6 +153,13 @@ def _attempt(
         return metrics.LEASE_LOST
     except TRANSIENT:
         log.warning("job %s: attempt %d hit a database error; retried", job_id, attempt)
+        raise
+    except environment.StorageUnavailableError as exc:
+        log.warning("job %s: attempt %d met a storage error (%s); retried", job_id, attempt, exc)
+        try:
+            recorder.requeue(environment.WAITING)
+        except LeaseLostError:
+            return metrics.LEASE_LOST
         raise
     except Task2VecError as exc:
         kind = exc.kind if isinstance(exc, DatasetError) else invalid
@@ -276,8 +287,9 @@ def run_zoo_import(job_id: str, settings: Settings) -> None:
             raise DatasetError("the uploaded bundle is no longer stored", "bundle-missing")
         try:
             version = bundles.import_bundle(settings, path, recorder.progress)
-        except DatasetError:
-            path.unlink(missing_ok=True)
+        except DatasetError as exc:
+            if environment.storage_error(exc) is None:  # a full disk keeps it for the retry
+                path.unlink(missing_ok=True)
             raise
         path.unlink(missing_ok=True)
         recorder.succeed(_version_result(version))
@@ -305,7 +317,7 @@ def _register(kind: JobKind) -> None:
     lease = max(1, round(get_settings().job_lease_seconds))
     celery.task(
         name=kind.task,
-        autoretry_for=TRANSIENT,
+        autoretry_for=RETRIED,
         retry_backoff=lease,
         retry_backoff_max=600,
         retry_jitter=False,

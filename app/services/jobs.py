@@ -377,3 +377,33 @@ class JobRecorder:
 
     def fail(self, error: dict[str, Any]) -> None:
         self._end(JobStatus.failed, error=error)
+
+    def requeue(self, stage: str) -> None:
+        """Put the job back in the queue, at ``stage``, as if this attempt had not been
+        made: the environment cut it short (a full disk), not the job, so it does not count
+        toward ``job_max_attempts``. Its retry is on its way with backoff; the sweep counts
+        the message as sent now. ``LeaseLostError`` when the attempt no longer holds it."""
+        self._close_stage()
+        if self.lost.is_set():
+            raise self._lost()
+        with session_scope(self.url) as session:
+            done = updated(
+                session,
+                update(Job)
+                .where(
+                    Job.id == self.job_id,
+                    Job.attempt == self.attempt,
+                    Job.status == JobStatus.running,
+                )
+                .values(
+                    status=JobStatus.queued,
+                    attempt=Job.attempt - 1,
+                    lease_until=None,
+                    started_at=None,
+                    stage=stage,
+                    progress=0.0,
+                    sent_at=utcnow(),
+                ),
+            )
+        if done == 0:
+            raise self._lost()
