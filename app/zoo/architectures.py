@@ -22,7 +22,9 @@ Which layer gives the features:
 
 Weights and models are never unpickled: state dicts are read ``weights_only`` or as
 safetensors; TorchScript archives hold TorchScript code, which runs in TorchScript's
-interpreter (no Python); ONNX files are protobufs.
+interpreter (no Python) and is accepted only when it uses known pure operators; ONNX files are
+protobufs, accepted with the standard operator domains and no external data
+(``app.zoo.graph_checks``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from app.task2vec.errors import ConfigError, ProbeWeightsError
 from app.task2vec.probes import IMAGENET_MEAN, IMAGENET_STD, read_state_dict
+from app.zoo.graph_checks import check_onnx, check_torchscript, check_torchscript_archive
 
 TORCHVISION = "torchvision/"
 TIMM = "timm/"
@@ -222,6 +225,9 @@ def _short(exc: BaseException) -> str:
 
 
 def _torchscript(name: str, path: Path) -> nn.Module:
+    """The module, once its archive and every operator it uses are checked
+    (``graph_checks``): nothing of it has run before then."""
+    check_torchscript_archive(name, path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -232,6 +238,7 @@ def _torchscript(name: str, path: Path) -> nn.Module:
         raise ProbeWeightsError(
             f"expert {name!r}: not a TorchScript module ({_short(exc)})"
         ) from None
+    check_torchscript(name, module)
     return module
 
 
@@ -249,6 +256,7 @@ class OnnxModule(nn.Module):
         options.inter_op_num_threads = 1
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        check_onnx(name, path)
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:
