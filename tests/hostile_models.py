@@ -69,6 +69,19 @@ class Wraps(nn.Module):
         return out
 
 
+def _map_a_file(module: nn.Module, inputs: tuple[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    mapped = torch.from_file(module.target, shared=True, size=16)
+    return out + mapped.sum()
+
+
+def hooked(target: str) -> nn.Module:
+    """A plain module whose forward hook (run around forward, not part of it) maps a file."""
+    module = Wraps(nn.Flatten())
+    module.target = target
+    module.register_forward_hook(_map_a_file)
+    return module
+
+
 def scripted_bytes(module: nn.Module) -> bytes:
     """``module`` scripted and saved, as a client uploads it."""
     buffer = io.BytesIO()

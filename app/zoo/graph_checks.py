@@ -82,15 +82,17 @@ def _kinds(block: Any) -> Iterator[str]:
 
 
 def operators(module: torch.jit.ScriptModule) -> set[str]:
-    """Every operator that any method of ``module`` or of its submodules can run, calls
-    inlined, nested blocks included."""
+    """Every operator that any method or forward hook of ``module`` or of its submodules can
+    run, calls inlined, nested blocks included."""
     found: set[str] = set()
     for _, sub in module.named_modules():
-        methods = sub._c  # a loaded module: every submodule is a script module
-        for method in methods._method_names():
-            graph = methods._get_method(method).graph.copy()
-            torch._C._jit_pass_inline(graph)
-            found.update(_kinds(graph))
+        own = sub._c  # a loaded module: every submodule is a script module
+        graphs = [own._get_method(method).graph for method in own._method_names()]
+        hooks = [*own._get_forward_pre_hooks(), *own._get_forward_hooks()]  # run around forward
+        for graph in [*graphs, *(hook.graph for hook in hooks)]:
+            inlined = graph.copy()
+            torch._C._jit_pass_inline(inlined)
+            found.update(_kinds(inlined))
     return found
 
 

@@ -21,7 +21,15 @@ from app.zoo import graph_checks
 from app.zoo.experts import ExpertSpec, SmallCNN, SmallMLP, load_expert
 from app.zoo.features import load_checked
 from app.zoo.zoo import Zoo
-from tests.hostile_models import Creates, OnLoad, Reads, Wraps, custom_domain_onnx
+from tests.hostile_models import (
+    Creates,
+    OnLoad,
+    Reads,
+    Wraps,
+    custom_domain_onnx,
+    hooked,
+    scripted_bytes,
+)
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning"
@@ -45,6 +53,15 @@ def test_a_module_that_maps_a_file_is_refused_before_it_runs(tmp_path: Path) -> 
     with pytest.raises(ProbeWeightsError, match=r"aten::from_file") as refused:
         load_checked(_spec("torchscript", path))
     assert "operator" in str(refused.value)
+    assert not target.exists()
+
+
+def test_a_forward_hook_that_maps_a_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "hooked.bin"
+    path = tmp_path / "hooked.pt"
+    path.write_bytes(scripted_bytes(hooked(str(target))))
+    with pytest.raises(ProbeWeightsError, match=r"aten::from_file"):
+        load_checked(_spec("torchscript", path))
     assert not target.exists()
 
 
