@@ -151,6 +151,7 @@ def _hold_state(app: FastAPI, settings: Settings) -> None:
         settings.resolved_database_url(),
         queues={kind.value: kind.queue for kind in JobKind},
         served=lambda: _served_zoo(app.state.zoos),
+        free_bytes=lambda: environment.space(settings.data_dir).free_bytes,
     )
     app.state.key_check = KeyCheck()
     app.state.waits = Waits(app.state.metrics.waiting)

@@ -172,6 +172,21 @@ class ZooCollector(Collector):
         yield info
 
 
+class DiskCollector(Collector):
+    """``t2v_data_free_bytes``: the free bytes of the data directory's disk, read at each
+    scrape (none when it cannot be read)."""
+
+    def __init__(self, free_bytes: Callable[[], int | None]) -> None:
+        self.free_bytes = free_bytes
+
+    def collect(self) -> Iterable[Metric]:
+        free = self.free_bytes()
+        if free is not None:
+            yield GaugeMetricFamily(
+                "t2v_data_free_bytes", "Free bytes on the data directory's disk", free
+            )
+
+
 def _waiting(registry: CollectorRegistry | None) -> Gauge:
     """``t2v_http_waiting_requests``: summed over the live API processes in multiprocess
     mode."""
@@ -192,6 +207,7 @@ class ApiMetrics:
         database_url: str,
         queues: Mapping[str, str],
         served: Callable[[], ZooSize | None],
+        free_bytes: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.registry = CollectorRegistry()
         if directory := os.environ.get(multiprocess.VARIABLE):
@@ -204,6 +220,7 @@ class ApiMetrics:
             ProcessCollector(registry=self.registry)
         self.registry.register(LedgerCollector(database_url, queues))
         self.registry.register(ZooCollector(served))
+        self.registry.register(DiskCollector(free_bytes))
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition (Prometheus text, or OpenMetrics when ``accept`` asks for it) and
