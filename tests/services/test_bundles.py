@@ -231,11 +231,15 @@ class DiskWatch:
 
     def _run(self) -> None:
         while not self._done.is_set():
-            total = 0
+            self.peak = max(self.peak, self._size())
+
+    def _size(self) -> int:
+        total = 0
+        with contextlib.suppress(OSError):  # a folder removed while it is walked
             for path in self.root.rglob("*"):
-                with contextlib.suppress(OSError):  # removed meanwhile
+                with contextlib.suppress(OSError):  # a file removed meanwhile
                     total += path.stat().st_size if path.is_file() else 0
-            self.peak = max(self.peak, total)
+        return total
 
     def __enter__(self) -> DiskWatch:
         self._thread.start()
