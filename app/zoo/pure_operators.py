@@ -3,12 +3,13 @@ control flow, nothing that reads or writes files, prints, spawns work or changes
 outside the module's own tensors.
 
 The list started from every operator of torchvision's classification models, scripted and
-traced (``SEEN``), and adds operators of the same kind that other vision models use
-(``ALSO_PURE``). It is an allow-list: an operator missing here is refused by name, and adding
-one means reading what it does. Left out on purpose, among others: ``aten::from_file``
-(opens and maps a file), ``aten::save``, ``prim::Print``, ``prim::fork`` and ``aten::wait``,
-``prim::SetAttr`` (changes the module between calls), and every call left after inlining
-(``prim::CallMethod``, ``prim::CallFunction``: code the walk could not see).
+traced (``SEEN``), and adds operators of the same kind that other vision models use, timm's
+among them (``ALSO_PURE``, ``RESAMPLING``). It is an allow-list: an operator missing here is
+refused by name, and adding one means reading what it does. Left out on purpose, among
+others: ``aten::from_file`` (opens and maps a file), ``aten::save``, ``prim::Print``,
+``prim::fork`` and ``aten::wait``, ``prim::SetAttr`` (changes the module between calls), and
+every call left after inlining (``prim::CallMethod``, ``prim::CallFunction``: code the walk
+could not see).
 
 Two kept because the models need them: ``aten::empty`` (uninitialised memory, which stochastic
 depth fills at once) and ``aten::warn`` (a warning in the log; GoogLeNet and Inception).
@@ -78,4 +79,14 @@ ALSO_PURE: frozenset[str] = frozenset().union(
     ),
 )
 
-PURE_OPERATORS: frozenset[str] = SEEN | ALSO_PURE
+#: Resampling as ``F.interpolate`` compiles it (every mode is in its graph) and the shape
+#: helpers of timm's models (LeViT, MobileViT).
+RESAMPLING: frozenset[str] = _named(
+    "aten",
+    "_upsample_bicubic2d_aa _upsample_bilinear2d_aa _upsample_lanczos2d_aa "
+    "_upsample_nearest_exact1d _upsample_nearest_exact2d _upsample_nearest_exact3d "
+    "upsample_linear1d upsample_nearest1d upsample_nearest3d upsample_trilinear3d "
+    "reshape_as view_as",
+)
+
+PURE_OPERATORS: frozenset[str] = SEEN | ALSO_PURE | RESAMPLING

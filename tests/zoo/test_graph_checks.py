@@ -119,6 +119,16 @@ def test_scripted_and_traced_torchvision_classifiers_pass(builder: str) -> None:
         graph_checks.check_torchscript("legit", module)
 
 
+@pytest.mark.parametrize("name", ["levit_128s", "mobilevit_xxs"])
+def test_scripted_timm_models_pass(name: str) -> None:
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph_checks.check_torchscript("legit", torch.jit.script(model))
+
+
 @pytest.mark.parametrize("module", [SmallCNN(4, 2), SmallMLP(8, 2, 8), Wraps(SmallCNN(2, 1))])
 def test_the_services_own_networks_pass_as_torchscript(module: nn.Module, tmp_path: Path) -> None:
     path = _scripted(module.eval(), tmp_path / "own.pt")
