@@ -341,10 +341,12 @@ for _kind in JobKind:
 def deliver_webhook(self: Any, delivery_id: str) -> None:
     """One try at a webhook delivery; an answer worth retrying sends the next try's message
     with Celery's countdown (the delivery's row, not a count of retries, decides when to give
-    up). A database error is retried like a job's."""
-    delay = deliveries.attempt(get_settings(), delivery_id)
-    if delay is not None:
-        raise self.retry(countdown=delay, max_retries=None)
+    up). A database error is retried like a job's. Each try is counted and timed by outcome."""
+    started = time.perf_counter()
+    outcome = deliveries.try_once(get_settings(), delivery_id)
+    metrics.webhook_tried(outcome.name, time.perf_counter() - started)
+    if outcome.delay is not None:
+        raise self.retry(countdown=outcome.delay, max_retries=None)
 
 
 @worker_ready.connect

@@ -9,6 +9,11 @@ this module is imported) and the worker's main process merges them when scraped.
 - ``t2v_worker_job_stage_duration_seconds{kind, stage}``: the stages an attempt timed (their
   names come from the code: ``loading dataset``, ``fisher``, ``ranking (logme)``, ...);
 - ``t2v_worker_jobs_running{kind}``: attempts running now (live processes only);
+- ``t2v_worker_webhook_tries_total{outcome}`` and
+  ``t2v_worker_webhook_try_duration_seconds{outcome}``: tries at webhook deliveries, from
+  claim to record; outcome ``delivered``, ``retried`` (tried again later), ``failed`` (given
+  up), ``dropped`` (a message with no try due), ``deferred`` (its tenant had every delivery
+  slot it may hold: sent again shortly, no try made);
 - ``t2v_worker_sweep_jobs_total{action}``: what the sweeps did: ``expired`` (a lease expired:
   back to the queue, re-sent), ``resent`` (queued too long and its message no longer in the
   broker: lost, re-sent), ``failed`` (out of attempts: failed as lost);
@@ -58,6 +63,25 @@ SWEEP_WAITING = Gauge(
     "(behind a backlog, not lost: not re-sent), at the last sweep",
     multiprocess_mode="mostrecent",
 )
+
+
+WEBHOOK_TRIES = Counter(
+    "t2v_worker_webhook_tries",
+    "Tries at webhook deliveries by outcome: delivered, retried (tried again later), failed "
+    "(given up), dropped (no try due), deferred (the tenant's delivery slots were taken)",
+    ("outcome",),
+)
+WEBHOOK_DURATION = Histogram(
+    "t2v_worker_webhook_try_duration_seconds",
+    "A try at a webhook delivery, from its claim to its record, by outcome",
+    ("outcome",),
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+
+
+def webhook_tried(outcome: str, seconds: float) -> None:
+    WEBHOOK_TRIES.labels(outcome).inc()
+    WEBHOOK_DURATION.labels(outcome).observe(seconds)
 
 
 def job_finished(kind: str, outcome: str, seconds: float, stages: Mapping[str, float]) -> None:

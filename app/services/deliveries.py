@@ -56,6 +56,13 @@ RESEND_BATCH = 100
 EARLY = 1.0
 
 
+def tenant_of(settings: Settings, delivery_id: str) -> str | None:
+    """The tenant a delivery is for (None: no such delivery)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        return None if row is None else row.tenant
+
+
 def policy(settings: Settings) -> Policy:
     """How callback URLs are reached: the outbound guard, with the webhook timeout."""
     return Policy(
@@ -140,14 +147,31 @@ def _claim(settings: Settings, delivery_id: str, now: datetime) -> _Try | None:
         return _Try(row.attempts, row.url, row.event, row.tenant, body, as_utc(row.created_at))
 
 
+#: Outcomes of a try, as the workers' metrics count them.
+DELIVERED, RETRYING, FAILED, DROPPED = "delivered", "retried", "failed", "dropped"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a try came to (``DELIVERED``, ...) and the seconds until the next, if any."""
+
+    name: str
+    delay: float | None
+
+
 def attempt(settings: Settings, delivery_id: str, now: datetime | None = None) -> float | None:
     """One try at a delivery; the seconds until the next one, or None when there is none to
     make (delivered, given up, or the message was not this try's: a duplicate, too early).
     Whether it is due is judged at ``now``, the clock's time unless given."""
+    return try_once(settings, delivery_id, now).delay
+
+
+def try_once(settings: Settings, delivery_id: str, now: datetime | None = None) -> Outcome:
+    """``attempt``, telling what the try came to."""
     claimed = _claim(settings, delivery_id, now or utcnow())
     if claimed is None:
         log.info("webhook delivery %s: not pending and due; message dropped", delivery_id)
-        return None
+        return Outcome(DROPPED, None)
     headers = {
         webhooks.SIGNATURE_HEADER: webhooks.sign(
             claimed.body, secret_for(settings, claimed.tenant)
@@ -176,9 +200,9 @@ def _record(
     status: int | None,
     error: str | None,
     retry: bool,
-) -> float | None:
-    """Write the try's outcome (unless a later try took the row over); the delay before the
-    next try, or None."""
+) -> Outcome:
+    """Write the try's outcome (unless a later try took the row over), and log it: a try
+    that failed is a warning."""
     now = utcnow()
     values: dict[str, object] = {
         "last_status": status,
@@ -210,14 +234,16 @@ def _record(
             .values(**values),
         )
     outcome = values.get("status", f"retried in {delay} s")
-    log.info(
+    log.log(
+        logging.INFO if error is None else logging.WARNING,
         "webhook delivery %s: try %d: %s (%s)",
         delivery_id,
         claimed.number,
         outcome,
         error or status,
     )
-    return delay
+    name = DELIVERED if error is None else RETRYING if delay is not None else FAILED
+    return Outcome(name, delay)
 
 
 def resend_lost(settings: Settings, now: datetime) -> list[str]:
