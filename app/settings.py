@@ -96,6 +96,12 @@ class Settings(BaseSettings):
     webhook_retry_base_seconds: float = Field(default=30.0, gt=0)
     webhook_give_up_seconds: float = Field(default=86400.0, gt=0)
     webhook_resend_seconds: float = Field(default=300.0, gt=0)
+    #: Deliveries a worker of the ``webhooks`` queue makes at once (threads: a try mostly
+    #: waits on the network), and how many of them one tenant's may hold: a tenant's
+    #: deliveries past that wait a moment and are sent again, so that its stalled receivers
+    #: cannot hold up another tenant's.
+    webhook_concurrency: int = Field(default=8, ge=1)
+    webhook_tenant_concurrency: int = Field(default=2, ge=1)
     #: API keys: "required", "off" (every request is the tenant "local"; only allowed on a
     #: loopback address), or "auto" (off on loopback, required elsewhere; decided by
     #: ``task2vec serve``/``run``, and required when the app is started any other way).

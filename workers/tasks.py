@@ -44,6 +44,7 @@ from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.probes import ProbeNetwork
 from workers.pool_signals import leave_signals_to_the_main_process
 from workers.ranking import dataset, prerank, rank_and_record
+from workers.tenant_slots import TenantSlots
 
 log = logging.getLogger(__name__)
 celery = celery_for(get_settings().resolved_broker_url())
@@ -341,12 +342,25 @@ for _kind in JobKind:
 def deliver_webhook(self: Any, delivery_id: str) -> None:
     """One try at a webhook delivery; an answer worth retrying sends the next try's message
     with Celery's countdown (the delivery's row, not a count of retries, decides when to give
-    up). A database error is retried like a job's. Each try is counted and timed by outcome."""
-    started = time.perf_counter()
-    outcome = deliveries.try_once(get_settings(), delivery_id)
-    metrics.webhook_tried(outcome.name, time.perf_counter() - started)
+    up). A database error is retried like a job's. A tenant whose deliveries hold their
+    share of this process's slots waits: the message is sent again a moment later."""
+    settings = get_settings()
+    tenant = deliveries.tenant_of(settings, delivery_id) or ""
+    with DELIVERY_SLOTS.hold(tenant, settings.webhook_tenant_concurrency) as held:
+        if not held:
+            metrics.webhook_tried(DEFERRED, 0.0)
+            raise self.retry(countdown=DEFER_SECONDS, max_retries=None)
+        started = time.perf_counter()
+        outcome = deliveries.try_once(settings, delivery_id)
+        metrics.webhook_tried(outcome.name, time.perf_counter() - started)
     if outcome.delay is not None:
         raise self.retry(countdown=outcome.delay, max_retries=None)
+
+
+DELIVERY_SLOTS = TenantSlots()
+#: A delivery whose tenant holds its share of the slots is sent again this many seconds later.
+DEFER_SECONDS = 2.0
+DEFERRED = "deferred"
 
 
 @worker_ready.connect

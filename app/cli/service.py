@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Annotated
 
 import typer
@@ -169,20 +170,82 @@ def worker_command(
     queues: Annotated[
         str, typer.Option(help="comma-separated queues (webhooks: callback deliveries)")
     ] = "embed,evaluate,webhooks",
-    concurrency: Annotated[int, typer.Option(help="worker processes")] = 1,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help="worker processes for jobs (default 1); threads for webhook deliveries "
+            "(default T2V_WEBHOOK_CONCURRENCY)"
+        ),
+    ] = None,
+    beside: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines. Logs
-    JSON lines unless T2V_LOG_FORMAT=text; serves metrics on T2V_WORKER_METRICS_PORT."""
-    with worker_observability() as fmt:  # first: it decides how metrics are kept
-        from app.services.jobs import EMBED_QUEUE, EVALUATE_QUEUE
-        from app.services.queue import WARM_UP_SETTING, celery_for
+    """Run a Celery worker against T2V_BROKER_URL; start any number, on any machines. Jobs run
+    in worker processes; webhook deliveries in threads of a worker of their own (started
+    beside this one when its queues include webhooks and jobs' queues), so that stalled
+    receivers never hold up a job. Logs JSON lines unless T2V_LOG_FORMAT=text; serves metrics
+    on T2V_WORKER_METRICS_PORT."""
+    from app.services.queue import WEBHOOK_QUEUE
 
-        quiet = ["--quiet"] if fmt == "json" else []  # no banner: JSON lines only
-        options = ["--loglevel=INFO", f"--queues={queues}", f"--concurrency={concurrency}"]
-        celery = celery_for(get_settings().resolved_broker_url())
-        celery.conf.worker_concurrency = concurrency  # the pool processes share the cores
-        celery.conf[WARM_UP_SETTING] = bool({EMBED_QUEUE, EVALUATE_QUEUE} & set(queues.split(",")))
-        celery.worker_main([*quiet, "worker", *options])
+    if beside is not None:
+        _die_with(beside)
+    served = [name for name in queues.split(",") if name]
+    with worker_observability() as fmt:  # first: it decides how metrics are kept
+        if WEBHOOK_QUEUE in served and len(served) > 1:
+            with deliveries_worker():
+                jobs = [name for name in served if name != WEBHOOK_QUEUE]
+                _celery_worker(fmt, jobs, concurrency or 1)
+        elif served == [WEBHOOK_QUEUE]:
+            threads = concurrency or get_settings().webhook_concurrency
+            _celery_worker(fmt, served, threads, "threads")
+        else:
+            _celery_worker(fmt, served, concurrency or 1)
+
+
+def _celery_worker(fmt: str, queues: list[str], concurrency: int, pool: str = "prefork") -> None:
+    from app.services.jobs import EMBED_QUEUE, EVALUATE_QUEUE
+    from app.services.queue import WARM_UP_SETTING, celery_for
+
+    quiet = ["--quiet"] if fmt == "json" else []  # no banner: JSON lines only
+    options = [
+        "--loglevel=INFO",
+        f"--queues={','.join(queues)}",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+    ]
+    celery = celery_for(get_settings().resolved_broker_url())
+    celery.conf.worker_concurrency = concurrency  # the pool processes share the cores
+    celery.conf[WARM_UP_SETTING] = bool({EMBED_QUEUE, EVALUATE_QUEUE} & set(queues))
+    celery.worker_main([*quiet, "worker", *options])
+
+
+@contextmanager
+def deliveries_worker() -> Iterator[None]:
+    """A worker of the webhooks queue beside this one, for the block: its own process, so
+    that deliveries have slots of their own. It writes its metrics where this one's are
+    served, dies with this process however it ends, and is stopped as `run` stops its
+    worker."""
+    import os
+
+    from app.services.queue import WEBHOOK_QUEUE
+
+    env = {**os.environ, "T2V_WORKER_METRICS_PORT": "0"}
+    command = [sys.executable, "-m", "app.cli", "worker", f"--queues={WEBHOOK_QUEUE}"]
+    deliveries = subprocess.Popen([*command, f"--beside={os.getpid()}"], env=env)
+    try:
+        yield
+    finally:
+        stop_worker(deliveries)
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM to this process when ``parent`` is gone (at once if it already is)."""
+    import os
+
+    from billiard.util import set_pdeathsig  # type: ignore[import-untyped]
+
+    set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != parent:
+        raise typer.Exit(code=0)
 
 
 @app.command("run")
