@@ -370,9 +370,7 @@ def _start_sweeping(**_: Any) -> None:
 
 
 def _count_sweep(report: leases.SweepReport) -> None:
-    metrics.swept(
-        len(report.expired), len(report.resent), len(report.failed), len(report.waiting)
-    )
+    metrics.swept(len(report.expired), len(report.resent), len(report.failed), len(report.waiting))
 
 
 @worker_process_init.connect
