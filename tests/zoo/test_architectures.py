@@ -111,6 +111,7 @@ print("growth_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """
 
 
+@pytest.mark.slow  # a process of its own
 def test_a_regnet_named_with_small_weights_is_refused_without_being_built(
     tmp_path: Path,
 ) -> None:
