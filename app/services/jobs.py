@@ -384,26 +384,14 @@ class JobRecorder:
         toward ``job_max_attempts``. Its retry is on its way with backoff; the sweep counts
         the message as sent now. ``LeaseLostError`` when the attempt no longer holds it."""
         self._close_stage()
-        if self.lost.is_set():
-            raise self._lost()
         with session_scope(self.url) as session:
-            done = updated(
+            self.hold(
                 session,
-                update(Job)
-                .where(
-                    Job.id == self.job_id,
-                    Job.attempt == self.attempt,
-                    Job.status == JobStatus.running,
-                )
-                .values(
-                    status=JobStatus.queued,
-                    attempt=Job.attempt - 1,
-                    lease_until=None,
-                    started_at=None,
-                    stage=stage,
-                    progress=0.0,
-                    sent_at=utcnow(),
-                ),
+                status=JobStatus.queued,
+                attempt=Job.attempt - 1,
+                lease_until=None,
+                started_at=None,
+                stage=stage,
+                progress=0.0,
+                sent_at=utcnow(),
             )
-        if done == 0:
-            raise self._lost()
