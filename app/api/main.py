@@ -16,6 +16,7 @@ from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from app.api import bundles, jobs, problems, tasks, zoo
+from app.api import docs as api_docs
 from app.api.auth import KeyCheck, RateLimiter
 from app.api.door import Door
 from app.api.headers import SecurityHeaders
@@ -187,10 +188,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description="Upload a labelled image dataset; get the zoo's experts ranked for it.",
         lifespan=_following_the_zoo,
-        docs_url="/docs" if docs else None,
-        redoc_url="/redoc" if docs else None,
+        docs_url=None,  # app.api.docs: the pages with files served here, not from a CDN
+        redoc_url=None,
         openapi_url="/openapi.json" if docs else None,
     )
+    if docs:
+        api_docs.install(app, "/openapi.json")
     _hold_state(app, settings)
     _add_middleware(app, settings)
     problems.install(app)
