@@ -4,7 +4,9 @@ queueing behind them; and each upload's decoding has a budget of its own.
 
 The uploads are real archives of large PNGs, decoded for real. What is asserted is an order of
 answers (the small upload answered while every large one is still being decoded), never how
-long anything took."""
+long anything took: the noisy tenant's one thread may finish the upload it is decoding while
+the small one is decoded beside it, but a first-come pool makes the small upload wait for two
+of the large ones."""
 
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def test_one_tenants_large_uploads_do_not_hold_back_anothers_small_one(
 ) -> None:
     picture = _large_png()
     large = [
-        _archive(tmp_path / f"large{i}.zip", [(f"c{j % 2}/{j}.png", picture) for j in range(8)])
+        _archive(tmp_path / f"large{i}.zip", [(f"c{j % 2}/{j}.png", picture) for j in range(16)])
         for i in range(3)
     ]
     small_images = random_images(6, size=32, seed=1, channels=3)
@@ -97,7 +99,8 @@ def test_one_tenants_large_uploads_do_not_hold_back_anothers_small_one(
         time.sleep(0.5)
         assert answered == {}, "a large upload was already answered: make them larger"
         assert send("small", small, quiet) == 202
-        assert set(answered) == {"small"}, f"answered before the small upload: {answered}"
+        before = set(answered) - {"small"}
+        assert len(before) <= 1, f"answered before the small upload: {answered}"
         assert [flood() for flood in floods] == [202] * 3
 
 
