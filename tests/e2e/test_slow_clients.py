@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,14 +19,12 @@ import pytest
 from app.settings import Settings
 from tests.helpers import (
     PATIENCE,
-    api_ready,
     create_key,
-    eventually,
     free_port,
     fresh_database,
     service_settings,
+    start_api,
     stop,
-    worker_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -60,17 +56,8 @@ def api(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ap
     with fresh_database("sqlite", tmp_path) as url:
         settings = service_settings(tiny_zoo, url, tmp_path)
         port, log = free_port(), tmp_path / "api.log"
-        env = worker_env(settings, T2V_API_KEYS="required", **DEADLINES)
-        with log.open("ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = start_api(settings, port, log, T2V_API_KEYS="required", **DEADLINES)
         try:
-            eventually(lambda: api_ready(port), "the API to be ready", processes=[process], log=log)
             yield Api(settings, port)
         finally:
             stop(process)
