@@ -1,4 +1,5 @@
-"""A job as the API shows it: status, progress, timings, result or error, and links."""
+"""A job as the API shows it: status, progress, timings, result or error, and links; and
+the caller's jobs, newest first."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from fastapi import APIRouter
 from app.api.auth import Reader
 from app.api.deps import SessionDep
 from app.api.problems import documented
-from app.api.schemas import JobOut
+from app.api.schemas import JobOut, JobPage
+from app.api.tasks import Limit, Offset
 from app.db.models import Job
 from app.services import jobs
 
@@ -26,3 +28,11 @@ def job_view(job: Job) -> JobOut:
 )
 def get_job(job_id: str, session: SessionDep, caller: Reader) -> JobOut:
     return job_view(jobs.get(session, job_id=job_id, tenant=caller.tenant))
+
+
+@router.get("/jobs", response_model=JobPage, summary="The caller's jobs, newest first")
+def list_jobs(
+    session: SessionDep, caller: Reader, limit: Limit = 100, offset: Offset = 0
+) -> JobPage:
+    total, rows = jobs.page(session, tenant=caller.tenant, limit=limit, offset=offset)
+    return JobPage(total=total, items=[job_view(job) for job in rows])

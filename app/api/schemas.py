@@ -232,3 +232,28 @@ class Ready(BaseModel):
     checks: dict[str, str]
     #: Free bytes on the data directory's disk: not ready below ``T2V_MIN_FREE_BYTES``.
     data_free_bytes: int | None = None
+
+
+class TaskSummary(BaseModel):
+    """A task as a list shows it: the dataset at a glance and where its embedding stands."""
+
+    id: str
+    created_at: str = Field(description="ISO 8601")
+    filename: str
+    num_images: int | None
+    num_classes: int | None
+    status: str | None = Field(
+        description="the embedding job's: queued, running, succeeded or failed"
+    )
+    job_id: str | None = Field(description="the task's newest embedding job")
+    links: Links
+
+
+class TaskPage(BaseModel):
+    total: int
+    items: list[TaskSummary]
+
+
+class JobPage(BaseModel):
+    total: int
+    items: list[JobOut]

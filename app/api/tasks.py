@@ -27,6 +27,8 @@ from app.api.schemas import (
     Ranking,
     TaskAccepted,
     TaskOut,
+    TaskPage,
+    TaskSummary,
     Timings,
     UploadRanking,
 )
@@ -53,6 +55,8 @@ router = APIRouter(
 )
 
 K = Annotated[int, Query(ge=1, le=1000, description="how many items to return")]
+Limit = Annotated[int, Query(ge=1, le=500, description="how many items a page holds")]
+Offset = Annotated[int, Query(ge=0, le=1_000_000_000, description="items to skip")]
 
 
 def _known_method(
@@ -163,6 +167,34 @@ async def create_task(
 
     parts = {"file": upload.stored.sha256}
     return await idempotent(request, settings, caller.tenant, key, parts, answer)
+
+
+@router.get("/tasks", response_model=TaskPage, summary="The caller's tasks, newest first")
+def list_tasks(
+    session: SessionDep, caller: Reader, limit: Limit = 100, offset: Offset = 0
+) -> TaskPage:
+    total, rows = tasks.page(session, tenant=caller.tenant, limit=limit, offset=offset)
+    items = []
+    for task, job in rows:
+        d, links = task.dataset, {"self": f"/v1/tasks/{task.id}"}
+        if job is not None:
+            links["job"] = f"/v1/jobs/{job.id}"
+        links["recommendations"] = f"/v1/tasks/{task.id}/recommendations"
+        # A task whose job rows are gone (or never had one) is embedded when its row says so.
+        status = job.status if job is not None else ("succeeded" if task.embedding else None)
+        items.append(
+            TaskSummary(
+                id=task.id,
+                created_at=task.created_at.isoformat(),
+                filename=d.filename,
+                num_images=d.num_images,
+                num_classes=None if d.classes is None else len(d.classes),
+                status=status,
+                job_id=None if job is None else job.id,
+                links=links,
+            )
+        )
+    return TaskPage(total=total, items=items)
 
 
 @router.get("/tasks/{task_id}", response_model=TaskOut, summary="A task: dataset, probe, embedding")

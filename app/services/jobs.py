@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -195,6 +195,20 @@ def get(session: Session, *, job_id: str, tenant: str) -> Job:
     if job is None or job.tenant != tenant:
         raise not_found("job", job_id)
     return job
+
+
+def page(session: Session, *, tenant: str, limit: int, offset: int) -> tuple[int, list[Job]]:
+    """One page of the tenant's jobs, newest first (ties by id, so pages never overlap), and
+    how many the tenant has."""
+    total = session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant))
+    rows = session.scalars(
+        select(Job)
+        .where(Job.tenant == tenant)
+        .order_by(Job.created_at.desc(), Job.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    return total or 0, list(rows)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from app.db.models import EmbeddingRow, Job, Recommendation, Task
@@ -33,6 +33,37 @@ def get(session: Session, *, task_id: str, tenant: str) -> Task:
     if task is None or task.tenant != tenant:
         raise not_found("task", task_id)
     return task
+
+
+def page(
+    session: Session, *, tenant: str, limit: int, offset: int
+) -> tuple[int, list[tuple[Task, Job | None]]]:
+    """One page of the tenant's tasks, newest first (ties by id, so pages never overlap),
+    each with its newest embedding job (None for a task that has none), and how many the
+    tenant has. Two queries whatever the page's size: the tasks, then their jobs."""
+    total = session.scalar(select(func.count()).select_from(Task).where(Task.tenant == tenant))
+    rows = list(
+        session.scalars(
+            select(Task)
+            .where(Task.tenant == tenant)
+            .order_by(Task.created_at.desc(), Task.id.desc())
+            .offset(offset)
+            .limit(limit)
+        )
+    )
+    newest: dict[str, Job] = {}
+    if rows:
+        found = session.scalars(
+            select(Job)
+            .where(
+                Job.task_id.in_([t.id for t in rows]),
+                Job.tenant == tenant,
+                Job.kind == JobKind.embed,
+            )
+            .order_by(Job.created_at, Job.id)
+        )
+        newest = {job.task_id: job for job in found if job.task_id is not None}
+    return total or 0, [(t, newest.get(t.id)) for t in rows]
 
 
 #: Embeddings read in this process, with their task's tenant: neither changes once stored.
