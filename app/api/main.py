@@ -94,7 +94,7 @@ def healthz() -> Health:
 
 @_health.get("/metrics", include_in_schema=False)
 def metrics(request: Request) -> Response:
-    """Prometheus metrics (documented in the README, not in the OpenAPI: no key needed)."""
+    """Prometheus metrics (documented in docs/operations.md, not in the OpenAPI: no key needed)."""
     body, media_type = request.app.state.metrics.render(request.headers.get("accept"))
     return Response(body, media_type=media_type)
 

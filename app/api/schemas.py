@@ -90,7 +90,7 @@ class RankedExpert(BaseModel):
         description="why the expert is here: predicted_error (a fraction of the images, in "
         "the zoo protocol's units) with error_interval (its low and high end) at "
         "interval_level (0.8: four in five true errors fall inside), and what the method "
-        "read (the README's answer section documents every field)"
+        "read (docs/api.md, Reading the answer, documents every field)"
     )
 
 

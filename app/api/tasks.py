@@ -63,7 +63,7 @@ def _known_method(
     method: Annotated[
         str,
         Query(
-            description="the ranking method (see the README's recommenders table)",
+            description="the ranking method (see docs/quality.md, the table of every method)",
             json_schema_extra={"enum": list(METHODS)},
         ),
     ] = DEFAULT_METHOD,

@@ -40,7 +40,7 @@ FAST_METHODS = recommenders.registry.names(runs=("api",))
 WORKER_METHODS = recommenders.registry.names(runs=("worker",))
 METHODS = recommenders.served()
 #: The method a ranking uses when none is named: the one that measures best for its cost
-#: (the README's quality section). It reads the images of a shortlist of experts, so the
+#: (docs/quality.md). It reads the images of a shortlist of experts, so the
 #: embedding job ranks with it while it has the images (``PRERANKED``).
 DEFAULT_METHOD = "hybrid"
 #: Methods the embedding job ranks with before it ends, so that their answer is stored when

@@ -3,7 +3,7 @@
 A score says only "higher is better". What a person can act on: the error to expect from the
 expert on this dataset and how sure that is (``intervals``), the zoo tasks most like the
 dataset with the error this expert measured on each, and what the expert is (its architecture
-and the task it was trained on). Every field is documented in the README's answer section.
+and the task it was trained on). Every field is documented in docs/api.md, Reading the answer.
 """
 
 from __future__ import annotations
