@@ -15,7 +15,7 @@ from sqlalchemy import text
 from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from app.api import bundles, jobs, problems, tasks, zoo
+from app.api import bundles, console, jobs, problems, tasks, zoo
 from app.api import docs as api_docs
 from app.api.auth import KeyCheck, RateLimiter
 from app.api.door import Door
@@ -199,6 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     problems.install(app)
     for router in _ROUTERS:
         app.include_router(router)
+    console.install(app)
     return app
 
 
