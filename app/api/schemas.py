@@ -257,3 +257,52 @@ class TaskPage(BaseModel):
 class JobPage(BaseModel):
     total: int
     items: list[JobOut]
+
+
+class MapTask(BaseModel):
+    name: str
+    domain: str
+    x: float
+    y: float
+    best_expert: str
+
+
+class PlacedTask(BaseModel):
+    task_id: str
+    x: float
+    y: float
+
+
+class ZooMap(BaseModel):
+    """The zoo's tasks in two dimensions, for a map coloured by domain."""
+
+    zoo_version: str
+    method: str = Field(description="how the layout is computed")
+    domains: list[str]
+    tasks: list[MapTask]
+    placed: PlacedTask | None = Field(
+        description="the task asked for (?task=), placed on the same map without moving the "
+        "zoo's tasks (the landmark-MDS out-of-sample formula)"
+    )
+
+
+class MatrixTask(BaseModel):
+    name: str
+    domain: str
+
+
+class MatrixExpert(BaseModel):
+    name: str
+    architecture: str
+    source_task: str | None
+
+
+class ZooMatrix(BaseModel):
+    """Each zoo task's held-out error with each expert's features, for a heat map."""
+
+    zoo_version: str
+    tasks: list[MatrixTask]
+    experts: list[MatrixExpert]
+    errors: list[list[float | None]] = Field(
+        description="a row per task, a column per expert: a fraction of the images, 4 decimals"
+    )

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from app.api.auth import Admin, CallerDep
+from app.api.auth import Admin, CallerDep, lacking
 from app.api.callbacks import CallbackUrl
 from app.api.deps import SessionDep, SettingsDep, ZooDep
 from app.api.forms import ExpertForm, ZooTaskForm
@@ -26,6 +26,8 @@ from app.api.schemas import (
     ExpertOut,
     ExpertPage,
     ItemAccepted,
+    ZooMap,
+    ZooMatrix,
     ZooOut,
     ZooTaskOut,
     ZooTaskPage,
@@ -34,7 +36,8 @@ from app.api.tasks import accepted
 from app.api.uploads import DatasetUpload, WeightsUpload, validate
 from app.db.models import Expert, ZooTask
 from app.services import experts as new_experts
-from app.services import zoo_admin, zoo_items
+from app.services import tasks as user_tasks
+from app.services import zoo_admin, zoo_items, zoo_views
 from app.services.problems import public
 from app.services.serving import ZooState
 
@@ -140,6 +143,38 @@ def zoo_tasks(
 @router.get("/zoo/tasks/{name}", response_model=ZooTaskOut, summary="One zoo task")
 def zoo_task(name: str, session: SessionDep, zoo: ZooDep, _: CallerDep) -> ZooTaskOut:
     return _zoo_task_view(zoo_items.one(session, ZooTask, name), zoo)
+
+
+@router.get(
+    "/zoo/map",
+    response_model=ZooMap,
+    summary="The zoo's tasks laid out in two dimensions, and a task of yours placed among them",
+)
+def zoo_map(
+    session: SessionDep,
+    zoo: ZooDep,
+    caller: CallerDep,
+    task: Annotated[
+        str | None, Query(description="one of your tasks (embedded) to place on the map")
+    ] = None,
+) -> ZooMap:
+    """The layout is computed once per zoo version in each API process; a task is placed on
+    it by its symmetric distance to every zoo task (its own data: it needs tasks:read)."""
+    placed = None
+    if task is not None:
+        if "tasks:read" not in caller.scopes:
+            raise lacking("tasks:read", caller)
+        placed = (task, user_tasks.embedding_of(session, task_id=task, tenant=caller.tenant))
+    return ZooMap.model_validate(zoo_views.map_view(zoo, placed))
+
+
+@router.get(
+    "/zoo/matrix",
+    response_model=ZooMatrix,
+    summary="The served zoo's task × expert error matrix",
+)
+def zoo_matrix(zoo: ZooDep, _: CallerDep) -> ZooMatrix:
+    return ZooMatrix.model_validate(zoo_views.matrix_view(zoo))
 
 
 # --------------------------------------------------------------------------------------------
