@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from app.api.auth import Admin, CallerDep, lacking
 from app.api.callbacks import CallbackUrl
@@ -37,7 +37,7 @@ from app.api.uploads import DatasetUpload, WeightsUpload, validate
 from app.db.models import Expert, ZooTask
 from app.services import experts as new_experts
 from app.services import tasks as user_tasks
-from app.services import zoo_admin, zoo_items, zoo_views
+from app.services import thumbnails, zoo_admin, zoo_items, zoo_views
 from app.services.problems import public
 from app.services.serving import ZooState
 
@@ -175,6 +175,28 @@ def zoo_map(
 )
 def zoo_matrix(zoo: ZooDep, _: CallerDep) -> ZooMatrix:
     return ZooMatrix.model_validate(zoo_views.matrix_view(zoo))
+
+
+@router.get(
+    "/zoo/tasks/{name}/thumbnails",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "A PNG strip"}},
+    summary="A strip of a served zoo task's images (PNG)",
+)
+def zoo_task_thumbnails(
+    name: str,
+    settings: SettingsDep,
+    zoo: ZooDep,
+    _: CallerDep,
+    n: Annotated[
+        int, Query(ge=1, le=thumbnails.MAX_IMAGES, description="how many images to show")
+    ] = 6,
+) -> Response:
+    """``n`` of the task's images, one of each class first, each 48 px square, side by side.
+    A private cache may keep it for an hour: it changes only with the zoo version."""
+    png = thumbnails.strip(settings, zoo, name, n)
+    headers = {"Cache-Control": "private, max-age=3600"}
+    return Response(png, media_type="image/png", headers=headers)
 
 
 # --------------------------------------------------------------------------------------------
