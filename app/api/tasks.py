@@ -174,26 +174,7 @@ def list_tasks(
     session: SessionDep, caller: Reader, limit: Limit = 100, offset: Offset = 0
 ) -> TaskPage:
     total, rows = tasks.page(session, tenant=caller.tenant, limit=limit, offset=offset)
-    items = []
-    for task, job in rows:
-        d, links = task.dataset, {"self": f"/v1/tasks/{task.id}"}
-        if job is not None:
-            links["job"] = f"/v1/jobs/{job.id}"
-        links["recommendations"] = f"/v1/tasks/{task.id}/recommendations"
-        # A task whose job rows are gone (or never had one) is embedded when its row says so.
-        status = job.status if job is not None else ("succeeded" if task.embedding else None)
-        items.append(
-            TaskSummary(
-                id=task.id,
-                created_at=task.created_at.isoformat(),
-                filename=d.filename,
-                num_images=d.num_images,
-                num_classes=None if d.classes is None else len(d.classes),
-                status=status,
-                job_id=None if job is None else job.id,
-                links=links,
-            )
-        )
+    items = [TaskSummary.model_validate(tasks.summary(task, job)) for task, job in rows]
     return TaskPage(total=total, items=items)
 
 

@@ -66,6 +66,27 @@ def page(
     return total or 0, [(t, newest.get(t.id)) for t in rows]
 
 
+def summary(task: Task, job: Job | None) -> dict[str, Any]:
+    """A task as ``GET /v1/tasks`` lists it, with its newest embedding job (``page``)."""
+    d = task.dataset
+    links = {"self": f"/v1/tasks/{task.id}"}
+    if job is not None:
+        links["job"] = f"/v1/jobs/{job.id}"
+    links["recommendations"] = f"/v1/tasks/{task.id}/recommendations"
+    # A task without a job row is embedded when its embedding's row says so.
+    status = job.status if job is not None else ("succeeded" if task.embedding else None)
+    return {
+        "id": task.id,
+        "created_at": task.created_at.isoformat(),
+        "filename": d.filename,
+        "num_images": d.num_images,
+        "num_classes": None if d.classes is None else len(d.classes),
+        "status": status,
+        "job_id": None if job is None else job.id,
+        "links": links,
+    }
+
+
 #: Embeddings read in this process, with their task's tenant: neither changes once stored.
 EMBEDDINGS: LRUCache[str, tuple[str, Embedding]] = LRUCache(1024)
 
