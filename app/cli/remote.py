@@ -14,9 +14,19 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from app.cli.common import app, fail
 from app.progress import err
@@ -48,44 +58,183 @@ def _print_json(answer: BaseModel) -> None:
     print(json.dumps(answer.model_dump(mode="json"), indent=1))
 
 
-def _ranking_table(title: str, ranking: list[RankedExpert]) -> Table:
-    """Rank, expert, score, and the expert's predicted error with its interval when given
-    (one column, so that the table fits 80 characters without cutting a name)."""
-    table = Table(title=title)
+#: Shown where the answer leaves a value out (an older service, or a method whose evidence
+#: has no predicted error): a table cell, never a crash.
+MISSING = "–"
+
+
+def _fraction(value: Any) -> float | None:
+    """A number from the evidence, or None when it is absent or not a number."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def accuracy_cell(evidence: dict[str, Any], level: bool = False) -> str:
+    """The predicted accuracy (1 − predicted_error) and, in brackets, its interval: an error
+    interval [low, high] holds the accuracy in [1 − high, 1 − low] (``level``: followed by
+    the interval's level, ``88.0% (80–92 at 80%)``). ``MISSING`` for what the evidence lacks."""
+    error = _fraction(evidence.get("predicted_error"))
+    accuracy = MISSING if error is None else f"{100 * (1 - error):.1f}%"
+    bounds = evidence.get("error_interval")
+    low = high = None
+    if isinstance(bounds, list | tuple) and len(bounds) == 2:
+        low, high = _fraction(bounds[0]), _fraction(bounds[1])
+    if low is None or high is None:
+        return accuracy if error is not None else MISSING
+    interval = f"{100 * (1 - high):.0f}–{100 * (1 - low):.0f}"
+    at = _level(evidence)
+    if level and at is not None:
+        interval += f" at {at:.0%}"
+    return f"{accuracy} ({interval})"
+
+
+def _level(evidence: dict[str, Any]) -> float | None:
+    return _fraction(evidence.get("interval_level"))
+
+
+def ranking_table(title: str, ranking: list[RankedExpert]) -> Table:
+    """Rank, expert, the accuracy to expect from it on the dataset with the interval that
+    holds the true accuracy at the evidence's level (in the header when every row shares it),
+    its architecture, and the method's score (what ordered the rows; its units are the
+    method's own, so it comes last). Accuracy and interval share a column and the table has
+    no inner lines, so that it fits 80 characters without cutting a name."""
+    levels = {_level(item.evidence or {}) for item in ranking} - {None}
+    shared = levels.pop() if len(levels) == 1 else None
+    table = Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )
     table.add_column("rank", justify="right")
     table.add_column("expert", no_wrap=True)
+    interval = "interval" if shared is None else f"{shared:.0%} interval"
+    table.add_column(f"predicted accuracy ({interval})", justify="right")
+    table.add_column("architecture", no_wrap=True)
     table.add_column("score", justify="right")
-    table.add_column("predicted error (80%)", justify="right")
     for item in ranking:
-        error, interval = item.predicted_error, item.error_interval
-        predicted = "" if error is None else f"{100 * error:.1f}%"
-        if interval is not None:
-            predicted += f" ({100 * interval[0]:.0f}–{100 * interval[1]:.0f})"
-        table.add_row(str(item.rank), item.expert, f"{item.score:.4f}", predicted)
+        evidence = item.evidence or {}
+        accuracy = accuracy_cell(evidence, level=shared is None)
+        architecture = evidence.get("architecture") or MISSING
+        table.add_row(str(item.rank), item.expert, accuracy, str(architecture), f"{item.score:.4f}")
     return table
 
 
-def _novelty_line(novelty: dict[str, Any]) -> str:
-    """One sentence on whether the zoo knows tasks like this one."""
-    distance, threshold = novelty["nearest_distance"], novelty["threshold"]
-    if novelty["out_of_distribution"]:
+def novelty_line(novelty: dict[str, Any]) -> str:
+    """Whether the zoo knows tasks like this one. Out of its distribution, the line is a flag:
+    the neighbours' experts say little, so the predicted accuracies are less sure."""
+    distance = _fraction(novelty.get("nearest_distance"))
+    threshold = _fraction(novelty.get("threshold"))
+    near = MISSING if distance is None else f"{distance:.3f}"
+    limit = MISSING if threshold is None else f"{threshold:.3f}"
+    if novelty.get("out_of_distribution"):
         return (
-            f"[yellow]out of the zoo's distribution[/]: nearest zoo task at {distance:.3f}, "
-            f"beyond {threshold:.3f}; predictions are unsure, try --method logme"
+            f"[bold yellow]⚠ out of distribution:[/] this dataset lies outside what the zoo "
+            f"covers (nearest zoo task at distance {near}, threshold {limit}); the predicted "
+            f"accuracies are less sure: try --method logme, which reads the images"
         )
-    return f"within the zoo's distribution: nearest zoo task at {distance:.3f} (≤ {threshold:.3f})"
+    return f"within the zoo's distribution: nearest zoo task at {near} (threshold {limit})"
+
+
+def _print_ranking(title: str, rows: list[RankedExpert], novelty: dict[str, Any] | None) -> None:
+    """The table, with the novelty line: before it when the dataset is out of the zoo's
+    distribution (a flag to read first), after it otherwise."""
+    flagged = bool(novelty and novelty.get("out_of_distribution"))
+    if novelty and flagged:
+        out.print(novelty_line(novelty))
+    out.print(ranking_table(title, rows))
+    if novelty and not flagged:
+        out.print(novelty_line(novelty))
+
+
+#: The stages of an embedding job, in the order its worker runs them (``workers/tasks.py``
+#: ``run_embed``, with the embedding's own "features", "head" and "fisher" from
+#: ``app/task2vec``); then one "ranking (method)" per method its upload asked it to rank.
+EMBED_STAGES = ("loading dataset", "features", "head", "fisher", "saving")
+
+
+def job_stages(kind: str, params: dict[str, Any]) -> list[str]:
+    """The stages a job of ``kind`` with ``params`` goes through; empty for a kind whose
+    stages are not known here (then they are counted from the job's timings)."""
+    if kind == "embed":
+        return [*EMBED_STAGES, *(f"ranking ({m})" for m in params.get("prerank") or [])]
+    if kind == "rank" and params.get("method"):  # workers/tasks.py run_rank
+        return ["loading dataset", f"ranking ({params['method']})"]
+    return []
+
+
+def job_position(job: JobOut) -> tuple[int, int | None]:
+    """Which stage the job is in (1 for the first) and of how many (None when not known).
+    A stage the plan lists is numbered by its place there (a retried job may skip the
+    stages an earlier attempt finished); any other is the one after those its timings
+    (seconds per finished stage) count."""
+    planned = job_stages(job.kind, job.params)
+    stage, finished = job.progress.stage, list(job.timings)
+    if stage in planned:
+        number = planned.index(stage) + 1
+    else:
+        number = len(finished) + (0 if stage in finished else 1)
+    return number, (max(len(planned), number) if planned else None)
+
+
+def job_description(job: JobOut) -> str:
+    """A job's bar text: ``embed job: fisher (stage 4 of 5) 42%`` (the percentage is the
+    stage's own), its status while queued, and how many stages it ran once it ended."""
+    name = f"{job.kind} job"
+    if job.finished:
+        return f"{name}: {job.status} ({len(job.timings)} stages)"
+    if job.progress.stage is None:
+        return f"{name}: {job.status}"
+    number, total = job_position(job)
+    of = f"stage {number}" if total is None else f"stage {number} of {total}"
+    return f"{name}: {job.progress.stage} ({of}) {job.progress.fraction:.0%}"
+
+
+def job_bar(job: JobOut) -> tuple[float, float]:
+    """A job's bar as (completed, total), in stages: finished ones and the fraction of the
+    one under way."""
+    if job.finished:
+        return 1.0, 1.0
+    if job.progress.stage is None:
+        return 0.0, 1.0
+    number, total = job_position(job)
+    return number - 1 + job.progress.fraction, float(total or number)
+
+
+class AmountColumn(ProgressColumn):
+    """Bytes sent for a bar that counts bytes (the upload's, added with ``bytes=True``);
+    nothing for a job's, whose description counts its stages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes = DownloadColumn()
+
+    def render(self, task: Task) -> Text:
+        return self._bytes.render(task) if task.fields.get("bytes") else Text("")
+
+
+def progress_bars(console: Console, disable: bool = False) -> Progress:
+    """The bars of ``recommend``: the upload's in bytes, each job's in stages."""
+    return Progress(
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        AmountColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=disable,
+    )
 
 
 def _follow(t2v: Client, job_id: str, progress: Progress) -> JobOut:
-    """Wait for the job with a bar for its stage and fraction."""
-    bar = progress.add_task("queued", total=1.0)
+    """Wait for the job with a bar for its stages: which one it is in, of how many."""
+    bar = progress.add_task("job: queued", total=1.0)
 
     def show(job: JobOut) -> None:
-        stage = job.progress.stage or job.status
-        progress.update(bar, description=stage, completed=job.progress.fraction)
+        completed, total = job_bar(job)
+        progress.update(bar, description=job_description(job), completed=completed, total=total)
 
     job = t2v.wait_for(job_id, on_poll=show)
-    progress.update(bar, description=job.status, completed=1.0)
+    show(job)
     return job
 
 
@@ -113,17 +262,9 @@ def recommend(
     try:
         with (
             _client(server, api_key) as t2v,
-            Progress(
-                TextColumn("{task.description:24}"),
-                BarColumn(),
-                DownloadColumn(),
-                TimeElapsedColumn(),
-                console=err,
-                transient=True,
-                disable=as_json,
-            ) as progress,
+            progress_bars(err, disable=as_json) as progress,
         ):
-            bar = progress.add_task("upload", total=dataset.stat().st_size)
+            bar = progress.add_task("upload", total=dataset.stat().st_size, bytes=True)
             accepted = t2v.upload_task(
                 dataset, progress=lambda sent, _: progress.update(bar, completed=sent)
             )
@@ -134,7 +275,7 @@ def recommend(
                 job = _follow(t2v, ranked.job_id, progress)
                 result = job.result or {}
                 items = result.get("ranking", [])[:k]
-                rows = [RankedExpert.model_validate(item) for item in items]
+                rows = [RankedExpert.model_validate({"evidence": {}, **item}) for item in items]
                 method = result.get("method", method)
                 body = {
                     "task_id": accepted.task_id,
@@ -149,9 +290,7 @@ def recommend(
     if as_json:
         print(json.dumps(body, indent=1))
         return
-    out.print(_ranking_table(f"{dataset.name}: {method}, task {accepted.task_id}", rows))
-    if body.get("novelty"):
-        out.print(_novelty_line(body["novelty"]))
+    _print_ranking(f"{dataset.name}: {method}, task {accepted.task_id}", rows, body.get("novelty"))
 
 
 @remote_app.command("jobs")
@@ -176,7 +315,7 @@ def jobs(
     rows = {
         "kind": job.kind,
         "status": job.status,
-        "stage": f"{job.progress.stage} ({job.progress.fraction:.0%})",
+        "stage": job_description(job),
         "task": job.task_id or "",
         "timings": ", ".join(f"{k} {v:.2f} s" for k, v in job.timings.items()),
         "error": (job.error or {}).get("detail", ""),
@@ -214,9 +353,8 @@ def tasks(
     if isinstance(ranked, JobAccepted):
         out.print(f"{method} is ranked by a worker: task2vec remote jobs {ranked.job_id}")
     else:
-        out.print(_ranking_table(ranked.method, ranked.ranking))
-        if ranked.novelty is not None:
-            out.print(_novelty_line(ranked.novelty.model_dump()))
+        novelty = None if ranked.novelty is None else ranked.novelty.model_dump()
+        _print_ranking(ranked.method, ranked.ranking, novelty)
 
 
 @remote_app.command("experts")

@@ -63,7 +63,16 @@ def test_rank_a_dataset_from_the_command_line(embedded: Settings, tmp_path: Path
             assert "expert" in table.stdout
             assert body["ranking"][0]["expert"] in table.stdout
             assert "predicted" in table.stdout
-            assert "the zoo's distribution" in table.stdout
+            top = body["ranking"][0]["evidence"]
+            low, high = top["error_interval"]
+            accuracy = f"{100 * (1 - top['predicted_error']):.1f}%"
+            assert f"{accuracy} ({100 * (1 - high):.0f}–{100 * (1 - low):.0f})" in table.stdout
+            assert f"({top['interval_level']:.0%}" in table.stdout
+            assert top["architecture"] in table.stdout
+            if body["novelty"]["out_of_distribution"]:
+                assert "outside what the zoo covers" in table.stdout
+            else:
+                assert "within the zoo's distribution" in table.stdout
         shown = _remote(settings, "tasks", body["task_id"], "--server", server, "--json")
         assert json.loads(shown.stdout)["dataset"]["filename"] == "shoes.npz"
         experts = _remote(settings, "experts", "--server", server, "--json")
