@@ -180,8 +180,16 @@ def zoo_matrix(zoo: ZooDep, _: CallerDep) -> ZooMatrix:
 @router.get(
     "/zoo/tasks/{name}/thumbnails",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}, "description": "A PNG strip"}},
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "A PNG strip",
+        }
+    },
     summary="A strip of a served zoo task's images (PNG)",
+    # An image for a page to show, not an answer a generated client types: the schema
+    # describes JSON answers only (tests/test_architecture.py).
+    include_in_schema=False,
 )
 def zoo_task_thumbnails(
     name: str,
