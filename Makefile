@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: system install run test test-fast lint typecheck format bench clean starter-bundle
+.PHONY: system browser install run test test-fast lint typecheck format bench clean starter-bundle
 
 # Debian packages the project needs: Fashion-MNIST (the zoo's clothing images) and Python 3.11.
 system:
@@ -17,6 +17,14 @@ system:
 	fi
 
 install: system $(STAMP)
+
+# Debian's Chromium, which the browser tests drive (tests/browser; Playwright never downloads
+# a browser of its own).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian packages: chromium"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	}
 
 # The service on this machine: SQLite, a SQLite-backed Celery broker, one worker, the API on
 # 127.0.0.1:8000, and the starter zoo, imported from its shipped bundle on first use.
@@ -37,13 +45,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy app workers bench client/task2vec_client
 
-# The whole suite: lint, types, every test (real processes and fault drills included); the
-# slowest tests are listed at the end.
-test: lint typecheck
+# The whole suite: lint, types, every test (real processes, fault drills and the console in a
+# real browser included); the slowest tests are listed at the end.
+test: browser lint typecheck
 	$(BIN)/pytest --durations=10
 
 # Everything but the tests marked slow: the loop to run while changing code.
-test-fast: lint typecheck
+test-fast: browser lint typecheck
 	$(BIN)/pytest -m "not slow" --durations=10
 
 format: install

@@ -147,6 +147,7 @@ function drawRanking(answer) {
       el("span", { class: "tag", text: LETTERS[i] }), " measured")));
   fill($("ranking-rows"), items.map((item, i) => row(item, accuracies[i], floor, near)));
   show($("ranking"));
+  performance.mark("t2v:ranking-shown");
 }
 
 const LETTERS = "ABCDEFGH";

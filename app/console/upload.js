@@ -49,6 +49,7 @@ async function start(file, onDone) {
     $("upload-figure").textContent = `${bytes(file.size)} sent`;
     warn(accepted.warnings || [], accepted.skipped || []);
     const job = await watch(accepted.job_id);
+    performance.mark("t2v:job-seen-ended");
     if (job.status === "failed") {
       const error = job.error || {};
       say($("upload-error"), `The job failed: ${error.title || ""} ${error.detail || ""}`.trim());

@@ -156,6 +156,7 @@ function drawExperts(experts) {
     el("td", { text: e.input_size }),
     el("td", { text: e.mean_error == null ? "–" : percent(e.mean_error) }),
     el("td", { class: "name", text: e.source_task || "–" }),
+    el("td", {}, (e.tags || []).map((tag) => el("span", { class: "chip name", text: tag }))),
     el("td", { text: e.status }))));
 }
 

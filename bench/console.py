@@ -1,0 +1,182 @@
+"""The web console in a real browser: first paint, the ranking after its job, the assets' weight,
+and whether any request leaves the machine.
+
+    python -m bench.console [--json] [--zoo starter] [--images 300] [--loads 5] [--uploads 3]
+                            [--pictures DIR]
+
+Starts the real processes on the embedded default (``bench.processes``: ``task2vec serve`` and
+one ``task2vec worker`` on a fresh data directory, the starter zoo imported from its bundle)
+and drives Debian's Chromium headless through Playwright (``bench.browser``), over loopback:
+
+first paint: ``--loads`` loads of ``/`` in fresh browser contexts (no cache), the browser's
+own first-contentful-paint; and the same for the zoo view until its map is drawn.
+
+ranking after the job: ``--uploads`` Fashion-MNIST uploads (``--images`` images of the test
+set, a different seeded subset each, so none is a zoo task or a repeat) dropped on the page.
+Two figures: from the moment the page saw the job end (its poll) to the ranking drawn, and
+from the job's ``finished_at`` (the worker's clock: the same machine) to the ranking drawn,
+which adds the page's polling delay.
+
+assets: the bytes of ``/`` and every ``/console/`` file the page loaded (uncompressed).
+
+off-host requests: every request to a host other than the service's is refused and counted
+(the target is none). ``--pictures DIR`` saves the ranking and zoo views as PNG files (the
+README's picture is ``console-ranking.png`` made this way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.browser import chromium, first_paint_ms, transferred_bytes, watched_page
+from bench.processes import fashion_upload, running
+
+#: What the issue sets: first paint, ranking after the job, assets, off-host requests.
+TARGETS = {"first_paint_ms": 1000, "ranking_after_job_ms": 500, "assets_bytes": 500_000}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (every figure is named with it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(float(np.median(values)), 1),
+        "max": round(float(np.max(values)), 1),
+        "runs": len(values),
+    }
+
+
+def run(zoo: str, images: int, loads: int, uploads: int, pictures: Path | None) -> dict[str, Any]:
+    paints: list[float] = []
+    maps: list[float] = []
+    seen: list[float] = []
+    after_job: list[float] = []
+    off_host: list[str] = []
+    problems: list[str] = []
+    assets: dict[str, int] = {}
+    with running(zoo) as service, chromium() as browser, tempfile.TemporaryDirectory() as tmp:
+        for _ in range(loads):
+            page, watch = watched_page(browser, service.base)
+            page.goto(service.base + "/")
+            page.wait_for_selector("#zoo-version:has-text('experts')")
+            paint = first_paint_ms(page)
+            if paint is not None:
+                paints.append(paint)
+            assets = assets or transferred_bytes(page)
+            started = time.perf_counter()
+            page.goto(service.base + "/#/zoo")
+            page.wait_for_selector("#map svg circle")
+            maps.append(1000 * (time.perf_counter() - started))
+            off_host += watch.off_host
+            problems += watch.errors + watch.violations + watch.dialogs
+            page.context.close()
+        for i in range(uploads):
+            path = Path(tmp) / f"fashion-{i}.npz"
+            path.write_bytes(fashion_upload(images, seed=100 + i))
+            page, watch = watched_page(browser, service.base)
+            page.goto(service.base + "/")
+            page.wait_for_selector("#zoo-version:has-text('experts')")
+            page.set_input_files("#file-input", str(path))
+            page.wait_for_selector("#ranking-rows tr", timeout=600_000)
+            marks = page.evaluate(
+                "() => ({seen: performance.getEntriesByName('t2v:job-seen-ended')[0].startTime,"
+                " shown: performance.getEntriesByName('t2v:ranking-shown')[0].startTime,"
+                " origin: performance.timeOrigin,"
+                " job: document.getElementById('job-id').textContent})"
+            )
+            seen.append(marks["shown"] - marks["seen"])
+            job = service_job(service.base, marks["job"])
+            finished = datetime.fromisoformat(job["finished_at"]).timestamp() * 1000
+            after_job.append(marks["origin"] + marks["shown"] - finished)
+            if pictures is not None and i == uploads - 1:
+                pictures.mkdir(parents=True, exist_ok=True)
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('#nearest-cards img')]"
+                    ".every(img => img.complete && img.naturalWidth > 0)"
+                )
+                page.screenshot(path=str(pictures / "console-ranking.png"))
+                page.click("#task-on-map")
+                page.wait_for_selector("#map svg path.placed")
+                page.screenshot(path=str(pictures / "console-zoo.png"), full_page=True)
+            off_host += watch.off_host
+            problems += watch.errors + watch.violations + watch.dialogs
+            page.context.close()
+    return {
+        "cpu": cpu_model(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "zoo": zoo,
+        "images": images,
+        "first_paint_ms": _summary(paints),
+        "zoo_map_drawn_ms": _summary(maps),
+        "ranking_after_job_seen_ms": _summary(seen),
+        "ranking_after_job_finished_ms": _summary(after_job),
+        "assets_bytes": sum(assets.values()),
+        "assets": assets,
+        "off_host_requests": len(off_host),
+        "page_problems": problems,
+        "targets": TARGETS,
+    }
+
+
+def service_job(base: str, job_id: str) -> dict[str, Any]:
+    import httpx
+
+    answer = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=60)
+    answer.raise_for_status()
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--zoo", default="starter", help="zoo under ./data/zoos (or the bundle)")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--loads", type=int, default=5)
+    parser.add_argument("--uploads", type=int, default=3)
+    parser.add_argument("--pictures", type=Path, default=None, help="save screenshots here")
+    args = parser.parse_args()
+    result = run(args.zoo, args.images, args.loads, args.uploads, args.pictures)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"console on {result['cpu']} ({result['machine']}), zoo {result['zoo']}, loopback")
+    print(f"  {'measure':34} {'median':>9} {'max':>9} {'runs':>5} {'target':>9}")
+    for key, target in (
+        ("first_paint_ms", TARGETS["first_paint_ms"]),
+        ("zoo_map_drawn_ms", None),
+        ("ranking_after_job_seen_ms", TARGETS["ranking_after_job_ms"]),
+        ("ranking_after_job_finished_ms", TARGETS["ranking_after_job_ms"]),
+    ):
+        row = result[key]
+        shown = f"{target} ms" if target else ""
+        print(f"  {key:34} {row['median']:7.1f}ms {row['max']:7.1f}ms {row['runs']:5} {shown:>9}")
+    print(
+        f"  {'assets_bytes':34} {result['assets_bytes']:>9} {'':9} {'':5} "
+        f"{TARGETS['assets_bytes']:>9}"
+    )
+    print(f"  {'off_host_requests':34} {result['off_host_requests']:>9} {'':9} {'':5} {0:>9}")
+    if result["page_problems"]:
+        print(f"  page problems: {result['page_problems']}")
+
+
+if __name__ == "__main__":
+    main()
