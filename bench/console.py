@@ -32,13 +32,15 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from playwright.sync_api import Browser
 
-from bench.browser import chromium, first_paint_ms, transferred_bytes, watched_page
+from bench.browser import Watch, chromium, first_paint_ms, transferred_bytes, watched_page
 from bench.processes import fashion_upload, running
 
 #: What the issue sets: first paint, ranking after the job, assets, off-host requests.
@@ -64,74 +66,94 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
+@dataclass
+class _Seen:
+    """What the runs measured, and what the pages did that they must not."""
+
+    paints: list[float] = field(default_factory=list)
+    maps: list[float] = field(default_factory=list)
+    seen: list[float] = field(default_factory=list)
+    after_job: list[float] = field(default_factory=list)
+    assets: dict[str, int] = field(default_factory=dict)
+    off_host: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def watched(self, watch: Watch) -> None:
+        self.off_host += watch.off_host
+        self.problems += watch.errors + watch.violations + watch.dialogs
+
+
+def _loads(browser: Browser, base: str, loads: int, out: _Seen) -> None:
+    """Cold loads of ``/`` (first paint) and of the zoo view (until its map is drawn)."""
+    for _ in range(loads):
+        page, watch = watched_page(browser, base)
+        page.goto(base + "/")
+        page.wait_for_selector("#zoo-version:has-text('experts')")
+        paint = first_paint_ms(page)
+        if paint is not None:
+            out.paints.append(paint)
+        out.assets = out.assets or transferred_bytes(page)
+        started = time.perf_counter()
+        page.goto(base + "/#/zoo")
+        page.wait_for_selector("#map svg circle")
+        out.maps.append(1000 * (time.perf_counter() - started))
+        out.watched(watch)
+        page.context.close()
+
+
+def _upload(browser: Browser, base: str, path: Path, out: _Seen, pictures: Path | None) -> None:
+    """One dataset dropped on the page, its ranking drawn; the pictures when asked for."""
+    page, watch = watched_page(browser, base)
+    page.goto(base + "/")
+    page.wait_for_selector("#zoo-version:has-text('experts')")
+    page.set_input_files("#file-input", str(path))
+    page.wait_for_selector("#ranking-rows tr", timeout=600_000)
+    marks = page.evaluate(
+        "() => ({seen: performance.getEntriesByName('t2v:job-seen-ended')[0].startTime,"
+        " shown: performance.getEntriesByName('t2v:ranking-shown')[0].startTime,"
+        " origin: performance.timeOrigin,"
+        " job: document.getElementById('job-id').textContent})"
+    )
+    out.seen.append(marks["shown"] - marks["seen"])
+    job = service_job(base, marks["job"])
+    finished = datetime.fromisoformat(job["finished_at"]).timestamp() * 1000
+    out.after_job.append(marks["origin"] + marks["shown"] - finished)
+    if pictures is not None:
+        pictures.mkdir(parents=True, exist_ok=True)
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#nearest-cards img')]"
+            ".every(img => img.complete && img.naturalWidth > 0)"
+        )
+        page.screenshot(path=str(pictures / "console-ranking.png"))
+        page.click("#task-on-map")
+        page.wait_for_selector("#map svg path.placed")
+        page.screenshot(path=str(pictures / "console-zoo.png"), full_page=True)
+    out.watched(watch)
+    page.context.close()
+
+
 def run(zoo: str, images: int, loads: int, uploads: int, pictures: Path | None) -> dict[str, Any]:
-    paints: list[float] = []
-    maps: list[float] = []
-    seen: list[float] = []
-    after_job: list[float] = []
-    off_host: list[str] = []
-    problems: list[str] = []
-    assets: dict[str, int] = {}
+    out = _Seen()
     with running(zoo) as service, chromium() as browser, tempfile.TemporaryDirectory() as tmp:
-        for _ in range(loads):
-            page, watch = watched_page(browser, service.base)
-            page.goto(service.base + "/")
-            page.wait_for_selector("#zoo-version:has-text('experts')")
-            paint = first_paint_ms(page)
-            if paint is not None:
-                paints.append(paint)
-            assets = assets or transferred_bytes(page)
-            started = time.perf_counter()
-            page.goto(service.base + "/#/zoo")
-            page.wait_for_selector("#map svg circle")
-            maps.append(1000 * (time.perf_counter() - started))
-            off_host += watch.off_host
-            problems += watch.errors + watch.violations + watch.dialogs
-            page.context.close()
+        _loads(browser, service.base, loads, out)
         for i in range(uploads):
             path = Path(tmp) / f"fashion-{i}.npz"
             path.write_bytes(fashion_upload(images, seed=100 + i))
-            page, watch = watched_page(browser, service.base)
-            page.goto(service.base + "/")
-            page.wait_for_selector("#zoo-version:has-text('experts')")
-            page.set_input_files("#file-input", str(path))
-            page.wait_for_selector("#ranking-rows tr", timeout=600_000)
-            marks = page.evaluate(
-                "() => ({seen: performance.getEntriesByName('t2v:job-seen-ended')[0].startTime,"
-                " shown: performance.getEntriesByName('t2v:ranking-shown')[0].startTime,"
-                " origin: performance.timeOrigin,"
-                " job: document.getElementById('job-id').textContent})"
-            )
-            seen.append(marks["shown"] - marks["seen"])
-            job = service_job(service.base, marks["job"])
-            finished = datetime.fromisoformat(job["finished_at"]).timestamp() * 1000
-            after_job.append(marks["origin"] + marks["shown"] - finished)
-            if pictures is not None and i == uploads - 1:
-                pictures.mkdir(parents=True, exist_ok=True)
-                page.wait_for_function(
-                    "() => [...document.querySelectorAll('#nearest-cards img')]"
-                    ".every(img => img.complete && img.naturalWidth > 0)"
-                )
-                page.screenshot(path=str(pictures / "console-ranking.png"))
-                page.click("#task-on-map")
-                page.wait_for_selector("#map svg path.placed")
-                page.screenshot(path=str(pictures / "console-zoo.png"), full_page=True)
-            off_host += watch.off_host
-            problems += watch.errors + watch.violations + watch.dialogs
-            page.context.close()
+            last = i == uploads - 1
+            _upload(browser, service.base, path, out, pictures if last else None)
     return {
         "cpu": cpu_model(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "zoo": zoo,
         "images": images,
-        "first_paint_ms": _summary(paints),
-        "zoo_map_drawn_ms": _summary(maps),
-        "ranking_after_job_seen_ms": _summary(seen),
-        "ranking_after_job_finished_ms": _summary(after_job),
-        "assets_bytes": sum(assets.values()),
-        "assets": assets,
-        "off_host_requests": len(off_host),
-        "page_problems": problems,
+        "first_paint_ms": _summary(out.paints),
+        "zoo_map_drawn_ms": _summary(out.maps),
+        "ranking_after_job_seen_ms": _summary(out.seen),
+        "ranking_after_job_finished_ms": _summary(out.after_job),
+        "assets_bytes": sum(out.assets.values()),
+        "assets": out.assets,
+        "off_host_requests": len(out.off_host),
+        "page_problems": out.problems,
         "targets": TARGETS,
     }
 

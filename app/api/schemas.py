@@ -306,3 +306,14 @@ class ZooMatrix(BaseModel):
     errors: list[list[float | None]] = Field(
         description="a row per task, a column per expert: a fraction of the images, 4 decimals"
     )
+
+
+class ZooDistances(BaseModel):
+    """The symmetric Task2Vec distance between every two zoo tasks, for a heat map."""
+
+    zoo_version: str
+    tasks: list[MatrixTask]
+    distances: list[list[float]] = Field(
+        description="a row and a column per task, in the tasks' order: symmetric, zero on the "
+        "diagonal, 4 decimals"
+    )

@@ -26,6 +26,7 @@ from app.api.schemas import (
     ExpertOut,
     ExpertPage,
     ItemAccepted,
+    ZooDistances,
     ZooMap,
     ZooMatrix,
     ZooOut,
@@ -175,6 +176,16 @@ def zoo_map(
 )
 def zoo_matrix(zoo: ZooDep, _: CallerDep) -> ZooMatrix:
     return ZooMatrix.model_validate(zoo_views.matrix_view(zoo))
+
+
+@router.get(
+    "/zoo/distances",
+    response_model=ZooDistances,
+    summary="The symmetric distance between every two tasks of the served zoo",
+)
+def zoo_distances(zoo: ZooDep, _: CallerDep) -> ZooDistances:
+    """Computed once per zoo version in each API process, with the map."""
+    return ZooDistances.model_validate(zoo_views.distances_view(zoo))
 
 
 @router.get(

@@ -12,8 +12,8 @@ const PAD = 18;
 
 export async function open(taskId) {
   const mapPath = taskId ? `/v1/zoo/map?task=${encodeURIComponent(taskId)}` : "/v1/zoo/map";
-  const [zoo, map, matrix, experts] = await Promise.allSettled([
-    get("/v1/zoo"), get(mapPath), get("/v1/zoo/matrix"), allExperts(),
+  const [zoo, map, matrix, experts, distances] = await Promise.allSettled([
+    get("/v1/zoo"), get(mapPath), get("/v1/zoo/matrix"), allExperts(), get("/v1/zoo/distances"),
   ]);
   if (zoo.status === "fulfilled") {
     const z = zoo.value;
@@ -29,6 +29,8 @@ export async function open(taskId) {
   if (matrix.status === "fulfilled") drawHeat(matrix.value, domains);
   else unavailable($("heat"), matrix.reason);
   if (experts.status === "fulfilled") drawExperts(experts.value);
+  if (distances.status === "fulfilled") drawDistances(distances.value, domains);
+  else unavailable($("dist"), distances.reason);
 }
 
 function unavailable(node, error) {
@@ -137,6 +139,41 @@ function drawHeat(matrix, domainOrder) {
     const expert = experts[Math.floor(x / cw)];
     if (!task || !expert) return;
     hover.textContent = `${task.name} (${task.domain}) × ${expert.name}: accuracy ${percent(1 - matrix.errors[task.i][expert.j])}`;
+  };
+}
+
+/** The distance matrix with rows and columns grouped by domain (a strip of the domain's
+ * colour on the left and on top). */
+function drawDistances(answer, domainOrder) {
+  const canvas = $("dist");
+  available(canvas);
+  const tasks = answer.tasks.map((t, i) => ({ ...t, i }));
+  const domains = domainOrder.length ? domainOrder : [...new Set(tasks.map((t) => t.domain))];
+  tasks.sort((a, b) => domains.indexOf(a.domain) - domains.indexOf(b.domain) || a.i - b.i);
+  const all = answer.distances.flat().filter((d) => d > 0);
+  const [lo, hi] = [Math.min(...all), Math.max(...all)];
+  const strip = 8;
+  const cell = (canvas.width - strip) / tasks.length;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  tasks.forEach((row, r) => {
+    ctx.fillStyle = colour(domains.indexOf(row.domain));
+    ctx.fillRect(0, strip + r * cell, strip - 1, Math.ceil(cell));
+    ctx.fillRect(strip + r * cell, 0, Math.ceil(cell), strip - 1);
+    tasks.forEach((column, c) => {
+      const d = answer.distances[row.i][column.i];
+      ctx.fillStyle = shade(row.i === column.i ? 0 : (d - lo) / (hi - lo || 1));
+      ctx.fillRect(strip + c * cell, strip + r * cell, Math.ceil(cell), Math.ceil(cell));
+    });
+  });
+  const hover = $("dist-hover");
+  canvas.onmousemove = (event) => {
+    const box = canvas.getBoundingClientRect();
+    const x = ((event.clientX - box.left) / box.width) * canvas.width - strip;
+    const y = ((event.clientY - box.top) / box.height) * canvas.height - strip;
+    const [row, column] = [tasks[Math.floor(y / cell)], tasks[Math.floor(x / cell)]];
+    if (!row || !column) return;
+    hover.textContent = `${row.name} ↔ ${column.name}: distance ${answer.distances[row.i][column.i].toFixed(3)}`;
   };
 }
 

@@ -34,6 +34,7 @@ class ZooMap:
     atlas: Atlas
     tasks: list[dict[str, Any]]
     domains: list[str]
+    distances: np.ndarray  # the symmetric distance between every two tasks
 
 
 #: Maps by zoo version content: a process serves one version at a time, and keeps a few
@@ -82,7 +83,8 @@ def zoo_map(state: ZooState) -> ZooMap:
 
 
 def _draw(zoo: Zoo) -> ZooMap:
-    atlas = Atlas.fit(zoo_distances(zoo))
+    distances = zoo_distances(zoo)
+    atlas = Atlas.fit(distances)
     tasks = [
         {
             "name": task.name,
@@ -93,7 +95,7 @@ def _draw(zoo: Zoo) -> ZooMap:
         }
         for i, (task, (x, y)) in enumerate(zip(zoo.tasks, atlas.coordinates, strict=True))
     ]
-    return ZooMap(atlas, tasks, sorted({t.domain for t in zoo.tasks}))
+    return ZooMap(atlas, tasks, sorted({t.domain for t in zoo.tasks}), distances)
 
 
 def map_view(state: ZooState, placed: tuple[str, Embedding] | None = None) -> dict[str, Any]:
@@ -129,4 +131,15 @@ def matrix_view(state: ZooState) -> dict[str, Any]:
             [None if np.isnan(v) else round(float(v), ERROR_DECIMALS) for v in row]
             for row in zoo.errors
         ],
+    }
+
+
+def distances_view(state: ZooState) -> dict[str, Any]:
+    """The answer of ``GET /v1/zoo/distances``: the symmetric distance between every two zoo
+    tasks, the matrix the map is laid out from (the evaluation report's distance figure)."""
+    drawn = zoo_map(state)
+    return {
+        "zoo_version": state.version.content,
+        "tasks": [{"name": t.name, "domain": t.domain} for t in state.zoo.tasks],
+        "distances": np.round(drawn.distances, ERROR_DECIMALS).tolist(),
     }

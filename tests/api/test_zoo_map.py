@@ -124,3 +124,19 @@ def test_the_matrix_is_the_served_zoos_errors(client: TestClient) -> None:
     names = [e["name"] for e in body["experts"]]
     for task, row in zip(body["tasks"], errors, strict=True):
         assert row[names.index(served[task["name"]]["best_expert"])] == row.min()
+
+
+def test_the_distances_are_the_maps_own(client: TestClient) -> None:
+    answer = client.get("/v1/zoo/distances")
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    assert body["zoo_version"] == client.get("/v1/zoo").json()["version"]
+    assert [t["name"] for t in body["tasks"]] == [t.name for t in tiny()]
+    distances = np.array(body["distances"])
+    assert distances.shape == (8, 8)
+    np.testing.assert_array_equal(distances, distances.T)
+    assert (np.diag(distances) == 0).all()
+    assert (distances[~np.eye(8, dtype=bool)] > 0).all()
+    # The map is laid out from these distances: its tasks come in the same order.
+    map_tasks = client.get("/v1/zoo/map").json()["tasks"]
+    assert [t["name"] for t in map_tasks] == [t["name"] for t in body["tasks"]]

@@ -4,6 +4,7 @@ and find the task again under My tasks."""
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +26,22 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _uploaded(tab: Tab, service: Console, dataset: Path) -> str:
-    """Drops ``dataset`` on the console and waits for its ranking; the task's id."""
+def _uploaded(tab: Tab, service: Console, dataset: Path, *, drop: bool = False) -> str:
+    """Chooses ``dataset`` in the page's file picker (or drops it on the drop zone, as a
+    person drags a file from the desktop) and waits for its ranking; the task's id."""
     page = tab.page
     page.goto(service.base + "/")
     page.wait_for_selector("#zoo-version:has-text('8 tasks and 3 experts')")
-    page.set_input_files("#file-input", str(dataset))
+    if drop:
+        transfer = page.evaluate_handle(
+            "([name, b64]) => { const t = new DataTransfer();"
+            " const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));"
+            " t.items.add(new File([bytes], name)); return t; }",
+            [dataset.name, base64.b64encode(dataset.read_bytes()).decode()],
+        )
+        page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    else:
+        page.set_input_files("#file-input", str(dataset))
     page.wait_for_selector("#ranking-rows tr")
     task_id = page.evaluate("() => decodeURIComponent(location.hash.split('/')[2].split('?')[0])")
     assert task_id, page.url
@@ -96,7 +107,7 @@ def test_the_zoo_map_places_the_task_among_the_zoo(
 ) -> None:
     tab = open_tab(service.base)
     page = tab.page
-    task_id = _uploaded(tab, service, dataset)
+    task_id = _uploaded(tab, service, dataset, drop=True)
     page.click("#task-on-map")
     page.wait_for_selector("#map svg circle")
     assert page.locator("#map svg circle").count() == 8
@@ -107,6 +118,7 @@ def test_the_zoo_map_places_the_task_among_the_zoo(
     page.hover("#map svg circle >> nth=0")
     assert " · " in (page.locator("#map-hover").text_content() or "")
     assert page.locator("#heat").is_visible()
+    assert page.locator("#dist").is_visible()
     tab.shot("console-zoo")
 
     page.goto(f"{service.base}/#/mine")
