@@ -179,6 +179,11 @@ class ExpertOut(BaseModel):
     id: str
     architecture: str
     input_size: int
+    parameters: int | None = Field(
+        default=None,
+        description="the parameters of the features it computes (a probe's trunk, a small "
+        "network whole); none for TorchScript, ONNX, torchvision and timm experts",
+    )
     mean: list[float]
     std: list[float]
     source_task: str | None

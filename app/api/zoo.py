@@ -41,6 +41,7 @@ from app.services import tasks as user_tasks
 from app.services import thumbnails, zoo_admin, zoo_items, zoo_views
 from app.services.problems import public
 from app.services.serving import ZooState
+from app.zoo.experts import parameter_count
 
 router = APIRouter(
     prefix="/v1", responses=documented(400, 401, 403, 404, 409, 411, 413, 422, 429, 500, 503)
@@ -84,6 +85,7 @@ def _expert_view(row: Expert, zoo: ZooState) -> ExpertOut:
         id=row.name,
         architecture=row.architecture,
         input_size=row.input_size,
+        parameters=parameter_count(row.architecture, row.input_size),
         mean=row.mean,
         std=row.std,
         source_task=row.source_task,

@@ -185,12 +185,21 @@ function shade(t) {
   return `rgb(${mix.join(",")})`;
 }
 
+/** 23.7k, 11.2M: a size a person compares at a glance. */
+function count(n) {
+  if (typeof n !== "number") return "–";
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)}k`;
+  return String(n);
+}
+
 function drawExperts(experts) {
   const sorted = [...experts].sort((a, b) => (a.mean_error ?? 2) - (b.mean_error ?? 2));
   fill($("expert-rows"), sorted.map((e) => el("tr", {},
     el("td", { class: "name", text: e.id }),
     el("td", { text: e.architecture }),
-    el("td", { text: e.input_size }),
+    el("td", { class: "number", text: count(e.parameters) }),
+    el("td", { text: `${e.input_size} px` }),
     el("td", { text: e.mean_error == null ? "–" : percent(e.mean_error) }),
     el("td", { class: "name", text: e.source_task || "–" }),
     el("td", {}, (e.tags || []).map((tag) => el("span", { class: "chip name", text: tag }))),

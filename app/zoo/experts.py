@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -163,6 +164,26 @@ def load_expert(spec: ExpertSpec) -> nn.Module:
     for parameter in model.parameters():  # (a ScriptModule has no requires_grad_)
         parameter.requires_grad_(False)
     return model
+
+
+@cache
+def parameter_count(architecture: str, input_size: int) -> int | None:
+    """The parameters of the features an expert of this architecture computes (a probe's
+    trunk, a small network whole): its size, for a person comparing experts. Built on the
+    meta device, so it costs no memory and reads no weights. None for the families whose
+    architecture lives in the weights file or a library's builder (TorchScript, ONNX,
+    torchvision, timm)."""
+    with torch.device("meta"):
+        if architecture in PROBES:
+            _, layers, _ = PROBES[architecture].build(input_size)
+            return sum(p.numel() for layer in layers for p in layer.parameters())
+        if architectures.handles(architecture):
+            return None
+        try:
+            network = _scratch_network(architecture, input_size)
+        except ConfigError:
+            return None
+        return sum(p.numel() for p in network.parameters())
 
 
 def normalise(images: torch.Tensor, spec: ExpertSpec) -> torch.Tensor:

@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from app.task2vec.errors import ConfigError, ProbeWeightsError
-from app.zoo.experts import ExpertSpec, SmallMLP, load_expert, train_expert
+from app.zoo.experts import (
+    ExpertSpec,
+    SmallCNN,
+    SmallMLP,
+    _scratch_network,
+    load_expert,
+    parameter_count,
+    train_expert,
+)
 from app.zoo.features import extract_features
 from app.zoo.matrix import EvaluationProtocol, holdout_error
 from app.zoo.tasks import TaskSpec, materialize
@@ -105,3 +113,20 @@ def test_weights_are_checked_before_a_large_architecture_is_built(tmp_path: Path
     assert int(out.stdout) < 100_000  # KiB: far below the 536 MB the weights would take
     assert "do not fit mlp-4096x6" in out.stderr
     assert "body.1.weight: (8, 192)" in out.stderr
+
+
+def test_an_experts_size_is_counted_without_its_weights() -> None:
+    import torchvision
+
+    resnet = torchvision.models.resnet18(weights=None)
+    trunk = sum(p.numel() for p in resnet.parameters()) - sum(
+        p.numel() for p in resnet.fc.parameters()
+    )
+    assert parameter_count("resnet18", 64) == trunk  # the classifier is not a feature
+    cnn = SmallCNN(16, 3)
+    assert parameter_count("cnn-16x3", 28) == sum(p.numel() for p in cnn.parameters())
+    assert parameter_count("mlp-32x1", 16) == sum(
+        p.numel() for p in _scratch_network("mlp-32x1", 16).parameters()
+    )
+    assert parameter_count("torchscript", 28) is None  # its architecture is in its file
+    assert parameter_count("cnn-999x9", 28) is None  # not an architecture that builds
