@@ -28,7 +28,10 @@ function render() {
     link.classList.toggle("here", link.dataset.view === where.view);
   }
   showKeyState();
-  const failed = (error) => { if (error.status !== 401) console.error(error); };
+  say($("page-error"), "");
+  const failed = (error) => {
+    if (error.status !== 401) say($("page-error"), error.message || String(error));
+  };
   if (where.view === "task") ranking.open(where.task, where.method).catch(failed);
   else if (where.view === "zoo") zoo.open(where.task).catch(failed);
   else if (where.view === "mine") mine.open().catch(failed);
