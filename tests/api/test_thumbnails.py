@@ -12,7 +12,6 @@ from PIL import Image
 
 from app.services import thumbnails
 from app.settings import Settings
-from app.task2vec.datasets import LabelledImages
 from app.zoo.presets import tiny
 from app.zoo.zoo import Zoo
 
@@ -68,20 +67,3 @@ def test_an_unknown_task_or_count_is_refused(client: TestClient) -> None:
         refused = client.get(f"/v1/zoo/tasks/{tiny()[0].name}/thumbnails", params={"n": n})
         assert refused.status_code == 422
         assert refused.headers["content-type"] == "application/problem+json"
-
-
-def test_every_class_shows_before_any_shows_twice() -> None:
-    labels = np.array([0, 0, 0, 1, 2, 2, 1])
-    assert thumbnails.chosen(labels, 3) == [0, 3, 4]
-    assert thumbnails.chosen(labels, 5) == [0, 3, 4, 1, 6]
-    assert thumbnails.chosen(labels, 12) == [0, 3, 4, 1, 6, 5, 2]
-
-
-def test_large_colour_images_are_shrunk_to_tiles() -> None:
-    """As an uploaded zoo task's may be: RGB, larger than a tile, fewer than asked for."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(3, 100, 80, 3), dtype=np.uint8)
-    data = LabelledImages(images, np.array([0, 1, 1]), ("a", "b"))
-    image = _decoded(thumbnails.render(data, 6))
-    assert image.size == (48 * 3, 48)
-    assert image.mode == "RGB"

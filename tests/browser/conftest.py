@@ -83,8 +83,11 @@ def keyed_service(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield console
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
+    """For this package's tests only: Playwright's sync API runs an event loop on the main
+    thread while it is open, and later tests that start one of their own (asyncio.run) must
+    not find it running."""
     with chromium() as running:
         yield running
 
