@@ -168,6 +168,7 @@ class ExpertOut(_Model):
     id: str
     architecture: str
     input_size: int
+    parameters: int | None = None  # the features' parameters; none for file-defined families
     mean: list[float]
     std: list[float]
     source_task: str | None
