@@ -199,7 +199,7 @@ function drawExperts(experts) {
     el("td", { class: "name", text: e.id }),
     el("td", { text: e.architecture }),
     el("td", { class: "number", text: count(e.parameters) }),
-    el("td", { text: `${e.input_size} px` }),
+    el("td", { class: "nowrap", text: `${e.input_size} px` }),
     el("td", { text: e.mean_error == null ? "–" : percent(e.mean_error) }),
     el("td", { class: "name", text: e.source_task || "–" }),
     el("td", {}, (e.tags || []).map((tag) => el("span", { class: "chip name", text: tag }))),
