@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -22,6 +23,13 @@ from app.zoo.zoo import Zoo
 from tests.bundles import export_tiny
 from tests.helpers import fresh_database, random_images, service_settings
 from workers import tasks
+
+# anyio imports its file module on first use, which is the first file an API in a test serves
+# (the console, the docs' assets): in a thread, while pytest, which rewrites anyio's modules
+# as a plugin's, may be parsing another module in the main one. Python 3.11's ast.parse is
+# not safe to run in two threads at once (cpython gh-106905: "AST constructor recursion depth
+# mismatch"), so the module is imported here, once, before any test runs.
+anyio.open_file  # noqa: B018
 
 
 @pytest.fixture
