@@ -82,7 +82,7 @@ async function watch(jobId) {
   return follow(jobId, (job) => drawStages(job, seen));
 }
 
-export function drawStages(job, seen) {
+function drawStages(job, seen) {
   const done = Object.entries(job.timings || {});
   const stage = job.progress && job.progress.stage;
   const fraction = (job.progress && job.progress.fraction) || 0;
