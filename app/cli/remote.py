@@ -71,27 +71,19 @@ def _fraction(value: Any) -> float | None:
         return None
 
 
-def accuracy_cell(evidence: dict[str, Any], level: bool = False) -> str:
+def accuracy_cell(item: RankedExpert, level: bool = False) -> str:
     """The predicted accuracy (1 − predicted_error) and, in brackets, its interval: an error
     interval [low, high] holds the accuracy in [1 − high, 1 − low] (``level``: followed by
     the interval's level, ``88.0% (80–92 at 80%)``). ``MISSING`` for what the evidence lacks."""
-    error = _fraction(evidence.get("predicted_error"))
+    error, bounds, at = item.predicted_error, item.error_interval, item.interval_level
     accuracy = MISSING if error is None else f"{100 * (1 - error):.1f}%"
-    bounds = evidence.get("error_interval")
-    low = high = None
-    if isinstance(bounds, list | tuple) and len(bounds) == 2:
-        low, high = _fraction(bounds[0]), _fraction(bounds[1])
-    if low is None or high is None:
-        return accuracy if error is not None else MISSING
+    if bounds is None:
+        return accuracy
+    low, high = bounds
     interval = f"{100 * (1 - high):.0f}–{100 * (1 - low):.0f}"
-    at = _level(evidence)
     if level and at is not None:
         interval += f" at {at:.0%}"
     return f"{accuracy} ({interval})"
-
-
-def _level(evidence: dict[str, Any]) -> float | None:
-    return _fraction(evidence.get("interval_level"))
 
 
 def ranking_table(title: str, ranking: list[RankedExpert]) -> Table:
@@ -100,7 +92,7 @@ def ranking_table(title: str, ranking: list[RankedExpert]) -> Table:
     its architecture, and the method's score (what ordered the rows; its units are the
     method's own, so it comes last). Accuracy and interval share a column and the table has
     no inner lines, so that it fits 80 characters without cutting a name."""
-    levels = {_level(item.evidence or {}) for item in ranking} - {None}
+    levels = {item.interval_level for item in ranking} - {None}
     shared = levels.pop() if len(levels) == 1 else None
     table = Table(
         title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
@@ -112,9 +104,8 @@ def ranking_table(title: str, ranking: list[RankedExpert]) -> Table:
     table.add_column("architecture", no_wrap=True)
     table.add_column("score", justify="right")
     for item in ranking:
-        evidence = item.evidence or {}
-        accuracy = accuracy_cell(evidence, level=shared is None)
-        architecture = evidence.get("architecture") or MISSING
+        accuracy = accuracy_cell(item, level=shared is None)
+        architecture = (item.evidence or {}).get("architecture") or MISSING
         table.add_row(str(item.rank), item.expert, accuracy, str(architecture), f"{item.score:.4f}")
     return table
 

@@ -105,15 +105,32 @@ class RankedExpert(_Model):
 
     @property
     def predicted_error(self) -> float | None:
-        """The expert's expected error on the dataset (a fraction), when the service gave one."""
-        value = self.evidence.get("predicted_error")
-        return None if value is None else float(value)
+        """The expert's expected error on the dataset (a fraction), when the service gave one
+        (None for a value that is absent or not a number: an older service, another method)."""
+        return _number(self.evidence.get("predicted_error"))
 
     @property
     def error_interval(self) -> tuple[float, float] | None:
-        """The interval holding the true error at ``evidence["interval_level"]`` (0.8)."""
+        """The interval holding the true error at ``interval_level``, when the service gave
+        both of its ends as numbers."""
         value = self.evidence.get("error_interval")
-        return None if value is None else (float(value[0]), float(value[1]))
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            return None
+        low, high = _number(value[0]), _number(value[1])
+        return None if low is None or high is None else (low, high)
+
+    @property
+    def interval_level(self) -> float | None:
+        """The share of true errors ``error_interval`` holds (0.8: four in five)."""
+        return _number(self.evidence.get("interval_level"))
+
+
+def _number(value: Any) -> float | None:
+    """A float from an answer's free-form evidence, or None when it is absent or not one."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class Novelty(_Model):

@@ -86,12 +86,15 @@ def _item(rank: int, expert: str, evidence: dict[str, Any], score: float = 0.5) 
 
 
 def test_accuracy_is_one_minus_the_predicted_error_and_the_interval_flips() -> None:
-    assert accuracy_cell(EVIDENCE) == "88.0% (80–92)"
-    assert accuracy_cell(EVIDENCE, level=True) == "88.0% (80–92 at 80%)"
-    assert accuracy_cell({}) == MISSING
-    assert accuracy_cell({"predicted_error": 0.25}) == "75.0%"
-    assert accuracy_cell({"predicted_error": None, "error_interval": [0.1]}) == MISSING
-    assert accuracy_cell({"predicted_error": "n/a", "error_interval": [0.1, 0.3]}) == "– (70–90)"
+    def cell(evidence: dict[str, Any], level: bool = False) -> str:
+        return accuracy_cell(_item(1, "e", evidence), level=level)
+
+    assert cell(EVIDENCE) == "88.0% (80–92)"
+    assert cell(EVIDENCE, level=True) == "88.0% (80–92 at 80%)"
+    assert cell({}) == MISSING
+    assert cell({"predicted_error": 0.25}) == "75.0%"
+    assert cell({"predicted_error": None, "error_interval": [0.1]}) == MISSING
+    assert cell({"predicted_error": "n/a", "error_interval": [0.1, 0.3]}) == "– (70–90)"
 
 
 def test_the_table_shows_accuracy_interval_architecture_and_score() -> None:

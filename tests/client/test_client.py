@@ -167,3 +167,21 @@ def test_the_client_stands_alone() -> None:
                 imported.add(node.module.split(".")[0])
     third_party = imported - set(sys.stdlib_module_names) - {"__future__", "task2vec_client"}
     assert third_party == {"httpx", "pydantic"}
+
+
+def test_a_ranked_expert_reads_its_evidence_whatever_the_service_left_out() -> None:
+    from task2vec_client.models import RankedExpert
+
+    def item(evidence: dict[str, Any]) -> RankedExpert:
+        return RankedExpert(rank=1, expert="e", score=0.0, evidence=evidence)
+
+    full = item({"predicted_error": 0.12, "error_interval": [0.08, 0.2], "interval_level": 0.8})
+    assert (full.predicted_error, full.error_interval, full.interval_level) == (
+        0.12,
+        (0.08, 0.2),
+        0.8,
+    )
+    for evidence in ({}, {"predicted_error": "n/a", "error_interval": [0.1]}):
+        bare = item(evidence)
+        assert (bare.predicted_error, bare.error_interval, bare.interval_level) == (None,) * 3
+    assert item({"error_interval": [0.1, None]}).error_interval is None
