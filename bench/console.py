@@ -37,6 +37,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from playwright.sync_api import Browser
 
@@ -159,8 +160,7 @@ def run(zoo: str, images: int, loads: int, uploads: int, pictures: Path | None) 
 
 
 def service_job(base: str, job_id: str) -> dict[str, Any]:
-    import httpx
-
+    """The job's view, for its ``finished_at``."""
     answer = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=60)
     answer.raise_for_status()
     body: dict[str, Any] = answer.json()
