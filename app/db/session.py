@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import CursorResult, Engine, Update, create_engine, event
+from sqlalchemy import CursorResult, Engine, Update, create_engine, event, func, select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
+
+from app.db.models import Job, Task
 
 #: Errors that mean the database is down or out of connections, not a bug: the API answers
 #: them 503 with Retry-After, a worker retries its job.
@@ -63,3 +65,22 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+Owned = TypeVar("Owned", Job, Task)
+
+
+def newest_page(
+    session: Session, model: type[Owned], *, tenant: str, limit: int, offset: int
+) -> tuple[int, list[Owned]]:
+    """One page of a tenant's rows, newest first (ties by id, so pages never overlap), and
+    how many the tenant has."""
+    total = session.scalar(select(func.count()).select_from(model).where(model.tenant == tenant))
+    rows = session.scalars(
+        select(model)
+        .where(model.tenant == tenant)
+        .order_by(model.created_at.desc(), model.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    return total or 0, list(rows)

@@ -22,12 +22,12 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobStatus, WebhookDelivery, utcnow
-from app.db.session import session_scope, updated
+from app.db.session import newest_page, session_scope, updated
 from app.observability import context
 from app.services.problems import not_found
 from app.task2vec.checkpoints import checking
@@ -198,17 +198,8 @@ def get(session: Session, *, job_id: str, tenant: str) -> Job:
 
 
 def page(session: Session, *, tenant: str, limit: int, offset: int) -> tuple[int, list[Job]]:
-    """One page of the tenant's jobs, newest first (ties by id, so pages never overlap), and
-    how many the tenant has."""
-    total = session.scalar(select(func.count()).select_from(Job).where(Job.tenant == tenant))
-    rows = session.scalars(
-        select(Job)
-        .where(Job.tenant == tenant)
-        .order_by(Job.created_at.desc(), Job.id.desc())
-        .offset(offset)
-        .limit(limit)
-    )
-    return total or 0, list(rows)
+    """One page of the tenant's jobs, newest first, and how many the tenant has."""
+    return newest_page(session, Job, tenant=tenant, limit=limit, offset=offset)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from app.db.models import EmbeddingRow, Job, Recommendation, Task
+from app.db.session import newest_page
 from app.services import jobs, queue
 from app.services.cache import LRUCache
 from app.services.jobs import JobKind
@@ -41,16 +42,7 @@ def page(
     """One page of the tenant's tasks, newest first (ties by id, so pages never overlap),
     each with its newest embedding job (None for a task that has none), and how many the
     tenant has. Two queries whatever the page's size: the tasks, then their jobs."""
-    total = session.scalar(select(func.count()).select_from(Task).where(Task.tenant == tenant))
-    rows = list(
-        session.scalars(
-            select(Task)
-            .where(Task.tenant == tenant)
-            .order_by(Task.created_at.desc(), Task.id.desc())
-            .offset(offset)
-            .limit(limit)
-        )
-    )
+    total, rows = newest_page(session, Task, tenant=tenant, limit=limit, offset=offset)
     newest: dict[str, Job] = {}
     if rows:
         found = session.scalars(
@@ -63,7 +55,7 @@ def page(
             .order_by(Job.created_at, Job.id)
         )
         newest = {job.task_id: job for job in found if job.task_id is not None}
-    return total or 0, [(t, newest.get(t.id)) for t in rows]
+    return total, [(t, newest.get(t.id)) for t in rows]
 
 
 def summary(task: Task, job: Job | None) -> dict[str, Any]:
