@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from sqlalchemy.orm import Session
@@ -18,8 +18,11 @@ from app.cli.processes import log_format, serve_api, worker_observability
 from app.db.session import session_scope
 from app.progress import err
 from app.services import api_keys, deliveries
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from app.task2vec.errors import Task2VecError
+
+if TYPE_CHECKING:
+    from app.services.versions import Version
 
 
 def _session() -> AbstractContextManager[Session]:
@@ -258,20 +261,11 @@ def run_command(
     and the API. Ctrl-C stops both. Logs text for a person at the terminal unless
     T2V_LOG_FORMAT=json."""
     from app.db.migrate import upgrade
-    from app.services.bundles import import_shipped
-    from app.services.layout import DataLayout
-    from app.services.publishing import current_version, ensure_published
 
     settings = get_settings()
     try:
         upgrade(settings.resolved_database_url())
-        version = current_version(settings)
-        if version is None:  # first start: the zoo's shipped bundle, imported in seconds
-            version = import_shipped(settings)
-        if version is None:  # no bundle (or refused): build the configured zoo and publish it
-            load_zoo(settings.zoo, quiet=False)
-            folder = DataLayout.of(settings).zoo(settings.zoo)
-            version = ensure_published(settings, folder)
+        version = first_version(settings)
     except (Task2VecError, ValueError) as exc:
         raise fail(exc) from None
     err.print(
@@ -292,6 +286,39 @@ def run_command(
         serve_api(host, port, default_format="text")
     finally:
         stop_worker(worker)
+
+
+def first_version(settings: Settings) -> Version:
+    """The zoo version to serve; on a first start, the configured zoo published: imported
+    from the bundle it ships as (the starter zoo, in seconds), else built (minutes).
+
+    Several processes may run this at once (replicas starting together): one import wins the
+    zoo's names and the others' are refused; a process that finds the zoo's rows but no
+    version yet (the winner still publishing, or killed before it did) publishes them itself,
+    and identical versions are one row. So every caller gets the same version, and a second
+    run changes nothing."""
+    from app.services.bundles import import_shipped, shipped, staged
+    from app.services.layout import DataLayout
+    from app.services.publishing import current_version, ensure_published, publish
+
+    version = current_version(settings) or import_shipped(settings)
+    bundle = shipped(settings)
+    if version is None and bundle is not None and _holds_zoo_items(settings):
+        with staged(settings, bundle) as verified:  # the version's configuration
+            version = publish(settings, base=(verified.zoo.embed_config, verified.zoo.protocol))
+    if version is None:  # no bundle (or refused): build the configured zoo and publish it
+        load_zoo(settings.zoo, quiet=False)
+        version = ensure_published(settings, DataLayout.of(settings).zoo(settings.zoo))
+    return version
+
+
+def _holds_zoo_items(settings: Settings) -> bool:
+    from sqlalchemy import select
+
+    from app.db.models import ZooTask
+
+    with session_scope(settings.resolved_database_url()) as session:
+        return session.scalar(select(ZooTask.id).limit(1)) is not None
 
 
 #: How `run` stops its worker: SIGTERM (a warm stop: the job under way finishes), then after

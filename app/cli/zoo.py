@@ -1,5 +1,6 @@
 """``task2vec zoo``: build a zoo from its preset, evaluate its recommenders, check them on
-datasets from outside it."""
+datasets from outside it, move zoos as bundles, and publish the first version of a
+deployment's zoo."""
 
 from __future__ import annotations
 
@@ -178,3 +179,19 @@ def zoo_import(
         f"imported in {time.perf_counter() - started:.1f} s: zoo version "
         f"{version.content[:12]}, {version.tasks} tasks, {version.experts} experts"
     )
+
+
+@zoo_app.command("init")
+def zoo_init() -> None:
+    """Publish the configured zoo if nothing is published yet, as `task2vec run` does on its
+    first start: the starter zoo is imported from the bundle it ships as (a zoo that ships
+    none is built). Once a version is published it changes nothing, and replicas may run it
+    at once; run it after `task2vec db upgrade`, before the API and the workers."""
+    from app.cli.service import first_version, require_migrated
+
+    require_migrated()
+    try:
+        version = first_version(get_settings())
+    except (Task2VecError, ValueError) as exc:
+        raise fail(exc) from None
+    print(f"zoo version {version.content[:12]}: {version.tasks} tasks, {version.experts} experts")
