@@ -1,12 +1,21 @@
 """The learned scorer (MODEL2VEC's idea, sized for a zoo of a few hundred tasks), and its
-control with the embeddings dealt out to the wrong tasks."""
+control with the embeddings dealt out to the wrong tasks.
+
+Its fit reads at most ``FIT_TASKS`` zoo tasks: every task of a smaller zoo, a seeded sample
+stratified by domain of a larger one. Only the neighbour searches see the whole zoo, through
+its index; a query reads its neighbours' rows of the matrix, the experts' source tasks and
+nothing else, so neither the fit nor a ranking grows with the zoo beyond the index's search.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from app.task2vec.distances import DEFAULT_ALPHA, complexity, symmetric
 from app.task2vec.embedding import Embedding
+from app.task2vec.errors import ConfigError, Task2VecError
 from app.zoo.index import log_transform
 from app.zoo.recommenders.base import (
     Query,
@@ -18,7 +27,16 @@ from app.zoo.recommenders.base import (
 )
 from app.zoo.recommenders.neighbours import Task2VecKNN
 from app.zoo.recommenders.registry import register
+from app.zoo.tasks import TaskSpec
 from app.zoo.zoo import Zoo
+
+#: The most zoo tasks the scorer is fitted on. 2,000 tasks give each expert's weights
+#: (2 + ``components`` of them) hundreds of rows per domain, while the fit's reads, its
+#: principal axes and its ridge cost the same at 100,000 tasks as at 2,000.
+FIT_TASKS = 2000
+
+#: Embeddings log-transformed at once: bounds the float64 copy the transform makes.
+_CHUNK = 256
 
 
 def task_descriptors(embedding: Embedding) -> np.ndarray:
@@ -26,6 +44,58 @@ def task_descriptors(embedding: Embedding) -> np.ndarray:
     images = float(embedding.meta.get("num_images") or embedding.meta.get("samples") or 1)
     classes = float(embedding.meta.get("num_classes") or 2)
     return np.array([np.log(images), np.log(classes)])
+
+
+def _domain(task: TaskSpec) -> str:
+    """The task's domain; one stratum ("") for tasks whose recipe names none this build knows."""
+    try:
+        return task.domain
+    except (Task2VecError, KeyError):
+        return ""
+
+
+def _quotas(sizes: list[int], places: int) -> list[int]:
+    """``places`` shared in proportion to ``sizes`` (largest remainders, ties to the first),
+    in integers, so that no share exceeds its size when ``places`` <= their sum."""
+    total = sum(sizes)
+    quotas = [size * places // total for size in sizes]
+    remainders = [size * places % total for size in sizes]
+    order = sorted(range(len(sizes)), key=lambda i: (-remainders[i], i))
+    for i in order[: places - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+def fit_sample(zoo: Zoo, limit: int = FIT_TASKS, seed: int = 0) -> list[int]:
+    """The tasks the scorer is fitted on, in zoo order: every task when there are at most
+    ``limit``; otherwise ``limit`` of them drawn with ``seed``, each domain given its share
+    of the zoo (so a small domain is neither lost nor over-weighted)."""
+    if limit < 2:
+        raise ConfigError(f"the learned scorer needs at least 2 tasks to fit on, not {limit}")
+    n = len(zoo.tasks)
+    if n <= limit:
+        return list(range(n))
+    strata: dict[str, list[int]] = {}
+    for i, task in enumerate(zoo.tasks):
+        strata.setdefault(_domain(task), []).append(i)
+    domains = sorted(strata)
+    quotas = _quotas([len(strata[d]) for d in domains], limit)
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.choice(np.array(strata[d]), q, replace=False)
+        for d, q in zip(domains, quotas, strict=True)
+    ]
+    return sorted(int(i) for part in chosen for i in part)
+
+
+def _log_embeddings(embeddings: Sequence[Embedding]) -> np.ndarray:
+    """(tasks, dim) ``log_transform`` of the embeddings, a chunk at a time (row by row the
+    same values as one call)."""
+    out = np.empty((len(embeddings), embeddings[0].dim), dtype=np.float32)
+    for start in range(0, len(embeddings), _CHUNK):
+        part = embeddings[start : start + _CHUNK]
+        out[start : start + len(part)] = log_transform(np.stack([e.hessian for e in part]))
+    return out
 
 
 def _principal_axes(centred: np.ndarray, components: int) -> np.ndarray:
@@ -44,6 +114,17 @@ def _principal_axes(centred: np.ndarray, components: int) -> np.ndarray:
     return axes
 
 
+def _randomized_axes(centred: np.ndarray, components: int, seed: int) -> np.ndarray:
+    """``_principal_axes`` by a seeded randomized SVD: for a sample of thousands of tasks,
+    whose Gram matrix would cost (tasks² × dim), this costs (tasks × dim × ~components)."""
+    from sklearn.utils.extmath import randomized_svd
+
+    _, singular, vt = randomized_svd(centred, components, random_state=seed)
+    safe = np.where(singular > 0, singular, 1.0)
+    axes: np.ndarray = vt.T / safe
+    return axes
+
+
 class LearnedScorer:
     """A learned scorer in the spirit of MODEL2VEC, trained on the zoo without the query.
 
@@ -59,11 +140,20 @@ class LearnedScorer:
       the zoo's log-embeddings. This is MODEL2VEC's learned expert vector acting on the task
       embedding, in a rank-``components`` form that 65 tasks can fit.
 
-    The model is a ridge regression fit on every zoo task, each with itself left out of its
-    own neighbour features.
+    The model is a ridge regression fit on the tasks of ``fit_sample`` (every zoo task up to
+    ``fit_tasks``), each with itself left out of its own neighbour features; the neighbours
+    are searched among all the zoo's tasks.
     """
 
-    def __init__(self, zoo: Zoo, k: int = 5, ridge: float = 1.0, components: int = 4) -> None:
+    def __init__(
+        self,
+        zoo: Zoo,
+        k: int = 5,
+        ridge: float = 1.0,
+        components: int = 4,
+        fit_tasks: int = FIT_TASKS,
+        seed: int = 0,
+    ) -> None:
         from sklearn.linear_model import Ridge
 
         self.zoo = zoo
@@ -72,24 +162,37 @@ class LearnedScorer:
         self.knn = Task2VecKNN(zoo, k, scores=self.target)
         names = {t.name: i for i, t in enumerate(zoo.tasks)}
         self.sources = [names.get(e.source_task or "") for e in zoo.experts]
+        #: The experts' source tasks' embeddings, read once: a query reads no zoo embedding.
+        self._source_embeddings = {s: zoo.embeddings[s] for s in self.sources if s is not None}
         # α·d_sym(source, t0) of each source: the target-independent half of d_asym.
         self._complexity = {
-            s: DEFAULT_ALPHA * complexity(zoo.embeddings[s]) for s in self.sources if s is not None
+            s: DEFAULT_ALPHA * complexity(e) for s, e in self._source_embeddings.items()
         }
-        rows = list(range(len(zoo.tasks)))
+        #: The zoo tasks the model is fitted on (all of them up to ``fit_tasks``).
+        self.sample = fit_sample(zoo, fit_tasks, seed)
+        embeddings = [zoo.embeddings[j] for j in self.sample]
+        self._fit_view(embeddings, components, seed)
 
-        descriptors = np.stack([task_descriptors(zoo.embeddings[j]) for j in rows])
+        x = np.vstack([self.features(e, [j]) for j, e in zip(self.sample, embeddings, strict=True)])
+        y = np.concatenate([self.target[j] for j in self.sample])
+        self.model = Ridge(alpha=ridge).fit(x, y)
+
+    def _fit_view(self, embeddings: list[Embedding], components: int, seed: int) -> None:
+        """The task view's scales and principal axes, from the fitted tasks' embeddings: the
+        exact axes when they are the whole zoo, a randomized SVD's when a sample."""
+        descriptors = np.stack([task_descriptors(e) for e in embeddings])
         self._descriptor_mean = descriptors.mean(axis=0)
         self._descriptor_std = descriptors.std(axis=0) + 1e-9
-        logs = log_transform(np.stack([zoo.embeddings[j].hessian for j in rows]))
+        logs = _log_embeddings(embeddings)
         self._mean = logs.mean(axis=0)
-        components = min(components, len(rows) - 1)
-        # Unit variance per component over the zoo's tasks.
-        self._basis = _principal_axes(logs - self._mean, components) * np.sqrt(len(rows))
-
-        x = np.vstack([self.features(zoo.embeddings[j], [j]) for j in rows])
-        y = np.concatenate([self.target[j] for j in rows])
-        self.model = Ridge(alpha=ridge).fit(x, y)
+        logs -= self._mean
+        components = min(components, len(embeddings) - 1)
+        if len(embeddings) == len(self.zoo.tasks):
+            axes = _principal_axes(logs, components)
+        else:
+            axes = _randomized_axes(logs, components, seed)
+        # Unit variance per component over the fitted tasks.
+        self._basis = axes * np.sqrt(len(embeddings))
 
     def _task_view(self, embedding: Embedding) -> np.ndarray:
         descriptors = (task_descriptors(embedding) - self._descriptor_mean) / self._descriptor_std
@@ -101,10 +204,10 @@ class LearnedScorer:
         knn_error, _ = self.knn.weighted_errors(embedding, hidden)
         n_experts = len(self.zoo.experts)
         asym, has_source = np.zeros(n_experts), np.zeros(n_experts)
+        distances = {s: symmetric(e, embedding) for s, e in self._source_embeddings.items()}
         for e, source in enumerate(self.sources):
             if source is not None:
-                d = symmetric(self.zoo.embeddings[source], embedding)
-                asym[e] = d - self._complexity[source]
+                asym[e] = distances[source] - self._complexity[source]
                 has_source[e] = 1.0
         identity = np.eye(n_experts)
         view = self._task_view(embedding)
