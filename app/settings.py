@@ -2,8 +2,9 @@
 
 The defaults are the embedded single-machine setup: SQLite for state and a SQLite-backed
 Celery broker (kombu's SQLAlchemy transport), both under the data directory. Production points
-``T2V_DATABASE_URL`` at PostgreSQL and ``T2V_BROKER_URL`` at Redis; every worker on every
-machine must see the same data directory (a shared volume).
+``T2V_DATABASE_URL`` at PostgreSQL and ``T2V_BROKER_URL`` at Redis, and either gives every
+process on every machine the same data directory (a shared volume) or sets
+``T2V_STORAGE_URL`` to an object store that they share instead (``app.services.objects``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from app.task2vec.limits import ArchiveLimits
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="T2V_", env_file=".env", extra="ignore")
 
-    #: Built zoos, caches, uploads and embeddings. Every worker must be able to read it.
+    #: Built zoos, caches, uploads and embeddings. Without ``storage_url``, every process
+    #: must see the same one; with it, each process's is only its private cache.
     data_dir: Path = Path("data")
+    #: ``s3://bucket/prefix``: the object store every process shares uploads, embeddings,
+    #: expert weights and published zoo versions through (credentials and region from
+    #: boto3's chain: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+    #: ``AWS_DEFAULT_REGION``). Empty: the data directory itself is shared.
+    storage_url: str = ""
+    #: The S3 endpoint of a store other than AWS (SeaweedFS, MinIO); empty: AWS.
+    s3_endpoint_url: str = ""
     #: ``/readyz`` answers not ready while the data directory's disk has fewer free bytes
     #: than this (0: only a read-only or unreadable disk is not ready).
     min_free_bytes: int = Field(default=1024**3, ge=0)
@@ -163,6 +172,17 @@ class Settings(BaseSettings):
     def bundle_bytes(self) -> int:
         """The most bytes a zoo bundle may expand to (``max_bundle_bytes``)."""
         return self.max_bundle_bytes or 2 * self.max_upload_bytes
+
+    @field_validator("storage_url")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        """Empty, or ``s3://bucket`` with an optional key prefix."""
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value.strip())
+        if value.strip() and (parts.scheme != "s3" or not parts.netloc or parts.query):
+            raise ValueError(f"{value!r} is not of the form s3://bucket/prefix")
+        return value.strip()
 
     @field_validator("trusted_proxies")
     @classmethod

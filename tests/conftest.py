@@ -1,6 +1,6 @@
 """Shared fixtures: small synthetic labelled image tasks, the tiny zoo, a fresh database per
-backend (SQLite and the machine's real PostgreSQL), settings pointing at them, and the API
-(helpers: ``tests.helpers``)."""
+backend (SQLite and the machine's real PostgreSQL), settings pointing at them, the API, and a
+real S3-compatible object store (helpers: ``tests.helpers``, ``tests.seaweedfs``)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from app.zoo.presets import recipe
 from app.zoo.zoo import Zoo
 from tests.bundles import export_tiny
 from tests.helpers import fresh_database, random_images, service_settings
+from tests.seaweedfs import S3, seaweedfs
 from workers import tasks
 
 # anyio imports its file module on first use, which is the first file an API in a test serves
@@ -88,3 +89,11 @@ def client(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Test
 def exported(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Zoo]:
     """The tiny zoo plus an uploaded task, published by a service and exported as a bundle."""
     return export_tiny(tiny_zoo, tmp_path_factory.mktemp("source"))
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
+    """A SeaweedFS server with a bucket, for the session: take a prefix of your own
+    (``S3.url``). Its tests start a process: mark them slow."""
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.services import bundles
-from app.services.layout import DataLayout
+from app.services.layout import DataLayout, content_sha, is_folder
 from app.services.storage import UPLOAD_SUFFIX, WEIGHTS_SUFFIX, content_path
 from app.settings import Settings
 
@@ -72,3 +72,37 @@ def test_a_built_preset_is_where_the_layout_looks_for_it(tiny_zoo: Path) -> None
     data_dir = tiny_zoo.parent.parent
     assert DataLayout(data_dir).zoo("tiny") == tiny_zoo
     assert (DataLayout(data_dir).zoo("tiny") / "zoo.json").is_file()
+
+
+def test_a_recorded_path_has_the_same_key_under_any_data_directory(tmp_path: Path) -> None:
+    """A row records its writer's path; the object store's key (and so every other process's
+    copy) is found from the path's trailing parts, whatever directory it was under."""
+    writer, reader = DataLayout(tmp_path / "writer"), DataLayout(tmp_path / "reader")
+    paths = {
+        content_path(writer.uploads, SHA, UPLOAD_SUFFIX): f"uploads/ab/{SHA}.upload",
+        content_path(writer.weights, SHA, WEIGHTS_SUFFIX): f"experts/ab/{SHA}.pt",
+        writer.task_embedding("f00d"): "embeddings/f00d.npz",
+        writer.zoo_embedding("k3y"): "zoo/embeddings/k3y.npz",
+        writer.versions / ("c0" * 16): f"zoo/versions/{'c0' * 16}",
+    }
+    for path, key in paths.items():
+        assert writer.key(str(path)) == key
+        assert reader.at(key) == reader.root / key
+        assert writer.at(key) == path
+    assert content_sha(f"uploads/ab/{SHA}.upload") == SHA
+    assert content_sha("embeddings/f00d.npz") is None
+    assert is_folder(f"zoo/versions/{'c0' * 16}")
+    assert not is_folder("embeddings/f00d.npz")
+
+
+def test_what_the_layout_does_not_share_has_no_key(tmp_path: Path) -> None:
+    layout = DataLayout(tmp_path)
+    for outside in (
+        "imagenet",
+        "random:3",
+        "https://example.org/w.pt",
+        str(tmp_path / "zoos" / "tiny" / "experts" / "e.pt"),  # inside a zoo folder
+        str(tmp_path / "uploads" / "ab" / "notes.txt"),
+        str(tmp_path / "embeddings" / ".hidden.npz"),
+    ):
+        assert layout.key(outside) is None, outside
