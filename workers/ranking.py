@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.db.session import session_scope
-from app.services import tasks
+from app.services import objects, tasks
 from app.services.jobs import JobRecorder
 from app.services.serving import ZooState, ranking_items
 from app.settings import Settings
@@ -18,7 +18,7 @@ from app.task2vec.embedding import Embedding
 
 def dataset(settings: Settings, state: ZooState, dataset_path: str) -> LabelledImages:
     return load_dataset(
-        dataset_path,
+        objects.local(settings, dataset_path),
         image_size=state.zoo.embed_config.image_size,
         limits=settings.dataset_limits(),
     )

@@ -29,7 +29,7 @@ from app.db.models import Expert, Job, Task, ZooTask
 from app.db.session import UNAVAILABLE, dispose_engines, session_scope
 from app.observability import context, multiprocess
 from app.observability import worker as metrics
-from app.services import bundles, deliveries, environment, leases, tasks, zoo_admin
+from app.services import bundles, deliveries, environment, leases, objects, tasks, zoo_admin
 from app.services.jobs import JobKind, JobRecorder, LeaseLostError
 from app.services.layout import DataLayout
 from app.services.problems import problem, redact
@@ -198,13 +198,14 @@ def run_embed(job_id: str, settings: Settings) -> None:
             state.zoo.check_compatible(embedding)
             recorder.stage("saving")
             embedding.save(path)
+            objects.share(settings, path)  # before the row naming it commits
             with session_scope(url) as session:
                 recorder.hold(session)
                 tasks.save_embedding(
                     session, task_id=task_id, path=path, embedding=embedding, seconds=seconds
                 )
         else:
-            embedding = Embedding.load(path)
+            embedding = Embedding.load(objects.local(settings, done.path))
         # A job queued before jobs named their methods ranks with the default.
         methods = tuple(params.get("prerank", PRERANKED))
         task = (task_id, tenant, dataset_path)
@@ -221,7 +222,9 @@ def run_rank(job_id: str, settings: Settings) -> None:
         state = ZOOS.current(settings)
         recorder.stage("loading dataset")
         data = dataset(settings, state, dataset_path)
-        embedding = Embedding.load(DataLayout.of(settings).task_embedding(task_id))
+        embedding = Embedding.load(
+            objects.local(settings, DataLayout.of(settings).task_embedding(task_id))
+        )
         method = params["method"]
         task = (task_id, tenant)
         items = rank_and_record(recorder, url, state, task, method, embedding, data, job_id)
@@ -290,9 +293,9 @@ def run_zoo_import(job_id: str, settings: Settings) -> None:
             version = bundles.import_bundle(settings, path, recorder.progress)
         except DatasetError as exc:
             if environment.storage_error(exc) is None:  # a full disk keeps it for the retry
-                path.unlink(missing_ok=True)
+                bundles.discard(settings, path)
             raise
-        path.unlink(missing_ok=True)
+        bundles.discard(settings, path)
         recorder.succeed(_version_result(version))
 
     _execute(job_id, settings, "importing the zoo bundle", body, invalid="invalid-bundle")

@@ -27,7 +27,7 @@ from app.api.shares import FairPool
 from app.api.waits import Waits
 from app.db.session import engine_for
 from app.observability.metrics import ApiMetrics, ZooSize
-from app.services import environment, queue
+from app.services import environment, objects, queue
 from app.services import tasks as tasks_service
 from app.services.jobs import JobKind
 from app.services.serving import FAST_METHODS, ZooStates, limit_numeric_threads
@@ -43,6 +43,12 @@ def _check_database(settings: Settings) -> None:
 
 def _check_broker(settings: Settings) -> None:
     queue.check(settings.resolved_broker_url())
+
+
+def _check_objects(settings: Settings) -> None:
+    store = objects.store_of(settings)
+    if store is not None:
+        store.check()
 
 
 @asynccontextmanager
@@ -103,7 +109,7 @@ def metrics(request: Request) -> Response:
     "/readyz",
     response_model=Ready,
     responses=problems.documented(503),
-    summary="Database, broker, zoo index and the data directory's disk are usable",
+    summary="Database, broker, zoo index, object store and the data directory's disk are usable",
 )
 async def readyz(request: Request) -> Any:
     current: Settings = request.app.state.settings
@@ -112,6 +118,7 @@ async def readyz(request: Request) -> Any:
         ("database", lambda: _check_database(current)),
         ("broker", lambda: _check_broker(current)),
         ("index", lambda: request.app.state.zoos.current(current)),
+        ("objects", lambda: _check_objects(current)),
     ):
         try:
             await run_in_threadpool(check)

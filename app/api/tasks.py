@@ -211,9 +211,16 @@ def get_task(task_id: str, session: SessionDep, caller: Reader) -> TaskOut:
     summary="Nearest zoo tasks (symmetric distance)",
 )
 def neighbours(
-    task_id: str, session: SessionDep, zoo: ZooDep, caller: Reader, k: K = 10
+    task_id: str,
+    settings: SettingsDep,
+    session: SessionDep,
+    zoo: ZooDep,
+    caller: Reader,
+    k: K = 10,
 ) -> Neighbours:
-    embedding = tasks.embedding_of(session, task_id=task_id, tenant=caller.tenant)
+    embedding = tasks.embedding_of(
+        session, task_id=task_id, tenant=caller.tenant, settings=settings
+    )
     return Neighbours.model_validate(
         {"task_id": task_id, "neighbors": zoo.neighbours(embedding, k)}
     )
@@ -241,7 +248,13 @@ def recommendations(
     called back at ``callback_url`` if given."""
     if method in WORKER_METHODS:
         stored = tasks.rank_stored(
-            session, zoo=zoo, task_id=task_id, method=method, k=k, tenant=caller.tenant
+            session,
+            zoo=zoo,
+            task_id=task_id,
+            method=method,
+            k=k,
+            tenant=caller.tenant,
+            settings=settings,
         )
         if stored is not None:
             return Ranking.model_validate(stored)
@@ -263,7 +276,13 @@ def recommendations(
         )
         return accepted(job.id, JobAccepted(job_id=job.id, status=job.status))
     ranked = tasks.rank_now(
-        session, zoo=zoo, task_id=task_id, method=method, k=k, tenant=caller.tenant
+        session,
+        zoo=zoo,
+        task_id=task_id,
+        method=method,
+        k=k,
+        tenant=caller.tenant,
+        settings=settings,
     )
     return Ranking.model_validate(ranked)
 
@@ -368,6 +387,7 @@ class _UploadRanking:
             method=method,
             k=k,
             tenant=tenant,
+            settings=self.settings,
         )
         if ranked is not None:
             return ranked

@@ -154,6 +154,7 @@ def zoo_task(name: str, session: SessionDep, zoo: ZooDep, _: CallerDep) -> ZooTa
     summary="The zoo's tasks laid out in two dimensions, and a task of yours placed among them",
 )
 def zoo_map(
+    settings: SettingsDep,
     session: SessionDep,
     zoo: ZooDep,
     caller: CallerDep,
@@ -167,7 +168,10 @@ def zoo_map(
     if task is not None:
         if "tasks:read" not in caller.scopes:
             raise lacking("tasks:read", caller)
-        placed = (task, user_tasks.embedding_of(session, task_id=task, tenant=caller.tenant))
+        embedding = user_tasks.embedding_of(
+            session, task_id=task, tenant=caller.tenant, settings=settings
+        )
+        placed = (task, embedding)
     return ZooMap.model_validate(zoo_views.map_view(zoo, placed))
 
 

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 import app.data
 from app.db.models import Expert, Job, MatrixEntry, ZooItemStatus, ZooTask
 from app.db.session import session_scope
-from app.services import jobs, queue
+from app.services import jobs, objects, queue
 from app.services.jobs import JobKind
 from app.services.layout import DataLayout
 from app.services.problems import ProblemError
@@ -76,7 +76,7 @@ def export(settings: Settings, out: Path, zoo: Zoo | None = None) -> tuple[str, 
         version = current_version(settings)
         if version is None:
             raise BundleError("this service has published no zoo to export", "bundle-no-zoo")
-        zoo = Zoo.load(version.folder)
+        zoo = objects.load_zoo(settings, version)
     return write_bundle(zoo, out), zoo
 
 
@@ -245,9 +245,15 @@ def _store_files(settings: Settings, bundle: Bundle) -> Zoo:
         for t in bundle.zoo.tasks
         if t.dataset is not None
     ]
-    weights = {w: str(store_file(Path(w), layout.weights, WEIGHTS_SUFFIX)) for w in staged_weights}
-    datasets = {d: str(store_file(Path(d), layout.uploads, UPLOAD_SUFFIX)) for d in staged_data}
-    return with_files(bundle, weights, datasets)
+    weights = {w: store_file(Path(w), layout.weights, WEIGHTS_SUFFIX) for w in staged_weights}
+    datasets = {d: store_file(Path(d), layout.uploads, UPLOAD_SUFFIX) for d in staged_data}
+    for stored in [*weights.values(), *datasets.values()]:
+        objects.share(settings, stored)
+    return with_files(
+        bundle,
+        {k: str(v) for k, v in weights.items()},
+        {k: str(v) for k, v in datasets.items()},
+    )
 
 
 def _insert(session: Session, zoo: Zoo, embeddings: list[Path]) -> None:
@@ -296,8 +302,20 @@ def import_bundle(settings: Settings, path: Path, progress: Progress | None = No
 
 
 def stored_bundle(settings: Settings, sha256: str) -> Path:
-    """Where an uploaded bundle waits for its import job (named by content)."""
-    return content_path(DataLayout.of(settings).bundles, sha256, SUFFIX)
+    """Where an uploaded bundle waits for its import job (named by content): in this
+    process's data directory, fetched from the object store when there is one (and not
+    there when the store has none either)."""
+    path = content_path(DataLayout.of(settings).bundles, sha256, SUFFIX)
+    try:
+        return objects.local(settings, path)
+    except objects.ObjectMissingError:
+        return path
+
+
+def discard(settings: Settings, path: Path) -> None:
+    """An uploaded bundle imported or refused: its file goes, and its object."""
+    path.unlink(missing_ok=True)
+    objects.forget(settings, path)
 
 
 def submit(
@@ -310,7 +328,9 @@ def submit(
 ) -> Job:
     """Commit the job that imports the stored bundle ``sha256``, and send it (``callback_url``
     is called when it ends). The job names the bundle by its hash: its parameters are shown to
-    its tenant, paths are not."""
+    its tenant, paths are not. The bundle is put in the object store first (when there is
+    one): the worker may see no other copy."""
+    objects.share(settings, stored_bundle(settings, sha256))
     job = jobs.create(
         session,
         kind=JobKind.zoo_import,

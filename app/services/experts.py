@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from sqlalchemy.orm import Session
 
 from app.db.models import Expert, Job
-from app.services import weights, zoo_admin, zoo_items
+from app.services import objects, weights, zoo_admin, zoo_items
 from app.services.problems import ProblemError
 from app.services.serving import ZooState
 from app.services.storage import StoredFile
@@ -158,7 +158,8 @@ def register(
     if not weights.remote(where):
         _check_loads(spec, upload)
     if upload is not None:
-        upload.keep()  # in place before the row naming it commits
+        # in place (and shared) before the row naming it commits
+        objects.share(settings, upload.keep().path)
     return zoo_admin.register(
         session,
         settings=settings,

@@ -6,7 +6,9 @@ their time.
 A file is stored before its row commits, so a young file without a row may belong to a request
 still under way: only files older than a grace period are removed, far longer than a request
 may take. Every worker prunes now and then (``leases.Sweeper``); the shared data directory
-makes any one of them enough.
+makes any one of them enough. With an object store (``app.services.objects``), each process's
+data directory is its own cache, pruned by its own workers the same way, and the store's
+uploads and weights by the same rule: one no row holds, once older than the grace period.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from sqlalchemy import delete, select
 
 from app.db.models import Dataset, Expert, IdempotencyRecord, ZooTask, utcnow
 from app.db.session import session_scope
-from app.services.layout import DataLayout
+from app.services import objects
+from app.services.layout import DataLayout, content_sha
 from app.services.storage import UPLOAD_SUFFIX, WEIGHTS_SUFFIX
 from app.settings import Settings
 
@@ -52,14 +55,11 @@ def prune(settings: Settings, older_than: float) -> list[Path]:
         for p in _files(root)
         if p.stat().st_mtime < cutoff
     ]
-    if not candidates:
+    shared = _shared_candidates(settings, cutoff)
+    if not candidates and not shared:
         return []
-    # Stored files are named by their content, so a name is the file wherever the data
-    # directory is mounted.
-    with session_scope(settings.resolved_database_url()) as session:
-        held = {Path(p).name for p in session.scalars(select(Dataset.path))}
-        held |= {Path(w).name for w in session.scalars(select(Expert.weights))}
-        held |= {Path(str(s.get("dataset"))).name for s in session.scalars(select(ZooTask.spec))}
+    held = _held(settings)
+    _prune_shared(settings, shared, held)
     removed = []
     for path in candidates:
         stored = path.suffix in (UPLOAD_SUFFIX, WEIGHTS_SUFFIX) and not _temporary(path)
@@ -72,6 +72,39 @@ def prune(settings: Settings, older_than: float) -> list[Path]:
     if removed:
         log.info("removed %d stored files that no row holds", len(removed))
     return removed
+
+
+def _held(settings: Settings) -> set[str]:
+    """The names of the stored files rows hold. Stored files are named by their content, so
+    a name is the file wherever the data directory is mounted (and its object's key)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        held = {Path(p).name for p in session.scalars(select(Dataset.path))}
+        held |= {Path(w).name for w in session.scalars(select(Expert.weights))}
+        held |= {Path(str(s.get("dataset"))).name for s in session.scalars(select(ZooTask.spec))}
+    return held
+
+
+def _shared_candidates(settings: Settings, cutoff: float) -> list[str]:
+    """Keys of stored uploads and weights in the object store written before ``cutoff``."""
+    store = objects.store_of(settings)
+    if store is None:
+        return []
+    return [
+        key
+        for prefix in ("uploads/", "experts/")
+        for key, modified in store.keys(prefix)
+        if modified.timestamp() < cutoff and content_sha(key) is not None
+    ]
+
+
+def _prune_shared(settings: Settings, keys: list[str], held: set[str]) -> None:
+    store = objects.store_of(settings)
+    gone = [key for key in keys if key.rsplit("/", 1)[-1] not in held]
+    for key in gone:
+        assert store is not None
+        store.delete(key)
+    if gone:
+        log.info("removed %d stored objects that no row holds", len(gone))
 
 
 def prune_idempotency_records(settings: Settings) -> int:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Expert, IndexVersionRow, MatrixEntry, ZooItemStatus, ZooTask
 from app.db.session import session_scope
-from app.services import versions, weights
+from app.services import objects, versions, weights
 from app.services.layout import DataLayout
 from app.services.versions import Version
 from app.services.zoo_items import expert_row, expert_spec, task_spec, zoo_task_row
@@ -58,6 +58,7 @@ def current_version(settings: Settings) -> Version | None:
 def save_zoo_embedding(settings: Settings, spec: TaskSpec, embedding: Embedding) -> Path:
     path = DataLayout.of(settings).zoo_embedding(spec.key())
     embedding.save(path)
+    objects.share(settings, path)
     return path
 
 
@@ -134,6 +135,8 @@ def add_entries(
             raise ConfigError("the zoo has no published version to add to")
         tasks = {t: task_spec(_row(session.get(ZooTask, t), t)) for t, _ in pairs}
         experts = {e: expert_spec(_row(session.get(Expert, e), e)) for _, e in pairs}
+    tasks = {t: objects.local_task(settings, spec) for t, spec in tasks.items()}
+    experts = {e: objects.local_expert(settings, spec) for e, spec in experts.items()}
     models = {e: load_expert(spec) for e, spec in experts.items()}
     by_task: dict[int, list[int]] = {}
     for task_id, expert_id in sorted(pairs):
@@ -195,7 +198,7 @@ def _snapshot(
     for spec, path in zip(task_specs, paths, strict=True):
         if path is None:
             raise EmbeddingFileError(f"zoo task {spec.name!r} is ready but has no embedding")
-        embeddings.append(Embedding.load(path))
+        embeddings.append(Embedding.load(objects.local(settings, path)))
     return Zoo(embed_config, task_specs, embeddings, expert_specs, errors, protocol), []
 
 
@@ -231,6 +234,7 @@ def publish(
     LearnedScorer(zoo)  # a version the scorer cannot fit is never published
     index = zoo.index()
     folder = _write_version(settings, zoo, content)
+    objects.share(settings, folder)  # before the row naming it commits
     config = {"embed_config": asdict(base[0]), "protocol": asdict(base[1])}
     try:
         with session_scope(url) as session:
@@ -269,19 +273,21 @@ def prune(settings: Settings) -> list[Path]:
     """Delete the folders of all but the newest ``zoo_versions_kept`` versions (their rows
     stay: recommendations name the version they were ranked with), and orphaned folders. A
     process still loading the version before the current one finds its folder: at least two
-    are kept."""
+    are kept. A folder is known by its name (the version's content hash), whichever data
+    directory its row was written from; the object store's copies go the same way."""
     root = DataLayout.of(settings).versions
     with session_scope(settings.resolved_database_url()) as session:
         rows = session.scalars(versions.largest_first()).all()
-        keep = {Path(r.zoo) for r in rows[: settings.zoo_versions_kept]}
-        named = {Path(r.zoo) for r in rows}
+        keep = {Path(r.zoo).name for r in rows[: settings.zoo_versions_kept]}
+        named = {Path(r.zoo).name for r in rows}
     now = time.time()
     removed = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        orphan = folder not in named and now - folder.stat().st_mtime > ORPHAN_SECONDS
-        if folder.is_dir() and folder not in keep and (folder in named or orphan):
+        orphan = folder.name not in named and now - folder.stat().st_mtime > ORPHAN_SECONDS
+        if folder.is_dir() and folder.name not in keep and (folder.name in named or orphan):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
+    objects.prune_versions(settings, keep, named, ORPHAN_SECONDS)
     return removed
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.observability.outages import Outage
+from app.services import objects
 from app.services.bundles import import_shipped
 from app.services.cache import LRUCache
 from app.services.layout import DataLayout
@@ -68,11 +69,16 @@ class ZooState:
 
     @classmethod
     def load(
-        cls, version: Version, ranking_cache_size: int = 4096, fitted: tuple[str, ...] = METHODS
+        cls,
+        version: Version,
+        ranking_cache_size: int = 4096,
+        fitted: tuple[str, ...] = METHODS,
+        settings: Settings | None = None,
     ) -> ZooState:
         """The version's zoo with its saved index and the ``fitted`` methods fitted on it (the
-        ones this process runs; any other served method is fitted on first use)."""
-        zoo = Zoo.load(version.folder)
+        ones this process runs; any other served method is fitted on first use). With the
+        process's ``settings``, its folder comes from the object store when there is one."""
+        zoo = Zoo.load(version.folder) if settings is None else objects.load_zoo(settings, version)
         zoo.index()
         methods = {name: recommenders.build(name, zoo) for name in fitted}
         shared = overlapping(zoo)
@@ -173,20 +179,22 @@ class ZooStates:
             return state
         with self._lock:
             self._wanted = version
-        size = settings.ranking_cache_size
         if not self.background:
-            return self._install(ZooState.load(version, size, self.fitted))
+            return self._install(self._load(version, settings))
         with self._lock:
             if self._loading != version:
                 self._loading = version
-                threading.Thread(target=self._swap, args=(version, size), daemon=True).start()
+                threading.Thread(target=self._swap, args=(version, settings), daemon=True).start()
         return state
 
     def _load_current(self, settings: Settings) -> ZooState:
         version = current_version(settings) or self._first_version(settings)
         with self._lock:
             self._wanted = version
-        return ZooState.load(version, settings.ranking_cache_size, self.fitted)
+        return self._load(version, settings)
+
+    def _load(self, version: Version, settings: Settings) -> ZooState:
+        return ZooState.load(version, settings.ranking_cache_size, self.fitted, settings)
 
     def _install(self, loaded: ZooState) -> ZooState:
         with self._lock:
@@ -194,9 +202,9 @@ class ZooStates:
                 self._state = loaded
             return self._state
 
-    def _swap(self, version: Version, ranking_cache_size: int) -> None:
+    def _swap(self, version: Version, settings: Settings) -> None:
         try:
-            served = self._install(ZooState.load(version, ranking_cache_size, self.fitted))
+            served = self._install(self._load(version, settings))
         except Exception:
             log.exception("zoo version %s did not load; still serving the previous one", version.id)
             served = None

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import EmbeddingRow, Job, Recommendation, Task
 from app.db.session import newest_page
-from app.services import jobs, queue
+from app.services import jobs, objects, queue
 from app.services.cache import LRUCache
 from app.services.jobs import JobKind
 from app.services.problems import ProblemError, not_found
@@ -83,9 +83,13 @@ def summary(task: Task, job: Job | None) -> dict[str, Any]:
 EMBEDDINGS: LRUCache[str, tuple[str, Embedding]] = LRUCache(1024)
 
 
-def embedding_of(session: Session, *, task_id: str, tenant: str) -> Embedding:
+def embedding_of(
+    session: Session, *, task_id: str, tenant: str, settings: Settings | None = None
+) -> Embedding:
     """The task's embedding; 409 until it exists (naming the job that makes it). One this
-    process read before is answered from memory, without the database."""
+    process read before is answered from memory, without the database. ``settings``: the
+    process's, whose object store the embedding is fetched from (without them, the path its
+    row records is read as it is)."""
     kept = EMBEDDINGS.get(task_id)
     if kept is not None:
         if kept[0] != tenant:
@@ -93,7 +97,8 @@ def embedding_of(session: Session, *, task_id: str, tenant: str) -> Embedding:
         return kept[1]
     task = get(session, task_id=task_id, tenant=tenant)
     if task.embedding is not None:
-        embedding = Embedding.load(task.embedding.path)
+        path = task.embedding.path
+        embedding = Embedding.load(path if settings is None else objects.local(settings, path))
         EMBEDDINGS.put(task_id, (task.tenant, embedding))
         return embedding
     job = session.scalar(select(Job).where(Job.task_id == task_id).order_by(Job.created_at.desc()))
@@ -168,11 +173,18 @@ def record_ranking(
 
 
 def rank_now(
-    session: Session, *, zoo: ZooState, task_id: str, method: str, k: int, tenant: str
+    session: Session,
+    *,
+    zoo: ZooState,
+    task_id: str,
+    method: str,
+    k: int,
+    tenant: str,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Rank with a method the API answers in-process; a ranking computed now is recorded
     (its whole order: ``k`` only cuts the answer; ``record_ranking`` keeps it once)."""
-    embedding = embedding_of(session, task_id=task_id, tenant=tenant)
+    embedding = embedding_of(session, task_id=task_id, tenant=tenant, settings=settings)
     started = time.perf_counter()
     ranked, computed = zoo.ranking(task_id, method, embedding)
     seconds = time.perf_counter() - started
@@ -215,12 +227,19 @@ def stored_ranking(
 
 
 def rank_stored(
-    session: Session, *, zoo: ZooState, task_id: str, method: str, k: int, tenant: str
+    session: Session,
+    *,
+    zoo: ZooState,
+    task_id: str,
+    method: str,
+    k: int,
+    tenant: str,
+    settings: Settings | None = None,
 ) -> dict[str, Any] | None:
     """The answer of a method that needs the images, when a worker has ranked the task with it
     on the served zoo version already (the embedding job ranks with the default method), or
     None: a rank job has to compute it."""
-    embedding = embedding_of(session, task_id=task_id, tenant=tenant)
+    embedding = embedding_of(session, task_id=task_id, tenant=tenant, settings=settings)
     started = time.perf_counter()
     items = stored_ranking(session, task_id=task_id, method=method, version_id=zoo.version.id)
     if items is None:
@@ -250,7 +269,7 @@ def queue_rank(
     exists. The job is committed and sent; ``callback_url`` is called when it ends. While a
     job ranking the task with ``method`` is queued or running, that one is the answer (it
     computes the whole order, whatever ``k``): reads racing the first do not each start one."""
-    embedding_of(session, task_id=task_id, tenant=tenant)
+    embedding_of(session, task_id=task_id, tenant=tenant, settings=settings)
     under_way = session.scalars(
         select(Job)
         .where(Job.task_id == task_id, Job.tenant == tenant, Job.kind == JobKind.rank)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.models import Dataset, Job, JobStatus, Task
-from app.services import jobs, queue
+from app.services import jobs, objects, queue
 from app.services.jobs import JobKind
 from app.services.problems import ProblemError
 from app.services.serving import PRERANKED
@@ -143,7 +143,8 @@ def register(
     Commits: a new job is committed and sent (``queue.send``); otherwise the unit of work
     ends here too, so a caller that then waits on the job holds no connection.
     ``callback_url`` is called when the job ends (an existing job's: ``jobs.follow``)."""
-    stored = stored.keep()  # in place before the row naming it commits
+    stored = stored.keep()  # in place (and shared) before the row naming it commits
+    objects.share(settings, stored.path)
     for attempt in range(2):  # a concurrent identical upload may win the unique constraint
         try:
             dataset = _dataset_row(session, stored, filename, data, tenant)

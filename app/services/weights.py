@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from app.services import outbound
+from app.services import objects, outbound
 from app.services.layout import DataLayout
 from app.services.problems import ProblemError, redact
 from app.services.storage import WEIGHTS_SUFFIX, store_file
@@ -19,8 +19,11 @@ from app.task2vec.probes import PROBES
 
 
 def store(settings: Settings, source: Path) -> Path:
-    """Copy a weight file into the data directory under its content hash (idempotent)."""
-    return store_file(source, DataLayout.of(settings).weights, WEIGHTS_SUFFIX)
+    """Copy a weight file into the data directory under its content hash (idempotent), and
+    into the object store when there is one."""
+    stored = store_file(source, DataLayout.of(settings).weights, WEIGHTS_SUFFIX)
+    objects.share(settings, stored)
+    return stored
 
 
 def remote(weights: str) -> bool:

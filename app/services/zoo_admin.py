@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.db.models import Expert, Job, MatrixEntry, ZooItemStatus, ZooTask
 from app.db.session import session_scope
-from app.services import jobs, queue, weights
+from app.services import jobs, objects, queue, weights
 from app.services.problems import ProblemError
 from app.services.publishing import (
     Progress,
@@ -124,7 +124,8 @@ def register_task(
     """Register an uploaded dataset, checked (``data``), as a zoo task used whole."""
     domain = (task.domain or "").strip()[:64] or None
     spec = uploaded_task(task.name, str(stored.final), data, domain)
-    stored.keep()  # in place before the row naming it commits
+    # in place (and shared) before the row naming it commits
+    objects.share(settings, stored.keep().path)
     return register(
         session,
         settings=settings,
@@ -152,7 +153,7 @@ def evaluate_expert(settings: Settings, name: str, progress: Progress | None = N
         row = by_name(session, Expert, name)
         if not isinstance(row, Expert):
             raise LookupError(f"no expert named {name!r}")
-        spec, expert_id = expert_spec(row), row.id
+        spec, expert_id = objects.local_expert(settings, expert_spec(row)), row.id
         tasks = ready_ids(session, ZooTask)
         have = set(
             session.scalars(
@@ -191,7 +192,7 @@ def add_zoo_task(
         row = by_name(session, ZooTask, name)
         if not isinstance(row, ZooTask):
             raise LookupError(f"no zoo task named {name!r}")
-        spec, task_id = task_spec(row), row.id
+        spec, task_id = objects.local_task(settings, task_spec(row)), row.id
     data = materialize(
         spec, image_size=version.embed_config.image_size, split=version.protocol.split
     )
@@ -217,7 +218,7 @@ def fail_item(settings: Settings, model: ItemModel, name: str, error: dict[str, 
     leave it out and its name can be registered again."""
     version = current_version(settings)
     of = "experts" if model is Expert else "tasks"
-    served = set() if version is None else version.names(of)
+    served = set() if version is None else objects.local_version(settings, version).names(of)
     with session_scope(settings.resolved_database_url()) as session:
         row = by_name(session, model, name)
         if row is not None and not (row.status == ZooItemStatus.ready and name in served):
