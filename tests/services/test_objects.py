@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 
+from app.api.main import create_app
 from app.services import environment, objects
 from app.services.layout import DataLayout
 from app.services.storage import UPLOAD_SUFFIX, content_path
@@ -191,3 +193,22 @@ def test_a_copy_is_fetched_once(s3: S3, tmp_path: Path) -> None:
     assert copy.read_bytes() == data
     objects.forget(writer, written)
     assert objects.local(reader, written).read_bytes() == data  # a hit: the store is not asked
+
+
+def test_the_api_is_not_ready_while_its_store_is_unreachable(s3: S3, tmp_path: Path) -> None:
+    def ready(endpoint: str) -> tuple[int, str]:
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            database_url=f"sqlite:///{tmp_path / 'state.db'}",
+            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+            zoo=str(tmp_path / "no-zoo"),  # not ready for that too: only the store's check counts
+            api_keys="off",
+            storage_url=s3.url(),
+            s3_endpoint_url=endpoint,
+        )
+        with TestClient(create_app(settings)) as client:
+            answer = client.get("/readyz")
+        return answer.status_code, answer.json()["checks"]["objects"]
+
+    assert ready(f"http://127.0.0.1:{free_port()}") == (503, "unavailable")
+    assert ready(s3.endpoint)[1] == "ok"

@@ -9,13 +9,15 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from sqlalchemy import func, select
 
 from app.db.models import Dataset, IdempotencyRecord, utcnow
 from app.db.session import session_scope
-from app.services import orphans
+from app.services import objects, orphans
 from app.services.layout import DataLayout
 from app.settings import Settings
+from tests.seaweedfs import S3
 
 HOUR = 3600.0
 
@@ -77,3 +79,39 @@ def test_the_sweep_deletes_expired_idempotency_records(settings: Settings) -> No
     assert orphans.prune_idempotency_records(settings) == 1
     assert _records(settings) == 2
     assert orphans.prune_idempotency_records(settings) == 0
+
+
+@pytest.mark.slow  # the store is a server process
+def test_objects_no_row_holds_leave_the_store_too(s3: S3, settings: Settings) -> None:
+    """With an object store, the sweep prunes it by the same rule: an old upload or weight
+    file no row holds goes; one a row holds (written from any data directory) and a young one
+    stay."""
+    shared = settings.model_copy(update={"storage_url": s3.url(), "s3_endpoint_url": s3.endpoint})
+    store = objects.store_of(shared)
+    assert store is not None
+    layout = DataLayout.of(shared)
+    names = {
+        "held": f"uploads/aa/{'a' * 64}.upload",
+        "orphan": f"uploads/bb/{'b' * 64}.upload",
+        "weights": f"experts/dd/{'d' * 64}.pt",
+    }
+    source = _file(layout.root / "source", "source.bin")
+    for key in names.values():
+        store.put(key, source)
+    with session_scope(shared.resolved_database_url()) as session:
+        session.add(
+            Dataset(
+                tenant="local",
+                sha256="a" * 64,
+                path=f"/another/data/dir/{names['held']}",  # recorded by another process
+                filename="a.npz",
+                bytes=12,
+                num_images=3,
+                classes=["x"],
+                class_counts=[3],
+            )
+        )
+    orphans.prune(shared, older_than=HOUR)  # all are young
+    assert {key for key, _ in store.keys("")} == set(names.values())
+    orphans.prune(shared, older_than=-HOUR)  # all are old enough
+    assert {key for key, _ in store.keys("")} == {names["held"]}
