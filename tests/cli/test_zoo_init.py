@@ -1,7 +1,8 @@
 """`task2vec zoo init`, the first start of a deployment (the one-shot service of
 docker-compose.yml and the Job of the Kubernetes example): it imports the shipped bundle and
 publishes it once, whoever runs it and however many times; replicas started together get one
-version; it refuses a database never migrated. The shipped bundle is the tiny zoo's here."""
+version; with an object store, a process with a data directory of its own loads what it
+published; it refuses a database never migrated. The shipped bundle is the tiny zoo's here."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from app.cli import app as cli
 from app.cli.service import first_version
 from app.db.models import Expert, IndexVersionRow, MatrixEntry, ZooTask
 from app.db.session import session_scope
-from app.services import bundles, publishing
+from app.services import bundles, objects, publishing
 from app.services.versions import Version
 from app.settings import Settings
 from app.zoo.zoo import Zoo
 from tests.bundles import empty_deployment
 from tests.helpers import fresh_database
+from tests.seaweedfs import CREDENTIALS, S3
 
 
 @pytest.fixture
@@ -108,6 +110,34 @@ def test_replicas_starting_together_get_one_version(tmp_path: Path) -> None:
         assert all(isinstance(v, Version) for v in got), got
         assert len({v.content for v in got if isinstance(v, Version)}) == 1
         assert _rows(settings) == (3, 9, 27, 1)
+
+
+@pytest.mark.slow  # a SeaweedFS server
+@pytest.mark.usefixtures("shipped")
+def test_with_an_object_store_another_data_directory_serves_what_it_published(
+    s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compose and Kubernetes shape: the one-shot step's data directory is thrown away,
+    and every other process starts from an empty one of its own."""
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    store = {"storage_url": s3.url(), "s3_endpoint_url": s3.endpoint}
+    with fresh_database("postgresql", tmp_path) as url:
+        one_shot = empty_deployment(tmp_path / "a", zoo="starter", database_url=url, **store)
+        env = {**_env(one_shot), "T2V_STORAGE_URL": store["storage_url"]}
+        env["T2V_S3_ENDPOINT_URL"] = store["s3_endpoint_url"]
+        result = CliRunner().invoke(cli, ["zoo", "init"], env=env)
+        assert result.exit_code == 0, result.output
+        replica = empty_deployment(tmp_path / "b", zoo="starter", database_url=url, **store)
+        version = publishing.current_version(replica)
+        assert version is not None
+        zoo = objects.load_zoo(replica, version)
+        assert (len(zoo.tasks), len(zoo.experts)) == (9, 3)
+        for expert in zoo.experts:
+            assert expert.weights == "imagenet" or Path(expert.weights).is_file()
+        again = CliRunner().invoke(cli, ["zoo", "init"], env={**env, **_env(replica)})
+        assert again.exit_code == 0, again.output
+        assert _rows(replica) == (3, 9, 27, 1)
 
 
 def test_a_database_never_migrated_is_refused(tmp_path: Path) -> None:
