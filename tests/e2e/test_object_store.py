@@ -5,6 +5,7 @@ evaluated by a worker, whose new zoo version the API and the workers then serve.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -134,7 +135,10 @@ def test_processes_that_share_only_the_store(cluster: Cluster) -> None:
     assert new in _folders(cluster.api)  # fetched: the API published none but the first
 
     # Rankings only workers compute, on the new version: whichever worker takes each job
-    # loads that version from the store.
+    # loads that version from the store, and the dataset and the new expert's weights, which
+    # only the API stored: gone from its folder now, they can come from the store alone.
+    for folder in (DataLayout.of(cluster.api).uploads, DataLayout.of(cluster.api).weights):
+        shutil.rmtree(folder)
     jobs = []
     for method in ("brute-force", "logme"):
         queued = client.get(f"/v1/tasks/{task_id}/recommendations", params={"method": method})
