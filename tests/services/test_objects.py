@@ -13,13 +13,16 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from app.api.main import create_app
+from app.db.models import Dataset
+from app.db.session import session_scope
 from app.services import environment, objects
 from app.services.layout import DataLayout
 from app.services.storage import UPLOAD_SUFFIX, content_path
 from app.settings import Settings
-from tests.helpers import free_port
+from tests.helpers import free_port, npz_upload, service_settings
 from tests.seaweedfs import S3
 
 pytestmark = pytest.mark.slow  # the store is a server process
@@ -212,3 +215,22 @@ def test_the_api_is_not_ready_while_its_store_is_unreachable(s3: S3, tmp_path: P
 
     assert ready(f"http://127.0.0.1:{free_port()}") == (503, "unavailable")
     assert ready(s3.endpoint)[1] == "ok"
+
+
+def test_an_upload_while_the_store_is_unreachable_answers_503_and_records_nothing(
+    s3: S3, tiny_zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upload is stored locally, then put in the store before its row commits: a store
+    gone meanwhile is an outage (503, Retry-After), and no row names a missing object."""
+    settings = service_settings(tiny_zoo, f"sqlite:///{tmp_path / 'state.db'}", tmp_path)
+    settings = settings.model_copy(update={"storage_url": s3.url(), "s3_endpoint_url": s3.endpoint})
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200  # the zoo is published in the store
+        dead = objects.ObjectStore(settings.storage_url, f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setattr(objects, "store_of", lambda _: dead)
+        answer = client.post("/v1/recommendations", files={"file": ("x.npz", npz_upload(1))})
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["type"].endswith("storage-unavailable")
+    assert "Retry-After" in answer.headers
+    with session_scope(settings.resolved_database_url()) as session:
+        assert session.scalar(select(func.count()).select_from(Dataset)) == 0
