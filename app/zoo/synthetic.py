@@ -155,8 +155,11 @@ def write_synthetic(
     dim = full if dim is None else dim
     if not 1 <= dim <= full:
         raise EmbeddingFileError(f"dim must be between 1 and the real dimension {full}")
+    # The kept filters depend on the dimension alone, so that zoos and queries drawn with
+    # other seeds describe the same filters.
+    pick = np.random.default_rng([dim, 0])
+    filters = np.sort(pick.choice(full, size=dim, replace=False)) if dim < full else np.arange(full)
     rng = np.random.default_rng([seed, 0])
-    filters = np.sort(rng.choice(full, size=dim, replace=False)) if dim < full else np.arange(full)
     logs, dead = _real_logs(real, filters)
     plan = _plan(real, n_tasks, rng)
     # Headroom of e^(½ + 4σ) over the largest real value, as the noise and shift allow.

@@ -24,12 +24,13 @@ from app.task2vec.datasets import LabelledImages
 from app.task2vec.embedding import EmbedConfig, Embedding
 from app.task2vec.errors import EmbeddingFileError
 from app.zoo.experts import ExpertSpec, load_expert
-from app.zoo.index import IndexVersion, TaskIndex
+from app.zoo.index import TaskIndex
+from app.zoo.index_zoo import INDEX_FILE as INDEX_FILE
+from app.zoo.index_zoo import zoo_index
 from app.zoo.matrix import EvaluationProtocol
 from app.zoo.tasks import TaskSpec, materialize
 
 FORMAT_VERSION = 1
-INDEX_FILE = "index.npz"
 
 #: Embedding settings that must agree for two embeddings to be comparable.
 COMPARABLE_KEYS = (
@@ -127,19 +128,11 @@ class Zoo:
         """The FAISS index over the zoo's tasks (ids = task positions).
 
         Loaded from the zoo folder when its saved version matches the embeddings; otherwise
-        (missing, stale, damaged) it is rebuilt and saved again, atomically.
+        (missing, stale, damaged) it is rebuilt and saved again, atomically. Flat and exact
+        below ``index_zoo.COMPRESSED_FROM`` tasks, compressed from there on.
         """
         if self._index is None:
-            entries = list(enumerate(self.embeddings))
-            hessians = np.stack([e.hessian for e in self.embeddings])
-            expected = IndexVersion.of(self.probe, np.arange(len(entries)), hessians)
-            path = None if self.folder is None else self.folder / INDEX_FILE
-            index = None if path is None else TaskIndex.load(path, expected, self.embeddings)
-            if index is None:
-                index = TaskIndex.build(self.probe, entries)
-                if path is not None:
-                    index.save(path)
-            self._index = index
+            self._index = zoo_index(self.probe, self.embeddings, self.folder)
         return self._index
 
     def expert_parameters(self, index: int) -> int:
