@@ -18,7 +18,7 @@ from pathlib import Path
 import boto3  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, free_port, stop
 
 BUCKET = "t2v-tests"
 #: The store checks no signature, but boto3 signs every request: any credentials do.
@@ -102,21 +102,9 @@ def seaweedfs(folder: Path) -> Iterator[S3]:
         )
         yield S3(endpoint, BUCKET)
     finally:
-        _stop(process)
+        stop(process, signal.SIGKILL)  # its graceful stop can take minutes; its data goes
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL: the server's graceful stop can take minutes, and its data is
-    thrown away."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)

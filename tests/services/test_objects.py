@@ -198,23 +198,18 @@ def test_a_copy_is_fetched_once(s3: S3, tmp_path: Path) -> None:
     assert objects.local(reader, written).read_bytes() == data  # a hit: the store is not asked
 
 
-def test_the_api_is_not_ready_while_its_store_is_unreachable(s3: S3, tmp_path: Path) -> None:
-    def ready(endpoint: str) -> tuple[int, str]:
-        settings = Settings(
-            data_dir=tmp_path / "data",
-            database_url=f"sqlite:///{tmp_path / 'state.db'}",
-            broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
-            zoo=str(tmp_path / "no-zoo"),  # not ready for that too: only the store's check counts
-            api_keys="off",
-            storage_url=s3.url(),
-            s3_endpoint_url=endpoint,
-        )
-        with TestClient(create_app(settings)) as client:
+def test_the_api_is_not_ready_while_its_store_is_unreachable(
+    s3: S3, tiny_zoo: Path, tmp_path: Path
+) -> None:
+    def ready(endpoint: str, where: Path) -> tuple[int, str]:
+        settings = service_settings(tiny_zoo, f"sqlite:///{where / 'state.db'}", where)
+        shared = settings.model_copy(update={"storage_url": s3.url(), "s3_endpoint_url": endpoint})
+        with TestClient(create_app(shared)) as client:
             answer = client.get("/readyz")
         return answer.status_code, answer.json()["checks"]["objects"]
 
-    assert ready(f"http://127.0.0.1:{free_port()}") == (503, "unavailable")
-    assert ready(s3.endpoint)[1] == "ok"
+    assert ready(f"http://127.0.0.1:{free_port()}", tmp_path / "gone") == (503, "unavailable")
+    assert ready(s3.endpoint, tmp_path / "there") == (200, "ok")
 
 
 def test_an_upload_while_the_store_is_unreachable_answers_503_and_records_nothing(

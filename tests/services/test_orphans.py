@@ -31,6 +31,23 @@ def _file(root: Path, name: str, hours_old: float = 0.0) -> Path:
     return path
 
 
+def _hold(settings: Settings, path: str) -> None:
+    """A dataset row holding the stored upload ``path`` (named by ``'a' * 64``)."""
+    with session_scope(settings.resolved_database_url()) as session:
+        session.add(
+            Dataset(
+                tenant="local",
+                sha256="a" * 64,
+                path=path,
+                filename="a.npz",
+                bytes=12,
+                num_images=3,
+                classes=["x"],
+                class_counts=[3],
+            )
+        )
+
+
 def test_old_files_no_row_holds_go_and_nothing_else(settings: Settings) -> None:
     layout = DataLayout.of(settings)
     held = _file(layout.uploads, f"{'a' * 64}.upload", hours_old=5)
@@ -39,19 +56,7 @@ def test_old_files_no_row_holds_go_and_nothing_else(settings: Settings) -> None:
     weights = _file(layout.weights, f"{'d' * 64}.pt", hours_old=5)
     partial = _file(layout.weights, f"{'e' * 64}.pt.download", hours_old=5)
     foreign = _file(layout.uploads, "notes.txt", hours_old=5)  # not a file the service writes
-    with session_scope(settings.resolved_database_url()) as session:
-        session.add(
-            Dataset(
-                tenant="local",
-                sha256="a" * 64,
-                path=str(held),
-                filename="a.npz",
-                bytes=12,
-                num_images=3,
-                classes=["x"],
-                class_counts=[3],
-            )
-        )
+    _hold(settings, str(held))
     assert set(orphans.prune(settings, older_than=HOUR)) == {orphan, weights, partial}
     assert {p for p in (held, young, foreign) if p.exists()} == {held, young, foreign}
     assert not any(p.exists() for p in (orphan, weights, partial))
@@ -98,19 +103,7 @@ def test_objects_no_row_holds_leave_the_store_too(s3: S3, settings: Settings) ->
     source = _file(layout.root / "source", "source.bin")
     for key in names.values():
         store.put(key, source)
-    with session_scope(shared.resolved_database_url()) as session:
-        session.add(
-            Dataset(
-                tenant="local",
-                sha256="a" * 64,
-                path=f"/another/data/dir/{names['held']}",  # recorded by another process
-                filename="a.npz",
-                bytes=12,
-                num_images=3,
-                classes=["x"],
-                class_counts=[3],
-            )
-        )
+    _hold(shared, f"/another/data/dir/{names['held']}")  # recorded by another process
     orphans.prune(shared, older_than=HOUR)  # all are young
     assert {key for key, _ in store.keys("")} == set(names.values())
     orphans.prune(shared, older_than=-HOUR)  # all are old enough
