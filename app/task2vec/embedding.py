@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from app.task2vec import fisher, variational
+from app.task2vec import fisher, plans, variational
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.errors import ConfigError, EmbeddingFileError
 from app.task2vec.files import save_npz
@@ -174,20 +174,25 @@ def embed(
     *,
     probe: ProbeNetwork | None = None,
     progress: ProgressCallback | None = None,
+    plan: plans.ExecutionPlan | None = None,
 ) -> Embedding:
     """Embed ``data``. A loaded ``probe`` may be passed in (loaded once per process); it is
-    copied, never modified. Same data, config and device → the same embedding.
+    copied, never modified. Same data, config and device → the same embedding. ``plan``: how
+    the passes run on a CPU (``plans.py``; by default the context's, ``plans.current()``).
 
     On CUDA, convolutions run in full float32: cuDNN's default TF32 truncates mantissas to 10
     bits, which moved a GPU embedding 0.0024 (symmetric distance) away from the CPU's, a
     seventh of the seed-to-seed noise, for no reason worth having.
     """
     cudnn = torch.backends.cudnn
-    with cudnn.flags(
-        enabled=True,
-        benchmark=cudnn.benchmark,
-        deterministic=cudnn.deterministic,
-        allow_tf32=False,
+    with (
+        cudnn.flags(
+            enabled=True,
+            benchmark=cudnn.benchmark,
+            deterministic=cudnn.deterministic,
+            allow_tf32=False,
+        ),
+        plans.using(plan or plans.current()),
     ):
         return _embed(data, config, probe, progress)
 
@@ -220,11 +225,10 @@ def _prepared_probe(
     elif probe.name != config.probe:
         raise ConfigError(f"probe {probe.name!r} was passed for a config of {config.probe!r}")
     probe = copy.deepcopy(probe).to(device)
-    if device.type == "cpu":
-        # oneDNN's convolutions run on channels-last tensors without a layout conversion
-        # around each call: ResNet-34's forward at 64 px took 0.32 s for 64 images instead
-        # of 0.47 s, the per-sample Fisher 19% less (2 cores).
-        probe = probe.to(memory_format=torch.channels_last)
+    # On the 2-core AMD EPYC, oneDNN's convolutions ran on channels-last tensors without a
+    # layout conversion around each call: ResNet-34's forward at 64 px took 0.32 s for 64
+    # images instead of 0.47 s, the per-sample Fisher 19% less. The plan says (plans.py).
+    probe = probe.to(memory_format=plans.current().memory_format(device))
     probe.train(config.batchnorm == "train")
     for module in probe.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -352,6 +356,7 @@ def _assembled(
         "layout": [[layer.name, int(layer.hessian.shape[0])] for layer in layers],
         "dim": int(hessian.shape[0]),
         "torch": torch.__version__,
+        "execution": plans.current().name if inputs.device.type == "cpu" else None,
         "wall_time_s": round(time.perf_counter() - started, 3),
     }
     return Embedding(hessian, scale, meta)

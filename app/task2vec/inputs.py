@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from app.task2vec import plans
 from app.task2vec.datasets import LabelledImages, iter_batches, to_probe_input
 from app.task2vec.lanes import cpu_lanes
 from app.task2vec.probes import ProbeNetwork
@@ -49,13 +50,13 @@ class TaskInputs:
         self.features = torch.empty(0)
         self.cached: torch.Tensor | None = None
         self.cache_rows: dict[int, int] = {}
+        #: The plan of the embedding that made these inputs: set once, lanes may read it.
+        self.memory_format = plans.current().memory_format(device)
 
     def images(self, indices: np.ndarray) -> torch.Tensor:
         batch = to_probe_input(self.data.images[indices], self.config.image_size)
         batch = self.probe.normalize(batch.to(self.device, non_blocking=True))
-        if self.device.type == "cpu":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        return batch.contiguous(memory_format=self.memory_format)
 
     def cache(self, keep: np.ndarray, progress: ProgressCallback | None) -> None:
         """One pass: pooled features of every image; layer-``skip`` inputs of ``keep``.
@@ -83,9 +84,10 @@ class TaskInputs:
                     kept_parts.append(kept)
                 pooled.append(features)
                 stage.update(len(idx))
-        self.features = torch.cat(pooled)
+        # float32 whatever the passes ran in (bfloat16 autocast): the head is fit on these.
+        self.features = torch.cat(pooled).float()
         if kept_parts:
-            self.cached = torch.cat(kept_parts)
+            self.cached = torch.cat(kept_parts).float()
 
     def layer_input(self, indices: np.ndarray) -> torch.Tensor:
         """Input of ``layers[skip_layers]`` for these images (cached or recomputed)."""
