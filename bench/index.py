@@ -27,18 +27,22 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from app.task2vec.embedding import Embedding
+from app.zoo import index_zoo
 from app.zoo.bundle import read_bundle
+from app.zoo.evaluate import evaluate, paired_difference
 from app.zoo.index import TaskIndex
 from app.zoo.index_compressed import StageSettings
 from app.zoo.index_reduce import scan_nearest, symmetric_block
-from app.zoo.index_zoo import COMPRESSED_FROM
+from app.zoo.index_zoo import COMPRESSED_FROM, zoo_index
 from app.zoo.synthetic import HESSIANS, MANIFEST, SyntheticZoo, load_synthetic, write_synthetic
+from app.zoo.zoo import Zoo
 from bench.console import cpu_model
 
 STARTER = Path(__file__).parents[1] / "app" / "data" / "bundles" / "starter.t2vzoo"
@@ -170,6 +174,53 @@ def run_size(n: int, args: argparse.Namespace, queries: np.ndarray) -> dict[str,
     }
 
 
+def starter_check(stressed_rerank: int = 12) -> dict[str, Any]:
+    """The compressed kind forced on the real starter zoo, against the flat kind: the
+    leave-one-out 10 nearest tasks of every task (default settings, and with only
+    ``stressed_rerank`` candidates re-ranked, so that the PCA + IVF stage decides), and the
+    paired regret of task2vec-knn and 1-nn under the zoo's evaluation."""
+    staging = Path(tempfile.mkdtemp(prefix="starter-"))
+    try:
+        zoo = read_bundle(STARTER, staging).zoo
+        k = min(10, len(zoo.tasks) - 1)
+        flat = zoo_index(zoo.probe, zoo.embeddings, None)
+        packed = zoo_index(zoo.probe, zoo.embeddings, None, compressed_from=1)
+        stressed = zoo_index(zoo.probe, zoo.embeddings, None, compressed_from=1)
+        assert stressed.stage is not None
+        stressed.stage.settings = replace(stressed.stage.settings, rerank=stressed_rerank)
+        out: dict[str, Any] = {"tasks": len(zoo.tasks), "kinds": [flat.kind, packed.kind]}
+        for name, index in (("default", packed), (f"rerank {stressed_rerank}", stressed)):
+            same, overlap = 0, []
+            for t, e in enumerate(zoo.embeddings):
+                want = [n.id for n in flat.search(e, k, exclude=[t])]
+                got = [n.id for n in index.search(e, k, exclude=[t])]
+                same += want == got
+                overlap.append(len(set(want) & set(got)) / k)
+            out[name] = {"same_order": same, "recall_at_10": _interval(overlap)}
+        out["paired_regret"] = _paired_regret(zoo)
+        return out
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _paired_regret(zoo: Zoo) -> dict[str, Any]:
+    methods = ["task2vec-knn", "1-nn"]
+    flat = evaluate(zoo, methods)["protocols"]
+    saved = index_zoo.COMPRESSED_FROM
+    index_zoo.COMPRESSED_FROM = 1  # every fold's zoo gets the compressed kind
+    try:
+        packed = evaluate(replace(zoo, folder=None), methods)["protocols"]
+    finally:
+        index_zoo.COMPRESSED_FROM = saved
+    return {
+        f"{protocol}/{m}": paired_difference(
+            packed[protocol]["per_task"][m], flat[protocol]["per_task"][m]
+        )
+        for protocol in flat
+        for m in methods
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -184,7 +235,11 @@ def main() -> None:
     parser.add_argument("--rerank", type=int, default=StageSettings.rerank)
     parser.add_argument("--nprobe", type=int, default=StageSettings.nprobe)
     parser.add_argument("--keep", action="store_true", help="keep the generated zoos")
+    parser.add_argument("--starter", action="store_true", help="only the starter-zoo check")
     args = parser.parse_args()
+    if args.starter:
+        print(json.dumps({"cpu": cpu_model(), **starter_check()}, indent=1))
+        return
     args.scratch.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in args.sizes.split(",")]
     held_out, _ = _synthetic(args.scratch, max(args.queries, args.truth), args.dim, 1)
