@@ -153,13 +153,14 @@ def evaluate_expert(settings: Settings, name: str, progress: Progress | None = N
         row = by_name(session, Expert, name)
         if not isinstance(row, Expert):
             raise LookupError(f"no expert named {name!r}")
-        spec, expert_id = objects.local_expert(settings, expert_spec(row)), row.id
+        spec, expert_id = expert_spec(row), row.id
         tasks = ready_ids(session, ZooTask)
         have = set(
             session.scalars(
                 select(MatrixEntry.zoo_task_id).where(MatrixEntry.expert_id == expert_id)
             )
         )
+    spec = objects.local_expert(settings, spec)  # fetched outside the session
     if weights.remote(spec.weights):
         if progress is not None:
             progress("downloading weights", 0, 1)
@@ -192,9 +193,11 @@ def add_zoo_task(
         row = by_name(session, ZooTask, name)
         if not isinstance(row, ZooTask):
             raise LookupError(f"no zoo task named {name!r}")
-        spec, task_id = objects.local_task(settings, task_spec(row)), row.id
+        spec, task_id = task_spec(row), row.id
     data = materialize(
-        spec, image_size=version.embed_config.image_size, split=version.protocol.split
+        objects.local_task(settings, spec),
+        image_size=version.embed_config.image_size,
+        split=version.protocol.split,
     )
     embedding = embed_task(data, version.embed_config)
     embedding.meta["task"] = spec.name
