@@ -42,6 +42,7 @@ from app.task2vec.datasets import LabelledImages, from_arrays
 from app.task2vec.embedding import EmbedConfig, Embedding, embed
 from app.task2vec.errors import DatasetError, Task2VecError
 from app.task2vec.probes import ProbeNetwork
+from workers import execution
 from workers.pool_signals import leave_signals_to_the_main_process
 from workers.ranking import dataset, prerank, rank_and_record
 from workers.tenant_slots import TenantSlots
@@ -193,7 +194,8 @@ def run_embed(job_id: str, settings: Settings) -> None:
             recorder.stage("loading dataset")
             data = dataset(settings, state, dataset_path)
             started = time.perf_counter()
-            embedding = embed(data, config, probe=_probe(config), progress=recorder.progress)
+            probe, plan = _probe(config), execution.plan()
+            embedding = embed(data, config, probe=probe, progress=recorder.progress, plan=plan)
             seconds = time.perf_counter() - started
             state.zoo.check_compatible(embedding)
             recorder.stage("saving")
@@ -271,7 +273,8 @@ def run_zoo_task(job_id: str, settings: Settings) -> None:
 
         def embed_with_probe(data: LabelledImages, config: EmbedConfig) -> Embedding:
             config = replace(config, device=settings.device)
-            return embed(data, config, probe=_probe(config), progress=recorder.progress)
+            probe, plan = _probe(config), execution.plan()
+            return embed(data, config, probe=probe, progress=recorder.progress, plan=plan)
 
         ZOOS.current(settings)
         version = zoo_admin.add_zoo_task(settings, name, embed_with_probe, recorder.progress)
@@ -412,17 +415,20 @@ def _warm_up(settings: Settings) -> None:
         zoo = state.zoo
         config = replace(zoo.embed_config, device=settings.device)
         probe = _probe(config)
+        execution.measure(settings, state, config, probe)
         size = config.image_size
         noise = np.random.default_rng(0).integers(0, 256, (2 * config.batch_size, size, size))
         labels = np.arange(len(noise)) % 2
         small = replace(config, max_samples=len(noise), fisher_samples=len(noise), head_epochs=1)
-        embed(from_arrays(noise.astype(np.uint8), labels), small, probe=probe)
+        noisy = from_arrays(noise.astype(np.uint8), labels)
+        embed(noisy, small, probe=probe, plan=execution.plan())
         log.info(
-            "%s: zoo version %s and probe %s loaded and run in %.1f s",
+            "%s: zoo version %s and probe %s loaded and run in %.1f s (%s)",
             WARMED_UP,
             state.version.content[:12],
             config.probe,
             time.perf_counter() - started,
+            execution.plan().name,
         )
     except Exception:
         log.warning("loading the zoo ahead of the first job failed", exc_info=True)

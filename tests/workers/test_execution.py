@@ -1,0 +1,65 @@
+"""A worker process's execution plan: read from the data directory's cache when this CPU
+model has one, measured otherwise, and the default one when it cannot be measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from app.settings import Settings
+from app.task2vec import EmbedConfig
+from app.task2vec.calibration import Calibration, PlanCache, plan_key
+from app.task2vec.errors import DatasetError
+from app.task2vec.plans import DEFAULT, ExecutionPlan
+from workers import execution
+
+CONFIG = EmbedConfig(probe="resnet18", probe_weights="random:0", image_size=32, device="cpu")
+STATE: Any = SimpleNamespace(
+    zoo=SimpleNamespace(tasks=["first"], protocol=SimpleNamespace(split=None), embeddings=[])
+)
+
+
+@pytest.fixture(autouse=True)
+def default_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(execution, "_PLAN", [DEFAULT])
+
+
+def test_a_cached_plan_is_used_without_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    one_lane = ExecutionPlan(1, False)
+    cache = PlanCache(tmp_path / execution.PLAN_CACHE)
+    cache.put(plan_key(CONFIG.probe, CONFIG.image_size), Calibration(one_lane, {}))
+
+    def measured(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a cached plan is not measured again")
+
+    monkeypatch.setattr(execution, "materialize", measured)
+    monkeypatch.setattr(execution, "measured_plan", measured)
+    assert execution.measure(settings, STATE, CONFIG, probe=None) == one_lane  # type: ignore[arg-type]
+    assert execution.plan() == one_lane
+
+
+def test_a_plan_is_measured_on_the_zoos_first_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+    monkeypatch.setattr(execution, "materialize", lambda task, **kw: seen.append(task) or "data")
+    monkeypatch.setattr(execution, "measured_plan", lambda *a, **kw: ExecutionPlan(1, True))
+    plan = execution.measure(Settings(data_dir=tmp_path), STATE, CONFIG, probe=None)  # type: ignore[arg-type]
+    assert plan == ExecutionPlan(1, True) == execution.plan()
+    assert seen == ["first"]
+
+
+def test_a_plan_that_cannot_be_measured_leaves_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def missing(*args: object, **kwargs: object) -> None:
+        raise DatasetError("the task's images are gone", "bad-layout")
+
+    monkeypatch.setattr(execution, "materialize", missing)
+    assert execution.measure(Settings(data_dir=tmp_path), STATE, CONFIG, probe=None) == DEFAULT  # type: ignore[arg-type]

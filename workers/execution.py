@@ -1,0 +1,47 @@
+"""How this worker process's embeddings run on its CPU: the execution plan
+(``app.task2vec.plans``), measured once per CPU model at warm-up and cached under the data
+directory (``app.task2vec.calibration``); the default plan until then."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from app.services.serving import ZooState
+from app.settings import Settings
+from app.task2vec import plans
+from app.task2vec.calibration import PlanCache, measured_plan, plan_key
+from app.task2vec.embedding import EmbedConfig
+from app.task2vec.errors import Task2VecError
+from app.task2vec.probes import ProbeNetwork
+from app.zoo.tasks import materialize
+
+log = logging.getLogger(__name__)
+
+#: Measured plans, by CPU model, under the data directory.
+PLAN_CACHE = Path("cache") / "execution-plans.json"
+_PLAN: list[plans.ExecutionPlan] = [plans.DEFAULT]
+
+
+def plan() -> plans.ExecutionPlan:
+    """The plan this process's embeddings run with."""
+    return _PLAN[0]
+
+
+def measure(
+    settings: Settings, state: ZooState, config: EmbedConfig, probe: ProbeNetwork
+) -> plans.ExecutionPlan:
+    """The plan for the zoo's configuration on this CPU model, from the cache or timed now on
+    the zoo's first task, and from now on this process's. One that cannot be measured
+    leaves the default plan."""
+    zoo, cache = state.zoo, PlanCache(settings.data_dir / PLAN_CACHE)
+    try:
+        cached = cache.get(plan_key(config.probe, config.image_size))
+        if cached is None:
+            split = zoo.protocol.split
+            data = materialize(zoo.tasks[0], image_size=config.image_size, split=split)
+            cached = measured_plan(cache, data, config, probe, references=zoo.embeddings)
+        _PLAN[0] = cached
+    except (OSError, Task2VecError):
+        log.warning("execution plan not measured; the default one is used", exc_info=True)
+    return _PLAN[0]
