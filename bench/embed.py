@@ -1,7 +1,7 @@
 """Embedding speed, seed-to-seed noise and peak memory.
 
     python -m bench.embed [--json] [--sections speed,memory,paper] [--no-exact] [--device D]
-                          [--reference FOLDER] [--threads 2]
+                          [--reference FOLDER] [--threads 2] [--plan default|measured]
 
 speed: one embedding of a 1,000-image Fashion-MNIST task (10 classes, a seeded stratified
 subset of the training set) at 64 px with ResNet-34, Monte Carlo, 2,048 Fisher samples,
@@ -10,7 +10,10 @@ Noise is the symmetric distance between the embeddings of seeds 0 and 1 of the s
 distance to a different task (1,000 MNIST digits) is printed beside it for scale. When the
 public reference code is on this machine (``bench.reference``) it embeds the same images with
 the same probe weights (eval BatchNorm, the same threads) in the same run, and every row gets
-its ratio: the reference's seconds over the row's. Only those ratios compare the two.
+its ratio: the reference's seconds over the row's. Only those ratios compare the two, and
+only on the CPU named beside them. ``--plan measured`` first times the execution plans
+(``app.task2vec.calibration``) on a short embedding of the task and runs every row with the
+fastest; ``default`` runs the plan tuned on the 2-core AMD EPYC.
 
 memory: peak resident memory of a fresh process that embeds 10,000 Fashion-MNIST images at
 224 px with ``--skip-layers 6`` (ResNet-34, per-sample estimator).
@@ -39,7 +42,8 @@ import numpy as np
 import torch
 
 from app.data.offline import fashion_mnist, mnist_5k
-from app.task2vec import EmbedConfig, embed, from_arrays
+from app.task2vec import EmbedConfig, embed, from_arrays, plans
+from app.task2vec.calibration import calibrate, cpu_model, trial_config
 from app.task2vec.datasets import LabelledImages
 from app.task2vec.distances import symmetric
 from app.task2vec.errors import ProbeWeightsError
@@ -92,7 +96,7 @@ def _weights() -> str:
 
 
 def _machine(device: str) -> str:
-    where = f"{platform.machine()}, {os.cpu_count()} cores"
+    where = f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores"
     if device != "cpu" and torch.cuda.is_available():
         where = f"{torch.cuda.get_device_name()}, {where}"
     return f"{where}, torch {torch.__version__}"
@@ -136,7 +140,21 @@ def _reference_row(
     }
 
 
-def speed(include_exact: bool, device: str, folder: str | None = None) -> dict[str, Any]:
+def _plan(
+    choice: str, task: LabelledImages, config: EmbedConfig, probe: Any
+) -> tuple[plans.ExecutionPlan, dict[str, float] | None]:
+    """The plan the rows run with, and the calibration's seconds per plan when measured."""
+    if choice == "default":
+        return plans.DEFAULT, None
+    small = trial_config(config)
+    found = calibrate(lambda plan: embed(task, small, probe=probe, plan=plan))
+    print(f"  plans: {found.seconds}; chosen {found.plan.name}", file=sys.stderr)
+    return found.plan, found.seconds
+
+
+def speed(
+    include_exact: bool, device: str, folder: str | None = None, plan_choice: str = "default"
+) -> dict[str, Any]:
     x, y, _ = fashion_mnist("train")
     task = _subset(x, y, 1000, seed=123)
     xd, yd, _ = mnist_5k()
@@ -151,16 +169,17 @@ def speed(include_exact: bool, device: str, folder: str | None = None) -> dict[s
         device=device,  # type: ignore[arg-type]
     )
     probe = load_probe("resnet34", weights=base.probe_weights, image_size=64)
+    plan, calibration = _plan(plan_choice, task, base, probe)
     rows = []
     for name, changes in VARIANTS:
         if not include_exact and changes.get("fisher_labels") == "exact":
             continue
         config = replace(base, **changes)
         clock = _StageClock()
-        first = embed(task, config, probe=probe, progress=clock)
+        first = embed(task, config, probe=probe, progress=clock, plan=plan)
         seconds = time.perf_counter() - clock.started
-        second = embed(task, replace(config, seed=1), probe=probe)
-        different = embed(other, config, probe=probe)
+        second = embed(task, replace(config, seed=1), probe=probe, plan=plan)
+        different = embed(other, config, probe=probe, plan=plan)
         rows.append(
             {
                 "variant": name,
@@ -172,13 +191,18 @@ def speed(include_exact: bool, device: str, folder: str | None = None) -> dict[s
         )
         print(f"  {name}: {seconds:.1f} s, noise {rows[-1]['noise']}", file=sys.stderr)
     ref = _reference_row(folder, task, other, base)
+    cpu = cpu_model()
     for row in rows:
+        row["cpu"] = cpu
         row["ratio"] = round(ref["seconds"] / row["seconds"], 2) if ref["available"] else None
         row["noise_ratio"] = round(row["noise"] / ref["noise"], 2) if ref["available"] else None
     return {
         "probe_weights": base.probe_weights,
         "machine": _machine(device),
+        "cpu": cpu,
         "threads": torch.get_num_threads(),
+        "plan": plan.name,
+        "plan_seconds": calibration,
         "rows": rows,
         "reference": ref,
     }
@@ -274,7 +298,7 @@ def _print_speed(console: Console, s: dict[str, Any]) -> None:
 
     table = Table(
         title=f"1,000 Fashion-MNIST images, 64 px, ResNet-34 ({s['probe_weights']}), "
-        f"2,048 Fisher samples, batch 64 — {s['machine']}"
+        f"2,048 Fisher samples, batch 64, plan: {s['plan']} — {s['machine']}"
     )
     columns = (
         "estimator",
@@ -292,7 +316,7 @@ def _print_speed(console: Console, s: dict[str, Any]) -> None:
             row["variant"],
             f"{row['seconds']:.1f}",
             " / ".join(f"{v:.1f}" for v in row["stages"].values()),
-            "" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+            "" if row["ratio"] is None else f"{row['ratio']:.2f}x on {row['cpu']}",
             f"{row['noise']:.4f}",
             "" if row["noise_ratio"] is None else f"{row['noise_ratio']:.2f}",
             f"{row['other_task']:.4f}",
@@ -303,7 +327,7 @@ def _print_speed(console: Console, s: dict[str, Any]) -> None:
             ref["variant"],
             f"{ref['seconds']:.1f}",
             "",
-            "1.00x",
+            f"1.00x on {s['cpu']}",
             f"{ref['noise']:.4f}",
             "1.00",
             f"{ref['other_task']:.4f}",
@@ -322,6 +346,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--reference", help="the reference folder (runner and code)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
+    parser.add_argument(
+        "--plan", default="default", choices=["default", "measured"], help="execution plan"
+    )
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -331,7 +358,7 @@ def main() -> None:
     sections = set(args.sections.split(","))
     results: dict[str, Any] = {}
     if "speed" in sections:
-        results["speed"] = speed(not args.no_exact, args.device, args.reference)
+        results["speed"] = speed(not args.no_exact, args.device, args.reference, args.plan)
     if "memory" in sections:
         results["memory"] = memory(args.device)
     if "paper" in sections:
