@@ -50,7 +50,7 @@ def _domain(task: TaskSpec) -> str:
     """The task's domain; one stratum ("") for tasks whose recipe names none this build knows."""
     try:
         return task.domain
-    except (Task2VecError, KeyError):
+    except Task2VecError:
         return ""
 
 
