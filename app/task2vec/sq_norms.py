@@ -83,10 +83,14 @@ class SquaredNormHooks:
 
 
 def _per_sample_sq_norms(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    if isinstance(module, nn.BatchNorm2d):
-        return _bn_sq_norms(module, x, delta)
-    assert isinstance(module, nn.Conv2d)
-    return _conv_sq_norms(module, x, delta)
+    """In float32 whatever the passes ran in: under a bfloat16 plan (``plans.py``) the
+    layer's input and output gradient may differ in type, and the squares are summed."""
+    with torch.autocast(x.device.type, enabled=False):
+        x, delta = x.float(), delta.float()
+        if isinstance(module, nn.BatchNorm2d):
+            return _bn_sq_norms(module, x, delta)
+        assert isinstance(module, nn.Conv2d)
+        return _conv_sq_norms(module, x, delta)
 
 
 def _bn_sq_norms(bn: nn.BatchNorm2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,8 @@ def test_the_calibration_picks_the_fastest_plan(fastest: ExecutionPlan) -> None:
     found = calibrate(clock.trial, timer=clock, rounds=2)
     assert found.plan == fastest
     assert found.seconds[fastest.name] == 1.0
-    assert sorted(clock.trials, key=CANDIDATES.index) == sorted(CANDIDATES * 2, key=CANDIDATES.index)
+    by_plan = CANDIDATES.index
+    assert sorted(clock.trials, key=by_plan) == sorted(CANDIDATES * 2, key=by_plan)
     assert found.fidelity is None  # no bfloat16 check asked for: never tried
     assert not any(p.bf16 for p in clock.trials)
 
@@ -83,7 +84,8 @@ def test_bfloat16_only_when_faster_and_faithful(
     found = calibrate(clock.trial, check, timer=clock)
     assert checked == [replace(ONE_LANE, bf16=True)]
     assert found.plan == replace(ONE_LANE, bf16=chosen_bf16)
-    assert found.fidelity is not None and found.fidelity["same_ranking"]
+    assert found.fidelity is not None
+    assert found.fidelity["same_ranking"]
 
 
 def test_fidelity_needs_correlation_and_the_same_ranking() -> None:
@@ -95,7 +97,8 @@ def test_fidelity_needs_correlation_and_the_same_ranking() -> None:
 
     refs = [e(h * np.exp(rng.normal(scale=s, size=200))) for s in (0.1, 0.5, 1.0, 2.0)]
     close = cal.fidelity(e(h), e(h * (1 + 1e-3 * rng.normal(size=200))), refs)
-    assert close.holds and close.correlation > 0.999
+    assert close.holds
+    assert close.correlation > 0.999
     far = cal.fidelity(e(h), e(h[::-1].copy()), refs)
     assert not far.holds
     assert Fidelity(0.999, False).holds is False
@@ -111,7 +114,8 @@ def test_the_cache_is_keyed_by_cpu_model_and_reused(tmp_path: Path) -> None:
     cache = PlanCache(tmp_path / "cache" / "execution-plans.json")
     epyc = plan_key("resnet34", 64, model="AMD EPYC")
     xeon = plan_key("resnet34", 64, model="Intel(R) Xeon(R) Platinum 8480+")
-    assert epyc != xeon and torch.__version__ in epyc
+    assert epyc != xeon
+    assert torch.__version__ in epyc
     cache.put(epyc, Calibration(DEFAULT, {DEFAULT.name: 1.0}))
     cache.put(xeon, Calibration(ONE_LANE, {ONE_LANE.name: 1.0}))
     again = PlanCache(cache.path)
@@ -183,7 +187,8 @@ def test_the_plan_sets_lanes_and_layout(task: LabelledImages) -> None:
     torch.set_num_threads(2)
     try:
         with using(ONE_LANE), cpu_lanes(torch.device("cpu")) as lanes:
-            assert lanes.count == 1 and torch.get_num_threads() == 2
+            assert lanes.count == 1
+            assert torch.get_num_threads() == 2
         with cpu_lanes(torch.device("cpu")) as lanes:
             assert lanes.count == 2
     finally:
@@ -201,11 +206,23 @@ def test_float32_plans_give_the_same_embedding(task: LabelledImages, estimator: 
         assert symmetric(base, other) < 1e-4, plan.name
 
 
-def test_bfloat16_autocast_runs_the_passes_in_bfloat16(task: LabelledImages) -> None:
-    e = embed(task, TINY, plan=replace(DEFAULT, bf16=True))
-    assert np.all(np.isfinite(e.hessian)) and e.meta["execution"].endswith("bf16")
+LITE = replace(TINY, probe="efficientnet_lite0", probe_weights="imagenet", fisher_labels="gaussian")
+
+
+@pytest.mark.parametrize("config", [TINY, LITE], ids=["resnet18", "efficientnet_lite0"])
+def test_bfloat16_autocast_runs_the_passes_in_bfloat16(
+    task: LabelledImages, config: EmbedConfig
+) -> None:
+    e = embed(task, config, plan=replace(DEFAULT, bf16=True))
+    assert np.all(np.isfinite(e.hessian))
+    assert e.meta["execution"].endswith("bf16")
     seen: list[torch.dtype] = []
     with using(replace(DEFAULT, bf16=True)), cpu_lanes(torch.device("cpu")) as lanes:
         layer = torch.nn.Linear(4, 4)
         seen.extend(lanes.map(lambda x: layer(x).dtype, [torch.ones(2, 4)]))
     assert seen == [torch.bfloat16]
+
+
+def test_bfloat16_is_used_only_where_the_cpu_has_it() -> None:
+    assert DEFAULT.bf16 is False
+    assert not any(p.bf16 for p in CANDIDATES)

@@ -48,7 +48,12 @@ def test_a_plan_is_measured_on_the_zoos_first_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[object] = []
-    monkeypatch.setattr(execution, "materialize", lambda task, **kw: seen.append(task) or "data")
+
+    def materialize(task: object, **kwargs: object) -> str:
+        seen.append(task)
+        return "data"
+
+    monkeypatch.setattr(execution, "materialize", materialize)
     monkeypatch.setattr(execution, "measured_plan", lambda *a, **kw: ExecutionPlan(1, True))
     plan = execution.measure(Settings(data_dir=tmp_path), STATE, CONFIG, probe=None)  # type: ignore[arg-type]
     assert plan == ExecutionPlan(1, True) == execution.plan()
