@@ -60,11 +60,15 @@ def test_a_plan_is_measured_on_the_zoos_first_task(
     assert seen == ["first"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [DatasetError("the task's images are gone", "bad-layout"), RuntimeError("oneDNN refused")],
+)
 def test_a_plan_that_cannot_be_measured_leaves_the_default(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception
 ) -> None:
     def missing(*args: object, **kwargs: object) -> None:
-        raise DatasetError("the task's images are gone", "bad-layout")
+        raise error
 
     monkeypatch.setattr(execution, "materialize", missing)
     assert execution.measure(Settings(data_dir=tmp_path), STATE, CONFIG, probe=None) == DEFAULT  # type: ignore[arg-type]
