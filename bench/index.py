@@ -189,14 +189,31 @@ def starter_check(stressed_rerank: int = 12) -> dict[str, Any]:
         assert stressed.stage is not None
         stressed.stage.settings = replace(stressed.stage.settings, rerank=stressed_rerank)
         out: dict[str, Any] = {"tasks": len(zoo.tasks), "kinds": [flat.kind, packed.kind]}
-        for name, index in (("default", packed), (f"rerank {stressed_rerank}", stressed)):
-            same, overlap = 0, []
+        variants = (("default", packed, 4), (f"rerank {stressed_rerank}", stressed, 1))
+        for name, index, oversample in variants:
+            same, overlap, exact = 0, [], []
             for t, e in enumerate(zoo.embeddings):
                 want = [n.id for n in flat.search(e, k, exclude=[t])]
-                got = [n.id for n in index.search(e, k, exclude=[t])]
+                truth = [n.id for n in flat.exact_search(e, k, exclude=[t])]
+                got = [n.id for n in index.search(e, k, oversample, exclude=[t])]
                 same += want == got
                 overlap.append(len(set(want) & set(got)) / k)
-            out[name] = {"same_order": same, "recall_at_10": _interval(overlap)}
+                exact.append(len(set(truth) & set(got)) / k)
+            out[name] = {
+                "same_order_as_flat": same,
+                "recall_at_10_vs_flat": _interval(overlap),
+                "recall_at_10_vs_exact": _interval(exact),
+            }
+        out["flat_recall_at_10_vs_exact"] = _interval(
+            [
+                len(
+                    {n.id for n in flat.search(e, k, exclude=[t])}
+                    & {n.id for n in flat.exact_search(e, k, exclude=[t])}
+                )
+                / k
+                for t, e in enumerate(zoo.embeddings)
+            ]
+        )
         out["paired_regret"] = _paired_regret(zoo)
         return out
     finally:
