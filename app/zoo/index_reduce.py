@@ -155,7 +155,12 @@ def scan_nearest(
     out_d = np.zeros((len(queries), k))
     for j, q in enumerate(queries):
         candidates = np.sort(best[j])
-        exact = symmetric_block(q, np.asarray(rows[candidates]))
+        exact = np.concatenate(
+            [
+                symmetric_block(q, np.asarray(rows[part]))
+                for part in np.array_split(candidates, max(1, len(candidates) // chunk))
+            ]
+        )
         order = np.lexsort((candidates, exact))[:k]
         out_rows[j], out_d[j] = candidates[order], exact[order]
     return out_rows, out_d
