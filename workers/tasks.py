@@ -22,7 +22,6 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from app.db.models import Expert, Job, Task, ZooTask
@@ -194,8 +193,7 @@ def run_embed(job_id: str, settings: Settings) -> None:
             recorder.stage("loading dataset")
             data = dataset(settings, state, dataset_path)
             started = time.perf_counter()
-            probe, plan = _probe(config), execution.plan()
-            embedding = embed(data, config, probe=probe, progress=recorder.progress, plan=plan)
+            embedding = execution.embed_here(data, config, _probe(config), recorder.progress)
             seconds = time.perf_counter() - started
             state.zoo.check_compatible(embedding)
             recorder.stage("saving")
@@ -273,8 +271,7 @@ def run_zoo_task(job_id: str, settings: Settings) -> None:
 
         def embed_with_probe(data: LabelledImages, config: EmbedConfig) -> Embedding:
             config = replace(config, device=settings.device)
-            probe, plan = _probe(config), execution.plan()
-            return embed(data, config, probe=probe, progress=recorder.progress, plan=plan)
+            return execution.embed_here(data, config, _probe(config), recorder.progress)
 
         ZOOS.current(settings)
         version = zoo_admin.add_zoo_task(settings, name, embed_with_probe, recorder.progress)
@@ -388,7 +385,7 @@ def _prepare_pool_process(**_: Any) -> None:
     leave_signals_to_the_main_process()  # first: before any thread starts
     dispose_engines()
     settings = get_settings()
-    torch.set_num_threads(worker_torch_threads(settings, celery.conf.worker_concurrency))
+    execution.set_threads(worker_torch_threads(settings, celery.conf.worker_concurrency))
     if celery.conf.get(WARM_UP_SETTING, True):  # not for a worker of webhook deliveries alone
         threading.Thread(target=_warm_up, args=(settings,), name="t2v-warm-up", daemon=True).start()
 

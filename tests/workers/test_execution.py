@@ -72,3 +72,33 @@ def test_a_plan_that_cannot_be_measured_leaves_the_default(
 
     monkeypatch.setattr(execution, "materialize", missing)
     assert execution.measure(Settings(data_dir=tmp_path), STATE, CONFIG, probe=None) == DEFAULT  # type: ignore[arg-type]
+
+
+def test_an_embedding_runs_on_the_process_threads_whatever_faiss_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FAISS's omp_set_num_threads is torch's (one OpenMP runtime): a search that leaves the
+    calling thread at one thread must not turn the Fisher's two lanes into one."""
+    import faiss
+    import torch
+
+    from app.task2vec.lanes import cpu_lanes
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def fake_embed(*args: object, **kwargs: object) -> None:
+        with cpu_lanes(torch.device("cpu")) as lanes:
+            seen.append(lanes.count)
+
+    monkeypatch.setattr(execution, "embed", fake_embed)
+    monkeypatch.setattr(execution, "_THREADS", [0])
+    try:
+        execution.set_threads(2)
+        faiss.omp_set_num_threads(1)
+        assert torch.get_num_threads() == 1  # the shared runtime: what the workers met
+        execution.embed_here(None, CONFIG, None)  # type: ignore[arg-type]
+        assert seen == [2]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
