@@ -52,6 +52,8 @@ CALIBRATION_IMAGES = 256
 #: CPU flags under which bfloat16 products run natively.
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 CACHE_FORMAT = 1
+#: A plan this many times slower than the best after a round is not timed again.
+HOPELESS = 3.0
 
 Trial = Callable[[ExecutionPlan], object]
 
@@ -149,12 +151,17 @@ def time_plans(
     timer: Callable[[], float] = time.perf_counter,
     rounds: int = 2,
 ) -> dict[ExecutionPlan, float]:
-    """Each plan's best time of ``trial`` over ``rounds`` interleaved rounds."""
+    """Each plan's best time of ``trial`` over ``rounds`` interleaved rounds. A plan more
+    than ``HOPELESS`` times slower than the best after a round is not run again (one lane
+    of two threads took ten times two lanes' on busy cores)."""
     if not candidates or rounds < 1:
         raise ConfigError("a calibration needs at least one plan and one round")
     best = dict.fromkeys(candidates, math.inf)
     for _ in range(rounds):
+        fastest = min(best.values())
         for plan in candidates:
+            if best[plan] > HOPELESS * fastest:
+                continue
             started = timer()
             trial(plan)
             best[plan] = min(best[plan], timer() - started)
