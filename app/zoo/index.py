@@ -36,7 +36,7 @@ from app.task2vec.errors import EmbeddingFileError
 from app.task2vec.files import save_npz
 from app.zoo.index_compressed import CompressedStage, StageSettings, store_path
 from app.zoo.index_reduce import scan_nearest
-from app.zoo.index_store import file_digest, open_rows
+from app.zoo.index_store import file_digest, open_rows, read_at_random
 
 #: Floor for zero Fisher values before the log: relative to each embedding's median, so
 #: a dead filter reads as "far below typical", whatever the estimator's scale.
@@ -172,6 +172,7 @@ class TaskIndex:
         if rows is None:
             raise EmbeddingFileError(f"{store}: no row store of {len(ids)} rows")
         stage = CompressedStage.build(ids, rows, factor, settings or StageSettings())
+        read_at_random(rows)  # the build read it in order; queries read a few rows each
         digest = file_digest(Path(store))
         version = version or IndexVersion.of_store(probe, ids, rows.shape[1], digest, factor)
         index = cls(probe, ids, rows, stage=stage, version=version)
@@ -324,6 +325,7 @@ class TaskIndex:
         rows = open_rows(store, count=len(ids), dim=version.dim)
         if rows is None or file_digest(store) != about["digest"]:
             return None  # missing, truncated or rewritten since
+        read_at_random(rows)
         stage = CompressedStage.from_arrays(data, rows)
         if stage.index.ntotal != len(ids):
             return None
