@@ -135,13 +135,15 @@ def run_size(n: int, args: argparse.Namespace, queries: np.ndarray) -> dict[str,
     kind = args.kind if args.kind != "auto" else ("flat" if n < COMPRESSED_FROM else "compressed")
     settings = StageSettings(first_stage=args.first_stage, rerank=args.rerank, nprobe=args.nprobe)
     load = os.getloadavg()[0]
-    started = time.perf_counter()
-    built = _build(zoo, kind, settings)
-    build_s = time.perf_counter() - started
     saved = args.scratch / f"index-{n}-{kind}.npz"
-    built.save(saved)
-    del built
-    gc.collect()
+    build_s = None
+    if not (args.reuse and saved.is_file()):
+        started = time.perf_counter()
+        built = _build(zoo, kind, settings)
+        build_s = round(time.perf_counter() - started, 1)
+        built.save(saved)
+        del built
+        gc.collect()
     before = _rss()
     index = TaskIndex.load(saved)
     assert index is not None
@@ -159,7 +161,7 @@ def run_size(n: int, args: argparse.Namespace, queries: np.ndarray) -> dict[str,
         "kind": kind,
         "first_stage": args.first_stage if kind == "compressed" else "flat L2",
         "generate_s": None if generated is None else round(generated, 1),
-        "build_s": round(build_s, 1),
+        "build_s": build_s,
         "rss_anon_mb": round((after["RssAnon"] - before["RssAnon"]) / 2**20, 1),
         "rss_file_mb": round((after["RssFile"] - before["RssFile"]) / 2**20, 1),
         "index_file_mb": round(saved.stat().st_size / 2**20, 1),
@@ -252,6 +254,7 @@ def main() -> None:
     parser.add_argument("--rerank", type=int, default=StageSettings.rerank)
     parser.add_argument("--nprobe", type=int, default=StageSettings.nprobe)
     parser.add_argument("--keep", action="store_true", help="keep the generated zoos")
+    parser.add_argument("--reuse", action="store_true", help="search a saved index again")
     parser.add_argument("--starter", action="store_true", help="only the starter-zoo check")
     args = parser.parse_args()
     if args.starter:
