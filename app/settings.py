@@ -161,6 +161,13 @@ class Settings(BaseSettings):
     worker_torch_threads: int = Field(default=0, ge=0)
     #: Device for the workers' embeddings: auto (CUDA when present), cpu or cuda.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: How a worker's embeddings run on its CPU (lanes, memory layout, bfloat16):
+    #: "measured" times the candidate plans once per CPU model at the worker's first start
+    #: (a minute or more of both cores, beside its first jobs) and caches the fastest under
+    #: the data directory (``workers.execution``); "default" runs the plan tuned on an AMD
+    #: EPYC without measuring. Production workers measure; ``task2vec run`` on a laptop need
+    #: not spend its first minute on it.
+    execution_plan: Literal["default", "measured"] = "default"
     #: Log records as JSON objects, one a line, or as text for a person; unset, the command
     #: decides: json for ``task2vec serve`` and ``task2vec worker``, text for ``task2vec run``.
     log_format: Literal["json", "text"] | None = None

@@ -61,9 +61,12 @@ def plan() -> plans.ExecutionPlan:
 def measure(
     settings: Settings, state: ZooState, config: EmbedConfig, probe: ProbeNetwork
 ) -> plans.ExecutionPlan:
-    """The plan for the zoo's configuration on this CPU model, from the cache or timed now on
-    the zoo's first task, and from now on this process's. One that cannot be measured
+    """With ``T2V_EXECUTION_PLAN=measured``: the plan for the zoo's configuration on this CPU
+    model, from the cache or timed now on the zoo's first task, and from now on this
+    process's; otherwise the default plan, unmeasured. One that cannot be measured
     (a missing task, a plan the CPU's kernels refuse) leaves the default plan."""
+    if settings.execution_plan == "default":
+        return _PLAN[0]
     zoo, cache = state.zoo, PlanCache(settings.data_dir / PLAN_CACHE)
     try:
         cached = cache.get(plan_key(config.probe, config.image_size))

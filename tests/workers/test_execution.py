@@ -22,6 +22,11 @@ STATE: Any = SimpleNamespace(
 )
 
 
+def measuring(data_dir: Path) -> Settings:
+    """Settings of a worker that measures its plan."""
+    return Settings(data_dir=data_dir, execution_plan="measured")
+
+
 @pytest.fixture(autouse=True)
 def default_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(execution, "_PLAN", [DEFAULT])
@@ -30,7 +35,7 @@ def default_plan(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_cached_plan_is_used_without_measuring(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = Settings(data_dir=tmp_path)
+    settings = Settings(data_dir=tmp_path, execution_plan="measured")
     one_lane = ExecutionPlan(1, False)
     cache = PlanCache(tmp_path / execution.PLAN_CACHE)
     cache.put(plan_key(CONFIG.probe, CONFIG.image_size), Calibration(one_lane, {}))
@@ -55,7 +60,7 @@ def test_a_plan_is_measured_on_the_zoos_first_task(
 
     monkeypatch.setattr(execution, "materialize", materialize)
     monkeypatch.setattr(execution, "measured_plan", lambda *a, **kw: ExecutionPlan(1, True))
-    plan = execution.measure(Settings(data_dir=tmp_path), STATE, CONFIG, probe=None)  # type: ignore[arg-type]
+    plan = execution.measure(measuring(tmp_path), STATE, CONFIG, probe=None)  # type: ignore[arg-type]
     assert plan == ExecutionPlan(1, True) == execution.plan()
     assert seen == ["first"]
 
@@ -71,6 +76,22 @@ def test_a_plan_that_cannot_be_measured_leaves_the_default(
         raise error
 
     monkeypatch.setattr(execution, "materialize", missing)
+    assert execution.measure(measuring(tmp_path), STATE, CONFIG, probe=None) == DEFAULT  # type: ignore[arg-type]
+
+
+def test_a_worker_left_at_the_default_plan_measures_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``T2V_EXECUTION_PLAN=default`` (``task2vec run``'s): no trial embeddings beside the
+    first jobs, not even a cached plan read."""
+
+    def measured(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a worker at the default plan measures nothing")
+
+    cache = PlanCache(tmp_path / execution.PLAN_CACHE)
+    cache.put(plan_key(CONFIG.probe, CONFIG.image_size), Calibration(ExecutionPlan(1, True), {}))
+    monkeypatch.setattr(execution, "materialize", measured)
+    monkeypatch.setattr(execution, "measured_plan", measured)
     assert execution.measure(Settings(data_dir=tmp_path), STATE, CONFIG, probe=None) == DEFAULT  # type: ignore[arg-type]
 
 
