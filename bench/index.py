@@ -148,6 +148,8 @@ def run_size(n: int, args: argparse.Namespace, queries: np.ndarray) -> dict[str,
     index = TaskIndex.load(saved)
     assert index is not None
     after = _rss()
+    if index.stage is not None:
+        index.stage.retune(args.rerank, args.nprobe)
     found, latencies = _search(index, queries[: args.queries], 10)
     full = n <= args.full_scan_to
     truth, how, agree = _truth(index, queries[: args.truth], 10, full)
@@ -160,6 +162,8 @@ def run_size(n: int, args: argparse.Namespace, queries: np.ndarray) -> dict[str,
         "dim": zoo.dim,
         "kind": kind,
         "first_stage": args.first_stage if kind == "compressed" else "flat L2",
+        "rerank": args.rerank,
+        "nprobe": args.nprobe,
         "generate_s": None if generated is None else round(generated, 1),
         "build_s": build_s,
         "rss_anon_mb": round((after["RssAnon"] - before["RssAnon"]) / 2**20, 1),

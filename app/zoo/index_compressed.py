@@ -10,7 +10,7 @@ number re-ranked) are in docs/scale.md.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,11 @@ class CompressedStage:
     ) -> None:
         self.reduction, self.index, self.rows = reduction, index, rows
         self.factor, self.settings = factor, settings
+        self._tune()
+
+    def retune(self, rerank: int, nprobe: int) -> None:
+        """Search with other numbers of candidates and probes (the index is unchanged)."""
+        self.settings = replace(self.settings, rerank=rerank, nprobe=nprobe)
         self._tune()
 
     def _tune(self) -> None:
