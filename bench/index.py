@@ -162,7 +162,7 @@ def run_size(n: int, args: argparse.Namespace, queries: np.ndarray) -> dict[str,
         "dim": zoo.dim,
         "kind": kind,
         "first_stage": args.first_stage if kind == "compressed" else "flat L2",
-        "rerank": args.rerank,
+        "rerank": index.stage.settings.rerank if index.stage is not None else 0,
         "nprobe": args.nprobe,
         "generate_s": None if generated is None else round(generated, 1),
         "build_s": build_s,
@@ -255,7 +255,9 @@ def main() -> None:
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/t2v-scale"))
     parser.add_argument("--kind", default="auto", choices=["auto", "flat", "compressed"])
     parser.add_argument("--first-stage", default="ivf", choices=["ivf", "ivfpq", "hnsw"])
-    parser.add_argument("--rerank", type=int, default=StageSettings.rerank)
+    parser.add_argument(
+        "--rerank", type=int, default=StageSettings.rerank, help="0: by the zoo's size"
+    )
     parser.add_argument("--nprobe", type=int, default=StageSettings.nprobe)
     parser.add_argument("--keep", action="store_true", help="keep the generated zoos")
     parser.add_argument("--reuse", action="store_true", help="search a saved index again")

@@ -28,8 +28,11 @@ from app.zoo.index_reduce import (
 WIDTH = 256
 #: Rows the PCA is fitted on (a random sample: the zoo's directions, not its every task).
 FIT_SAMPLE = 10_000
-#: Candidates re-ranked exactly, whatever k is asked (fewer when the zoo is smaller).
+#: Candidates re-ranked exactly, whatever k is asked (fewer when the zoo is smaller): at least
+#: RERANK, and one per RERANK_PER tasks past that. recall@10 measured (docs/scale.md): 200
+#: re-ranked gave 1.0 at 10k tasks and 0.997 at 100k, but 0.915 at 1M, where 500 gave 0.990.
 RERANK = 200
+RERANK_PER = 2_000
 #: Inverted lists probed per query, of about 2·sqrt(N) lists.
 NPROBE = 32
 
@@ -38,10 +41,16 @@ NPROBE = 32
 class StageSettings:
     width: int = WIDTH
     fit_sample: int = FIT_SAMPLE
-    rerank: int = RERANK
+    rerank: int = 0  # 0: by the zoo's size (``rerank_for``)
     nprobe: int = NPROBE
     first_stage: str = "ivf"  # "ivf" (IVF-Flat), "ivfpq" (IVF, PQ 64 bytes) or "hnsw"
     seed: int = 0
+
+
+def rerank_for(count: int) -> int:
+    """Candidates to re-rank in a zoo of ``count`` tasks: a fixed share of a larger zoo keeps
+    the true neighbours among them as the PCA space crowds."""
+    return max(RERANK, -(-count // RERANK_PER))
 
 
 def _first_stage(kind: str, width: int, count: int) -> tuple[faiss.Index, int]:
@@ -72,7 +81,9 @@ class CompressedStage:
         self._tune()
 
     def retune(self, rerank: int, nprobe: int) -> None:
-        """Search with other numbers of candidates and probes (the index is unchanged)."""
+        """Search with other numbers of candidates (0: by the zoo's size) and probes (the
+        index is unchanged)."""
+        rerank = rerank if rerank > 0 else rerank_for(int(self.index.ntotal))
         self.settings = replace(self.settings, rerank=rerank, nprobe=nprobe)
         self._tune()
 
@@ -91,6 +102,8 @@ class CompressedStage:
     ) -> CompressedStage:
         """Fit the PCA on a sample of ``rows``, then index every row's reduced vector."""
         count = rows.shape[0]
+        if settings.rerank <= 0:
+            settings = replace(settings, rerank=rerank_for(count))
         rng = np.random.default_rng(settings.seed)
         sample = np.sort(rng.choice(count, size=min(count, settings.fit_sample), replace=False))
         logs = np.concatenate(
