@@ -56,7 +56,14 @@ class Cluster:
 @pytest.fixture
 def cluster(s3: S3, tiny_zoo: Path, tmp_path: Path) -> Iterator[Cluster]:
     redis.Redis.from_url(REDIS).flushdb()
-    storage = {"T2V_STORAGE_URL": s3.url(), "T2V_S3_ENDPOINT_URL": s3.endpoint}
+    # Every process asks for the current zoo version on each job: a worker that asked less
+    # than the default poll interval (2 s) before a version was published would otherwise
+    # rank on the one before, as it may in production.
+    storage = {
+        "T2V_STORAGE_URL": s3.url(),
+        "T2V_S3_ENDPOINT_URL": s3.endpoint,
+        "T2V_ZOO_POLL_SECONDS": "0",
+    }
     with fresh_database("postgresql", tmp_path) as url, ExitStack() as running:
         # Only the API's directory holds the tiny zoo it publishes on start; each worker's
         # is empty and its own.
